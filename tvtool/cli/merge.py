@@ -1,0 +1,71 @@
+"""`tvtool merge`: merge task vectors with a registered method (tvtool/merge.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .. import merge as merging
+from ..errors import TVToolError
+from ._app import app
+
+
+def _methods_help() -> str:
+    lines = []
+    for m in merging.list_methods():
+        opts = ", ".join(f"{k}={'auto' if o.default is None else o.default}" for k, o in m.options.items())
+        # no square brackets: typer's rich help would read them as markup
+        flags = " - per-layer: 2-D tensors only, plain addition elsewhere" if m.per_layer else ""
+        flags += " - random: reproducible from --seed" if m.random else ""
+        lines.append(f"{m.name}({opts}){flags}")
+    return "\n\n".join(lines)
+
+
+_HELP = f"""Merge task vectors with an established merging method; output = alpha * merge(inputs).
+
+Method options are typed KEY=VALUE pairs: --option k=20 --option sign=count. `tvtool merge --list` prints each \
+method with its options, their meaning and the paper it implements.
+
+Per-layer methods (tsv, iso-c) act on 2-D tensors only and fall back to plain addition (option fallback=mean for \
+the mean) on every other tensor. SVDs run on the GPU when there is one.
+
+Example: tvtool merge --method ties --option k=20 cars.st dtd.st eurosat.st --alpha 0.4 -o ties.st
+
+Methods (defaults):
+
+{_methods_help()}
+"""
+
+
+@app.command("merge", help=_HELP)
+def merge(
+    vectors: Optional[List[Path]] = typer.Argument(None, help="Task-vector files to merge."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Merging method (see --list)."),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-O", metavar="KEY=VALUE",
+                                               help="A method option, repeatable: --option k=20."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write the merged vector."),
+    alpha: float = typer.Option(1.0, "--alpha", help="Scaling coefficient applied to the merged vector."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random methods (dare, dare-ties); recorded in the history."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: fp32, bf16 or fp16 (default: the "
+                                                              "inputs' dtype)."),
+    union: bool = typer.Option(False, "--union", help="Allow inputs with different tensor sets; missing tensors "
+                                                      "count as 0."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
+    list_: bool = typer.Option(False, "--list", help="Describe every method, its options and its paper, and exit."),
+):
+    if list_:
+        typer.echo("\n\n".join(merging.describe_method(m) for m in merging.list_methods()))
+        return
+    if method is None:
+        raise TVToolError("no --method given; choose one of " + ", ".join(merging.REGISTRY) +
+                          " (`tvtool merge --list` describes them)")
+    m = merging.get_method(method)
+    if not vectors:
+        raise TVToolError("no task vectors given; pass the .st files to merge")
+    if output is None:
+        raise TVToolError("no output given; pass -o merged.st")
+    options = merging.parse_option_strings(option or [])
+    fp = merging.merge_files(m.name, vectors, output, options, alpha=alpha, seed=seed, dtype=dtype, force=force,
+                             union=union)
+    typer.echo(f"wrote {output} ({fp})")
