@@ -1,0 +1,243 @@
+"""Task-vector files: arithmetic against plain torch, round trips, metadata, and every bad input."""
+import json
+import math
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tvtool import taskvector as tv
+from tvtool.checkpoints import fingerprint, open_weights
+from tvtool.errors import TVToolError
+
+
+def _state(seed, with_text=True):
+    g = torch.Generator().manual_seed(seed)
+    s = {
+        "visual.conv1.weight": torch.randn(8, 3, 4, 4, generator=g),
+        "visual.transformer.resblocks.0.attn.in_proj_weight": torch.randn(48, 16, generator=g),
+        "visual.transformer.resblocks.0.attn.in_proj_bias": torch.randn(48, generator=g),
+        "visual.proj": torch.randn(16, 8, generator=g),
+        "logit_scale": torch.tensor(4.6),
+    }
+    if with_text:
+        s["token_embedding.weight"] = torch.randn(20, 8, generator=g)
+    return s
+
+
+@pytest.fixture
+def files(tmp_path):
+    base = _state(0)
+    fts = []
+    for i in range(3):
+        g = torch.Generator().manual_seed(100 + i)
+        ft = {k: (v + 0.1 * torch.randn(v.shape, generator=g) if k.startswith("visual.") else v.clone())
+              for k, v in base.items()}
+        fts.append(ft)
+    save_file(base, tmp_path / "base.safetensors")
+    vecs = []
+    for i, ft in enumerate(fts):
+        save_file(ft, tmp_path / f"ft{i}.safetensors")
+        out = tmp_path / f"t{i}.st"
+        tv.extract(str(tmp_path / "base.safetensors"), str(tmp_path / f"ft{i}.safetensors"), out, tasks=[f"task{i}"])
+        vecs.append(out)
+    return tmp_path, base, fts, vecs
+
+
+def test_extract_matches_difference_and_skips_unchanged(files):
+    tmp, base, fts, vecs = files
+    got = load_file(vecs[0])
+    expected_keys = {k for k in base if k.startswith("visual.")}
+    assert set(got) == expected_keys  # logit_scale and text are unchanged, so not stored
+    for k in expected_keys:
+        torch.testing.assert_close(got[k], fts[0][k] - base[k], rtol=0, atol=0)
+
+
+def test_extract_all_keeps_every_shared_tensor(files, tmp_path):
+    tmp, base, fts, _ = files
+    out = tmp / "all.st"
+    tv.extract(str(tmp / "base.safetensors"), str(tmp / "ft0.safetensors"), out, keep_all=True)
+    assert set(load_file(out)) == set(base)
+    assert torch.count_nonzero(load_file(out)["logit_scale"]) == 0
+
+
+def test_add_negate_scale_against_plain_torch(files):
+    tmp, base, fts, vecs = files
+    plain = [load_file(v) for v in vecs]
+    tv.add(vecs, tmp / "sum.st", alpha=0.3)
+    tv.add(vecs, tmp / "w.st", weights=[0.3, -0.5, 2.0])
+    tv.negate(vecs[1], tmp / "neg.st", alpha=0.7)
+    s, w, n = load_file(tmp / "sum.st"), load_file(tmp / "w.st"), load_file(tmp / "neg.st")
+    for k in plain[0]:
+        torch.testing.assert_close(s[k], 0.3 * (plain[0][k] + plain[1][k] + plain[2][k]))
+        torch.testing.assert_close(w[k], 0.3 * plain[0][k] - 0.5 * plain[1][k] + 2.0 * plain[2][k])
+        torch.testing.assert_close(n[k], -0.7 * plain[1][k])
+
+
+def test_apply_then_extract_round_trip(files):
+    tmp, base, fts, vecs = files
+    tv.apply(str(tmp / "base.safetensors"), [vecs[0]], tmp / "model.safetensors", alpha=1.0)
+    model = load_file(tmp / "model.safetensors")
+    assert set(model) == set(base)  # a full state dict, loadable as a model
+    for k in base:
+        torch.testing.assert_close(model[k], fts[0][k], rtol=0, atol=1e-6)
+    tv.extract(str(tmp / "base.safetensors"), str(tmp / "model.safetensors"), tmp / "again.st")
+    again, orig = load_file(tmp / "again.st"), load_file(vecs[0])
+    for k in orig:
+        torch.testing.assert_close(again[k], orig[k], rtol=0, atol=1e-6)
+
+
+def test_apply_alpha_sum(files):
+    tmp, base, fts, vecs = files
+    tv.apply(str(tmp / "base.safetensors"), vecs[:2], tmp / "m.safetensors", alpha=0.5)
+    m = load_file(tmp / "m.safetensors")
+    k = "visual.proj"
+    torch.testing.assert_close(m[k], base[k] + 0.5 * ((fts[0][k] - base[k]) + (fts[1][k] - base[k])))
+
+
+def test_metadata_round_trip_and_history(files):
+    tmp, base, fts, vecs = files
+    tv.add(vecs[:2], tmp / "ab.st", alpha=0.4)
+    tv.negate(tmp / "ab.st", tmp / "nab.st")
+    v = tv.open_vector(tmp / "nab.st")
+    meta = v.meta
+    assert meta["format"] == "tvtool.taskvector" and meta["format_version"] == 1
+    assert meta["base"]["fingerprint"] == fingerprint(open_weights(str(tmp / "base.safetensors")))
+    assert meta["tasks"] == ["task0", "task1"]
+    (neg,) = meta["history"]
+    assert neg["op"] == "negate" and neg["coefficients"] == [-1.0]
+    (inner,) = neg["inputs"]
+    assert inner["history"][0]["op"] == "add" and inner["history"][0]["alpha"] == 0.4
+    assert [i["fingerprint"] for i in inner["history"][0]["inputs"]] == [
+        tv.open_vector(p).fingerprint for p in vecs[:2]]
+    # the stored fingerprint is the content fingerprint computed independently from the tensors
+    assert v.fingerprint == fingerprint(load_file(tmp / "nab.st"), visual_only=False)
+
+
+def test_write_vector_custom_meta_round_trip(tmp_path):
+    t = {"visual.w": torch.randn(3, 4)}
+    meta = tv.new_meta({"model": "ViT-B-32", "pretrained": "openai", "fingerprint": "fp1:x"}, tasks=["cars"],
+                       mode="attn", orthoreg={"lambda": 1e-4, "form": "squared"}, metrics={"test_acc": 0.9})
+    tv.write_vector(tmp_path / "v.st", t, meta)
+    v = tv.open_vector(tmp_path / "v.st")
+    for key in ("base", "tasks", "mode", "orthoreg", "metrics"):
+        assert v.meta[key] == meta[key]
+
+
+def test_dtype_kept_and_converted(files):
+    tmp, base, fts, vecs = files
+    tv.add(vecs, tmp / "bf.st", dtype=torch.bfloat16)
+    tv.add([tmp / "bf.st"], tmp / "bf2.st")  # kept
+    f = tv.open_vector(tmp / "bf2.st")
+    assert {f.dtype(k) for k in f.keys()} == {torch.bfloat16}
+    ref = sum(load_file(v)["visual.proj"] for v in vecs)
+    torch.testing.assert_close(load_file(tmp / "bf.st")["visual.proj"].float(), ref, rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def _no_temp_left(folder):
+    return not [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+
+
+def test_refuses_existing_output_without_force(files):
+    tmp, _, _, vecs = files
+    tv.add(vecs, tmp / "o.st")
+    before = (tmp / "o.st").read_bytes()
+    with pytest.raises(TVToolError, match="already exists"):
+        tv.add(vecs, tmp / "o.st", alpha=2.0)
+    assert (tmp / "o.st").read_bytes() == before
+    tv.add(vecs, tmp / "o.st", alpha=2.0, force=True)
+    assert (tmp / "o.st").read_bytes() != before
+
+
+def test_mismatched_base_fingerprint(files, tmp_path):
+    tmp, base, fts, vecs = files
+    other = {k: v + 1 for k, v in base.items()}
+    save_file(other, tmp / "base2.safetensors")
+    tv.extract(str(tmp / "base2.safetensors"), str(tmp / "ft0.safetensors"), tmp / "x.st")
+    with pytest.raises(TVToolError, match="different base"):
+        tv.add([vecs[0], tmp / "x.st"], tmp / "bad.st")
+    assert not (tmp / "bad.st").exists() and _no_temp_left(tmp)
+    with pytest.raises(TVToolError, match="taken against base"):
+        tv.apply(str(tmp / "base2.safetensors"), [vecs[0]], tmp / "bad.safetensors")
+
+
+def test_different_tensor_sets_and_shapes(files):
+    tmp, base, fts, vecs = files
+    full = load_file(vecs[0])
+    meta = tv.open_vector(vecs[0]).meta
+    tv.write_vector(tmp / "fewer.st", {"visual.proj": full["visual.proj"]}, meta)
+    with pytest.raises(TVToolError, match="different tensor sets"):
+        tv.add([vecs[0], tmp / "fewer.st"], tmp / "bad.st")
+    tv.add([vecs[0], tmp / "fewer.st"], tmp / "u.st", union=True)
+    torch.testing.assert_close(load_file(tmp / "u.st")["visual.proj"], 2 * full["visual.proj"])
+    torch.testing.assert_close(load_file(tmp / "u.st")["visual.conv1.weight"], full["visual.conv1.weight"])
+    tv.write_vector(tmp / "shape.st", {**full, "visual.proj": torch.zeros(8, 16)}, meta)
+    with pytest.raises(TVToolError, match="different shapes"):
+        tv.add([vecs[0], tmp / "shape.st"], tmp / "bad.st")
+
+
+def test_nan_input_refused_without_output(files):
+    tmp, base, fts, vecs = files
+    full = load_file(vecs[0])
+    full["visual.proj"][0, 0] = float("nan")
+    tv_meta = tv.open_vector(vecs[0]).meta
+    with pytest.raises(TVToolError, match="NaN"):
+        tv.write_vector(tmp / "nan.st", full, tv_meta)
+    assert not (tmp / "nan.st").exists() and _no_temp_left(tmp)
+    # a NaN that reaches a file anyway (written by another tool) is caught when combined
+    save_file(full, tmp / "nan_raw.st", metadata={"tvtool": json.dumps(tv_meta)})
+    with pytest.raises(TVToolError, match="NaN"):
+        tv.add([vecs[0], tmp / "nan_raw.st"], tmp / "bad.st")
+    assert not (tmp / "bad.st").exists() and _no_temp_left(tmp)
+
+
+def test_truncated_and_foreign_files(files):
+    tmp, base, fts, vecs = files
+    data = vecs[0].read_bytes()
+    (tmp / "trunc.st").write_bytes(data[: len(data) - 100])
+    with pytest.raises(TVToolError, match="truncated"):
+        tv.open_vector(tmp / "trunc.st")
+    (tmp / "junk.st").write_bytes(b"hello world, not safetensors at all")
+    with pytest.raises(TVToolError, match="not a safetensors"):
+        tv.open_vector(tmp / "junk.st")
+    (tmp / "badjson.st").write_bytes(struct.pack("<Q", 4) + b"{{{{")
+    with pytest.raises(TVToolError, match="not JSON"):
+        tv.open_vector(tmp / "badjson.st")
+    with pytest.raises(TVToolError, match="not a tvtool task vector"):
+        tv.open_vector(tmp / "base.safetensors")
+    with pytest.raises(TVToolError, match="no such file"):
+        tv.open_vector(tmp / "missing.st")
+
+
+def test_pickle_refused_unless_trusted(tmp_path):
+    base, ft = _state(0), _state(1)
+    save_file(base, tmp_path / "base.safetensors")
+    torch.save(ft, tmp_path / "ft.pt")
+    with pytest.raises(TVToolError, match="--trust-pickle"):
+        tv.extract(str(tmp_path / "base.safetensors"), str(tmp_path / "ft.pt"), tmp_path / "v.st")
+    assert not (tmp_path / "v.st").exists()
+    tv.extract(str(tmp_path / "base.safetensors"), str(tmp_path / "ft.pt"), tmp_path / "v.st", trust_pickle=True)
+    torch.testing.assert_close(load_file(tmp_path / "v.st")["visual.proj"], ft["visual.proj"] - base["visual.proj"])
+
+
+def test_fingerprint_ignores_dtype_and_text_tower():
+    s = _state(3)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in s.items()}
+    back = {k: v.float() for k, v in half.items()}
+    no_text = {k: v for k, v in back.items() if k.startswith("visual.")}
+    assert fingerprint(half) == fingerprint(back) == fingerprint(no_text)
+    changed = dict(back)
+    changed["visual.proj"] = changed["visual.proj"] + 1
+    assert fingerprint(changed) != fingerprint(back)
+
+
+def test_streaming_reads_zero_copy_views(files):
+    tmp, base, fts, vecs = files
+    v = tv.open_vector(vecs[0])
+    t = v.get("visual.proj")
+    assert not t.is_contiguous() or t.untyped_storage().nbytes() == t.numel() * 4
+    expected = load_file(vecs[0])["visual.proj"]
+    torch.testing.assert_close(t, expected, rtol=0, atol=0)
+    assert math.isclose(float(t.sum()), float(expected.sum()))

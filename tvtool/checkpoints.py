@@ -1,0 +1,316 @@
+"""Where weights come from, read safely and lazily, and the fingerprint that identifies a base model.
+
+A *weights spec* is one of
+- a safetensors file (``.safetensors`` / ``.st``): memory-mapped, tensor by tensor;
+- an open_clip local folder holding ``open_clip_model.safetensors`` (or ``open_clip_pytorch_model.bin``);
+- a pickled checkpoint (``.pt``, ``.pth``, ``.bin``, ``.ckpt``) - only with ``trust_pickle=True``, and then read with
+  ``torch.load(weights_only=True)`` first; whole pickled modules (the published task_vectors checkpoints) fall back
+  to full unpickling, which runs code from the file, hence the explicit opt-in;
+- ``ARCH`` or ``ARCH:TAG`` / ``ARCH:path``: an open_clip architecture and pretrained tag (or local file).
+
+The fingerprint identifies the *image tower* a task vector was taken against: only ``visual.*`` tensors count
+(the published checkpoints drop the text tower), dtype does not (an fp16 file and its fp32 upcast agree), and it
+reads a fixed strided sample of each tensor so that it costs milliseconds, not a pass over the whole model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import torch
+
+from .errors import TVToolError
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
+SAFETENSORS_SUFFIXES = {".safetensors", ".st"}
+FOLDER_FILES = ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin")
+
+# safetensors dtype codes <-> torch dtypes
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+ST_CODES = {v: k for k, v in ST_DTYPES.items()}
+
+FINGERPRINT_SAMPLES = 1024
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """A read-only, memory-mapped safetensors file. ``get`` returns zero-copy views of the mapping.
+
+    Written here rather than taken from ``safetensors.safe_open`` because streaming operations need views that
+    cost no copy and pages that can be released (``release``) once a tensor is done, so resident memory stays
+    near one tensor per input however large the files are.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise TVToolError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise TVToolError(f"{self.path}: is a directory, expected a safetensors file")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise TVToolError(f"{self.path}: not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > _MAX_HEADER or 8 + n > size:
+                raise TVToolError(f"{self.path}: not a safetensors file, or truncated (bad header length)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise TVToolError(f"{self.path}: not a safetensors file (header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise TVToolError(f"{self.path}: not a safetensors file (header is not a JSON object)")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        end_max = 0
+        for key, info in header.items():
+            try:
+                dtype = ST_DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise TVToolError(f"{self.path}: corrupt safetensors header at tensor {key!r}") from None
+            numel = 1
+            for s in shape:
+                numel *= s
+            if end - begin != numel * _itemsize(dtype) or begin < 0:
+                raise TVToolError(f"{self.path}: corrupt safetensors header at tensor {key!r}")
+            self._entries[key] = (dtype, shape, begin, end)
+            end_max = max(end_max, end)
+        if self._data_start + end_max > size:
+            raise TVToolError(f"{self.path}: truncated file ({size} bytes, header needs {self._data_start + end_max})")
+        self._file = open(self.path, "rb")
+        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][0]
+
+    def nbytes(self, key: str) -> int:
+        _, _, b, e = self._entries[key]
+        return e - b
+
+    def get(self, key: str) -> torch.Tensor:
+        """A read-only zero-copy view of the tensor (copy it before modifying in place)."""
+        dtype, shape, begin, end = self._entries[key]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "buffer is not writable": we never write through these views
+            flat = torch.frombuffer(self._mm, dtype=dtype, count=(end - begin) // _itemsize(dtype),
+                                    offset=self._data_start + begin)
+        return flat.view(shape)
+
+    def release(self, key: str) -> None:
+        """Drop this tensor's pages from our resident set (they stay in the page cache)."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, begin, end = self._entries[key]
+        page = mmap.PAGESIZE
+        start = (self._data_start + begin) // page * page
+        length = self._data_start + end - start
+        if length > 0:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, length)
+            except (OSError, ValueError):
+                pass
+
+    def close(self) -> None:
+        # Views handed out by get() keep the mapping alive; closing it under them would be a use-after-free,
+        # so the mapping is closed only when nothing references it (mmap raises BufferError otherwise).
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class WeightSource:
+    """A lazily readable collection of named tensors plus a description of where it came from."""
+
+    def __init__(self, keys: Iterable[str], getter, describe: dict, shape=None, dtype=None, release=None):
+        self._keys = list(keys)
+        self._get = getter
+        self._shape = shape
+        self._dtype = dtype
+        self._release = release
+        self.describe = describe  # {"model": ..., "pretrained": ...} recorded in task-vector metadata
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], describe: dict) -> "WeightSource":
+        return cls(state.keys(), state.__getitem__, describe)
+
+    @classmethod
+    def from_safetensors(cls, path, describe: dict) -> "WeightSource":
+        f = SafetensorsFile(path)
+        return cls(f.keys(), f.get, describe, shape=f.shape, dtype=f.dtype, release=f.release)
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_set
+
+    @property
+    def _key_set(self) -> set[str]:
+        if not hasattr(self, "_ks"):
+            self._ks = set(self._keys)
+        return self._ks
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._get(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._shape(key)) if self._shape else tuple(self._get(key).shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtype(key) if self._dtype else self._get(key).dtype
+
+    def release(self, key: str) -> None:
+        if self._release:
+            self._release(key)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for k in self._keys:
+            yield k, self._get(k)
+
+
+def _normalize_state_dict(obj, origin: str) -> dict[str, torch.Tensor]:
+    """Accept a state dict, {"state_dict": ...}, or a whole nn.Module; strip DDP / wrapper prefixes."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TVToolError(f"{origin}: does not hold a state dict of tensors")
+    state = dict(obj)
+    for prefix in ("module.", "model."):  # DDP, and the task_vectors ImageEncoder wrapper
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_pickle(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    if not trust_pickle:
+        raise TVToolError(
+            f"{path}: is a pickled checkpoint, which can run code when loaded; pass --trust-pickle if you trust "
+            "its source, or convert it to safetensors"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        # Whole pickled modules (e.g. the published task_vectors checkpoints) need full unpickling: allowed only
+        # because the user said --trust-pickle.
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise TVToolError(f"{path}: cannot be loaded as a torch checkpoint ({type(exc).__name__}: {exc})") from None
+    return _normalize_state_dict(obj, str(path))
+
+
+def open_weights(spec: str | os.PathLike, *, trust_pickle: bool = False, device: str = "cpu") -> WeightSource:
+    """Resolve a weights spec (see module docstring) to a lazily readable :class:`WeightSource`."""
+    text = str(spec)
+    path = Path(text)
+    if path.is_dir():
+        for name in FOLDER_FILES:
+            if (path / name).exists():
+                return open_weights(path / name, trust_pickle=trust_pickle)
+        raise TVToolError(f"{path}: folder holds none of {', '.join(FOLDER_FILES)}")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        describe = {"model": None, "pretrained": str(path)}
+        if suffix in PICKLE_SUFFIXES:
+            return WeightSource.from_state_dict(load_pickle(path, trust_pickle), describe)
+        return WeightSource.from_safetensors(path, describe)
+    # Not a path: an open_clip architecture, optionally with a tag or a local weights file.
+    arch, _, tag = text.partition(":")
+    import open_clip
+
+    from . import models  # heavy import, only for this case; registers tvtool-mini
+
+    if arch not in open_clip.list_models():
+        if path.suffix or os.sep in text:
+            raise TVToolError(f"{text}: no such file")
+        raise TVToolError(f"{text}: neither a file nor a known open_clip model; see `tvtool models` for names")
+    bundle = models.load_clip(arch, tag or None, device=device, trust_pickle=trust_pickle)
+    state = {k: v.detach() for k, v in bundle.model.state_dict().items()}
+    return WeightSource.from_state_dict(state, {"model": bundle.name, "pretrained": bundle.pretrained})
+
+
+def _sample_digest(key: str, tensor: torch.Tensor) -> bytes:
+    flat = tensor.reshape(-1)
+    n = flat.numel()
+    if n > FINGERPRINT_SAMPLES:
+        idx = torch.linspace(0, n - 1, FINGERPRINT_SAMPLES, dtype=torch.float64).round().long()
+        flat = flat[idx]
+    values = flat.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    h = hashlib.sha256()
+    h.update(key.encode())
+    h.update(repr(tuple(tensor.shape)).encode())
+    h.update(values)
+    return h.digest()
+
+
+def combine_digests(digests: Mapping[str, bytes]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(digests):
+        h.update(digests[key])
+    return "fp1:" + h.hexdigest()[:16]
+
+
+FINGERPRINT_PLACEHOLDER = "fp1:" + "0" * 16
+
+
+def fingerprint(source, *, visual_only: bool = True) -> str:
+    """Deterministic, cheap identity of a set of weights (see module docstring).
+
+    ``source`` is a WeightSource, a SafetensorsFile, or a plain mapping of tensors. With ``visual_only`` (the base
+    model fingerprint) only ``visual.*`` floating tensors count when there are any.
+    """
+    keys = list(source.keys())
+    get = source.get
+    if visual_only and any(k.startswith("visual.") for k in keys):
+        keys = [k for k in keys if k.startswith("visual.")]
+    digests = {}
+    for k in keys:
+        t = get(k)
+        if t.is_floating_point():
+            digests[k] = _sample_digest(k, t)
+    if not digests:
+        raise TVToolError("cannot fingerprint weights with no floating-point tensors")
+    return combine_digests(digests)
