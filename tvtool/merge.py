@@ -222,7 +222,8 @@ def _elect_sign(x: Tensor, rule: str) -> Tensor:
 
 def _disjoint_mean(x: Tensor, elected: Tensor) -> Tensor:
     """Mean over the rows whose entry is non-zero and agrees with the elected sign; 0 where none does."""
-    agree = (torch.sign(x) == elected) & (x != 0)
+    # where the election tied (elected 0) only zeros "agree", so the mean is 0 there, as documented
+    agree = torch.sign(x) == elected
     total = torch.where(agree, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(0)
     return total / agree.sum(0).clamp(min=1).to(x.dtype)
 
@@ -278,7 +279,8 @@ def sum_(tensors: list[Tensor], key: str, *, alpha: float = 1.0) -> Tensor:
 
 @register("mean")
 def mean(tensors: list[Tensor], key: str) -> Tensor:
-    """Plain average of the vectors (model soup / weight averaging; task arithmetic with alpha = 1/T)."""
+    """Plain average of the vectors: a uniform model soup (Wortsman et al., "Model soups", ICML 2022), i.e. task
+    arithmetic with alpha = 1/T."""
     return _flat(tensors).mean(0).reshape(tensors[0].shape)
 
 

@@ -1,0 +1,358 @@
+"""Merge methods against independent re-implementations of their definitions (numpy, explicit loops, other
+formulas), their edge cases, and `tvtool merge` end to end on small files."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tvtool import merge as mg
+from tvtool.errors import TVToolError
+
+RNG = np.random.default_rng(0)
+
+
+def _t(a) -> torch.Tensor:
+    return torch.tensor(np.asarray(a), dtype=torch.float32)
+
+
+def _randn(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------- references
+def ref_topk_keep(v: np.ndarray, percent: float) -> np.ndarray:
+    """Keep the floor(N percent/100) largest |values| (and anything tied with the smallest of them)."""
+    flat = np.abs(v.ravel())
+    n = int(len(flat) * percent / 100 + 1e-9)
+    if n == 0:
+        return np.zeros_like(v)
+    cut = sorted(flat, reverse=True)[n - 1]
+    return np.where(np.abs(v) >= cut, v, 0)
+
+
+def ref_elect_merge(vs: list[np.ndarray], rule: str) -> np.ndarray:
+    """Sign election and disjoint mean, entry by entry."""
+    out = np.zeros(vs[0].shape, dtype=np.float64)
+    for idx in np.ndindex(vs[0].shape):
+        vals = [float(v[idx]) for v in vs]
+        mass = np.sign(sum(vals))
+        count = np.sign(sum(np.sign(x) for x in vals))
+        first, second = (mass, count) if rule == "mass" else (count, mass)
+        s = first if first != 0 else second
+        chosen = [x for x in vals if x != 0 and np.sign(x) == s]
+        out[idx] = sum(chosen) / len(chosen) if chosen else 0.0
+    return out
+
+
+def ref_ties(vs, k, rule="mass"):
+    return ref_elect_merge([ref_topk_keep(v, k) for v in vs], rule)
+
+
+def ref_breadcrumbs(vs, beta, gamma):
+    out = np.zeros(vs[0].shape, dtype=np.float64)
+    for v in vs:
+        flat = v.ravel()
+        n = len(flat)
+        n_top, n_bot = int(n * beta / 100 + 1e-9), int(n * gamma / 100 + 1e-9)
+        order = np.argsort(np.abs(flat), kind="stable")  # ascending; magnitudes below are distinct
+        keep = np.zeros(n, bool)
+        keep[order[n_bot:n - n_top]] = True
+        out += np.where(keep, flat, 0).reshape(v.shape)
+    return out
+
+
+def ref_polar(a: np.ndarray) -> np.ndarray:
+    """Orthogonal polar factor via the inverse square root of the Gram matrix (not an SVD of a)."""
+    a = a.astype(np.float64)
+    if a.shape[0] >= a.shape[1]:
+        w, q = np.linalg.eigh(a.T @ a)
+        return a @ (q / np.sqrt(w)) @ q.T
+    return ref_polar(a.T).T
+
+
+def ref_tsv(vs, fraction=None):
+    t = len(vs)
+    m, n = vs[0].shape
+    r = max(1, int((1 / t if fraction is None else fraction) * min(m, n) + 1e-9))
+    us, ss, vts = [], [], []
+    for v in vs:
+        u, s, vt = np.linalg.svd(v.astype(np.float64), full_matrices=False)
+        us.append(u[:, :r]), ss.append(s[:r]), vts.append(vt[:r])
+    u_cat, s_cat, v_cat = np.concatenate(us, 1), np.concatenate(ss), np.concatenate(vts, 0).T
+    return ref_polar(u_cat) @ np.diag(s_cat) @ ref_polar(v_cat).T
+
+
+# --------------------------------------------------------------------------------------------------- registry
+def test_registry_lists_every_method_with_options_and_citation():
+    names = [m.name for m in mg.list_methods()]
+    assert names == ["sum", "mean", "ties", "dare", "dare-ties", "breadcrumbs", "tsv", "iso-c", "consensus"]
+    for m in mg.list_methods():
+        assert any(str(y) in m.doc for y in (2022, 2023, 2024, 2025)), m.name  # paper cited
+    assert mg.get_method("tsv").per_layer and mg.get_method("iso-c").per_layer
+    assert mg.get_method("dare").random and not mg.get_method("ties").random
+
+
+def test_options_are_typed_defaulted_and_checked():
+    assert mg.resolve_options("ties", {"k": "35"}) == {"k": 35.0, "sign": "mass", "scope": "global"}
+    assert mg.parse_option_strings(["k=5", "sign=count"]) == {"k": "5", "sign": "count"}
+    for bad, msg in [({"kk": 1}, "unknown option 'kk'"), ({"k": "abc"}, "not a valid float"),
+                     ({"k": 101}, "out of range"), ({"sign": "vote"}, "must be one of")]:
+        with pytest.raises(TVToolError, match=msg):
+            mg.resolve_options("ties", bad)
+    with pytest.raises(TVToolError, match=r"out of range \[0.0, 1.0\)"):
+        mg.resolve_options("dare", {"p": 1})
+    with pytest.raises(TVToolError, match="not a valid int"):
+        mg.resolve_options("consensus", {"k": "1.5"})
+    with pytest.raises(TVToolError, match="KEY=VALUE"):
+        mg.parse_option_strings(["k"])
+    with pytest.raises(TVToolError, match="unknown merge method 'tie'; known: sum, mean, ties"):
+        mg.get_method("tie")
+
+
+# --------------------------------------------------------------------------------------------------- methods
+def test_sum_and_mean():
+    vs = [_randn(3, 4, seed=s) for s in range(3)]
+    out = mg.merge_tensor("sum", [_t(v) for v in vs], alpha=0.3)
+    np.testing.assert_allclose(out.numpy(), 0.3 * np.sum(vs, 0), rtol=1e-6, atol=1e-7)
+    out = mg.merge_tensor("mean", [_t(v) for v in vs], alpha=2.0)
+    np.testing.assert_allclose(out.numpy(), 2.0 * np.mean(vs, 0), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [0, 20, 37.5, 100])
+@pytest.mark.parametrize("rule", ["mass", "count"])
+def test_ties_matches_loop_reference(k, rule):
+    vs = [_randn(5, 6, seed=s) for s in range(4)]
+    vs[1][0, :3] = vs[0][0, :3]  # magnitudes tied across vectors
+    vs[2][1] = 0.0
+    out = mg.merge_tensor("ties", [_t(v) for v in vs], "w", {"k": k, "sign": rule})
+    np.testing.assert_allclose(out.numpy(), ref_ties(vs, k, rule), rtol=1e-6, atol=1e-7)
+    if k == 0:
+        assert not out.any()
+
+
+def test_ties_sign_election_ties_and_edge_cases():
+    a = _t([2.0, 1.0, 3.0, 1.0, 0.0])
+    b = _t([-1.0, -1.0, -1.0, -1.0, 0.0])
+    c = _t([-1.0, 0.0, -1.0, 0.0, 0.0])
+    # entry 0: mass 0 -> count (two negatives) elects -, mean(-1,-1) = -1; entry 1: mass 0, count 0 -> 0;
+    # entry 2: mass +1 -> 3; entry 3: mass and count 0 -> 0; entry 4: all zero -> 0
+    out = mg.merge_tensor("ties", [a, b, c], options={"k": 100})
+    assert out.tolist() == [-1.0, 0.0, 3.0, 0.0, 0.0]
+    # count rule: entry 2 has count -1 -> mean(-1, -1); entry 0 likewise; count ties broken by mass
+    out = mg.merge_tensor("ties", [a, b, c], options={"k": 100, "sign": "count"})
+    assert out.tolist() == [-1.0, 0.0, -1.0, 0.0, 0.0]
+    zeros = [torch.zeros(3, 2), torch.zeros(3, 2)]
+    for name in mg.REGISTRY:
+        assert not mg.merge_tensor(name, zeros, "z", {"k": 1} if name == "consensus" else None).any(), name
+    single = _t(_randn(4, 5))
+    assert torch.equal(mg.merge_tensor("ties", [single], options={"k": 100}), single)
+    np.testing.assert_allclose(mg.merge_tensor("ties", [single], options={"k": 25}).numpy(),
+                               ref_topk_keep(single.numpy(), 25))
+
+
+def test_global_threshold_is_exact_kth_largest():
+    gen = np.random.default_rng(1)
+    # heavy duplication, zeros, mixed scales and a bf16 tensor: the radix select must still be exact
+    vecs = []
+    for i in range(3):
+        v = {"a": torch.tensor(gen.integers(-5, 6, (40, 7)).astype(np.float32) * 0.25),
+             "b": torch.tensor(gen.standard_normal(333).astype(np.float32) * 10.0 ** gen.integers(-6, 3)),
+             "c": torch.tensor(gen.standard_normal((3, 11)), dtype=torch.bfloat16)}
+        vecs.append(v)
+    vecs.append({k: torch.zeros_like(t) for k, t in vecs[0].items()})
+    keys = ["a", "b", "c"]
+    for pct in (0, 0.1, 5, 20, 50, 99.9, 100):
+        got = mg.global_magnitude_thresholds(vecs, keys, pct)
+        for v, thr in zip(vecs, got):
+            mags = np.sort(np.concatenate([v[k].float().abs().numpy().ravel() for k in keys]))[::-1]
+            n = int(len(mags) * pct / 100 + 1e-9)
+            expect = np.inf if n == 0 else (0.0 if n == len(mags) else float(mags[n - 1]))
+            assert thr == expect, (pct, thr, expect)
+
+
+def test_ties_global_scope_trims_over_the_whole_vector():
+    vecs = [{"w": torch.tensor(_randn(6, 5, seed=s) * (1 + s)), "b": torch.tensor(_randn(7, seed=10 + s) * 3)}
+            for s in range(3)]
+    got = mg.merge_tensors("ties", vecs, {"k": 30, "scope": "global"})
+    # reference: flatten each whole vector, trim there, split back
+    flat = [np.concatenate([v["w"].numpy().ravel(), v["b"].numpy().ravel()]) for v in vecs]
+    expect = ref_ties(flat, 30)
+    np.testing.assert_allclose(got["w"].numpy().ravel(), expect[:30], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["b"].numpy(), expect[30:], rtol=1e-6, atol=1e-7)
+    per_tensor = mg.merge_tensors("ties", vecs, {"k": 30, "scope": "tensor"})
+    assert not torch.equal(per_tensor["b"], got["b"])  # the scales differ, so the scopes must disagree
+
+
+def test_dare_is_seeded_per_key_and_rescales():
+    x = _t(_randn(200, 500))
+    out = mg.merge_tensor("dare", [x], "k1", {"p": 0.3}, seed=7)
+    assert torch.equal(out, mg.merge_tensor("dare", [x], "k1", {"p": 0.3}, seed=7))
+    assert not torch.equal(out, mg.merge_tensor("dare", [x], "k1", {"p": 0.3}, seed=8))
+    assert not torch.equal(out, mg.merge_tensor("dare", [x], "k2", {"p": 0.3}, seed=7))
+    kept = out != 0
+    np.testing.assert_allclose(out[kept].numpy(), x[kept].numpy() / 0.7, rtol=1e-6)
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.01  # 100k Bernoulli draws: sd ~ 0.0015
+    # a key's draw does not depend on which other keys are merged
+    a = {"k1": x, "k2": x[:3]}
+    assert torch.equal(mg.merge_tensors("dare", [a], {"p": 0.3}, seed=7)["k1"], out)
+
+
+def test_dare_p0_is_sum_and_dare_ties_p0_is_ties_without_trim():
+    vs = [_t(_randn(4, 6, seed=s)) for s in range(3)]
+    assert torch.equal(mg.merge_tensor("dare", vs, "w", {"p": 0}), mg.merge_tensor("sum", vs))
+    np.testing.assert_allclose(mg.merge_tensor("dare-ties", vs, "w", {"p": 0}).numpy(),
+                               ref_elect_merge([v.numpy() for v in vs], "mass"), rtol=1e-6, atol=1e-7)
+    # dare-ties on one input: what survives is rescaled and unchanged in sign
+    out = mg.merge_tensor("dare-ties", vs[:1], "w", {"p": 0.5}, seed=3)
+    kept = out != 0
+    np.testing.assert_allclose(out[kept].numpy(), 2 * vs[0][kept].numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("beta,gamma", [(0, 0), (10, 30), (25, 0), (0, 50), (60, 40)])
+def test_breadcrumbs_matches_rank_reference(beta, gamma):
+    vs = [_randn(4, 5, seed=s) for s in range(3)]
+    out = mg.merge_tensor("breadcrumbs", [_t(v) for v in vs], "w", {"beta": beta, "gamma": gamma})
+    np.testing.assert_allclose(out.numpy(), ref_breadcrumbs(vs, beta, gamma), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape,t,fraction", [((12, 8), 2, None), ((6, 15), 3, None), ((10, 10), 4, 0.2),
+                                              ((9, 7), 3, 1.0)])
+def test_tsv_matches_reference(shape, t, fraction):
+    vs = [_randn(*shape, seed=s) for s in range(t)]
+    out = mg.merge_tensor("tsv", [_t(v) for v in vs], "w", {"fraction": fraction})
+    np.testing.assert_allclose(out.numpy(), ref_tsv(vs, fraction), rtol=1e-4, atol=1e-4)
+
+
+def test_tsv_keeps_already_orthogonal_tasks_intact():
+    # two rank-3 updates on disjoint rows and columns: nothing to decorrelate, so TSV (default rank 6/2 = 3 per
+    # task) returns their sum
+    a = np.zeros((6, 6), np.float32)
+    b = np.zeros((6, 6), np.float32)
+    a[:3, :3], b[3:, 3:] = _randn(3, 3, seed=1), _randn(3, 3, seed=2)
+    out = mg.merge_tensor("tsv", [_t(a), _t(b)])
+    np.testing.assert_allclose(out.numpy(), a + b, atol=1e-5)
+
+
+def test_iso_c_flattens_the_spectrum_of_the_sum():
+    vs = [_randn(9, 6, seed=s) for s in range(3)]
+    out = mg.merge_tensor("iso-c", [_t(v) for v in vs], "w").numpy()
+    total = np.sum(vs, 0).astype(np.float64)
+    s_mean = np.linalg.svd(total, compute_uv=False).mean()
+    np.testing.assert_allclose(out, s_mean * ref_polar(total), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.svd(out, compute_uv=False), s_mean, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tsv", "iso-c"])
+def test_per_layer_methods_fall_back_on_non_matrices(name):
+    for shape in [(7,), (2, 3, 4), ()]:
+        vs = [_t(_randn(*shape, seed=s)) for s in range(3)]
+        np.testing.assert_allclose(mg.merge_tensor(name, vs).numpy(), np.sum([v.numpy() for v in vs], 0),
+                                   rtol=1e-6)
+        np.testing.assert_allclose(mg.merge_tensor(name, vs, options={"fallback": "mean"}).numpy(),
+                                   np.mean([v.numpy() for v in vs], 0), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("k,lam", [(0, 0.4), (1, 0.4), (2, 0.4), (2, 1.0), (3, 0.2)])
+def test_consensus_matches_loop_reference(k, lam):
+    vs = [_randn(3, 4, seed=s) for s in range(4)]
+    out = mg.merge_tensor("consensus", [_t(v) for v in vs], "w", {"k": k, "lam": lam}).numpy()
+    expect = np.zeros((3, 4))
+    for i, j in itertools.product(range(3), range(4)):
+        total = sum(float(v[i, j]) for v in vs)
+        votes = sum(abs(float(v[i, j])) >= lam * abs(total - float(v[i, j])) for v in vs)
+        expect[i, j] = total if votes >= k else 0.0
+    np.testing.assert_allclose(out, expect, rtol=1e-6, atol=1e-6)
+    single = _t(_randn(3, 3))
+    assert torch.equal(mg.merge_tensor("consensus", [single], options={"k": 1}), single)
+    with pytest.raises(TVToolError, match="only 1 vector"):
+        mg.merge_tensors("consensus", [{"w": single}], {"k": 2})
+
+
+def test_single_input_identities():
+    x = _t(_randn(5, 4))
+    for name, opts in [("sum", None), ("mean", None), ("ties", {"k": 100}), ("dare", {"p": 0}),
+                       ("breadcrumbs", {"beta": 0, "gamma": 0}), ("tsv", {"fraction": 1.0}), ("consensus", {"k": 1})]:
+        np.testing.assert_allclose(mg.merge_tensor(name, [x], "w", opts).numpy(), x.numpy(), rtol=1e-4,
+                                   atol=1e-5, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------------- files and CLI
+BASE = {"model": "tiny", "pretrained": None, "fingerprint": "fp1:0123456789abcdef"}
+
+
+@pytest.fixture
+def files(tmp_path):
+    tv = pytest.importorskip("tvtool.taskvector")
+    paths = []
+    for s in range(3):
+        tensors = {"visual.w": torch.tensor(_randn(8, 6, seed=s)), "visual.b": torch.tensor(_randn(6, seed=20 + s)),
+                   "visual.conv": torch.tensor(_randn(2, 3, 2, seed=40 + s))}
+        p = tmp_path / f"t{s}.st"
+        tv.write_vector(p, tensors, tv.new_meta(BASE, tasks=[f"task{s}"], mode="full"))
+        paths.append(p)
+    return paths
+
+
+def _load(path):
+    from tvtool.taskvector import open_vector
+    v = open_vector(path)
+    return v.to_dict(), v.meta
+
+
+def test_merge_sum_equals_add_bit_for_bit(files, tmp_path):
+    from tvtool.cli import main
+    assert main(["add", *map(str, files), "--alpha", "0.3", "-o", str(tmp_path / "add.st")]) == 0
+    assert main(["merge", "-m", "sum", *map(str, files), "--alpha", "0.3", "-o", str(tmp_path / "sum.st")]) == 0
+    a, _ = _load(tmp_path / "add.st")
+    b, meta = _load(tmp_path / "sum.st")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta["history"][-1]["method"] == "sum" and meta["tasks"] == ["task0", "task1", "task2"]
+
+
+def test_merge_files_match_in_memory_and_record_provenance(files, tmp_path, capsys):
+    from tvtool.cli import main
+    out = tmp_path / "dare.st"
+    rc = main(["merge", "--method", "dare-ties", "-O", "p=0.5", "-O", "sign=count", *map(str, files),
+               "--seed", "11", "--alpha", "0.5", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    got, meta = _load(out)
+    inputs = [_load(p)[0] for p in files]
+    expect = mg.merge_tensors("dare-ties", inputs, {"p": 0.5, "sign": "count"}, alpha=0.5, seed=11)
+    assert all(torch.equal(got[k], expect[k]) for k in expect)
+    entry = meta["history"][-1]
+    assert entry["op"] == "merge" and entry["method"] == "dare-ties" and entry["seed"] == 11
+    assert entry["options"] == {"p": 0.5, "sign": "count"} and entry["alpha"] == 0.5
+    assert [i["fingerprint"] for i in entry["inputs"]] == [_load(p)[1]["fingerprint"] for p in files]
+    json.dumps(meta)  # provenance is plain JSON
+    # global TIES through files: the prepass streams from the memory-mapped inputs
+    assert main(["merge", "-m", "ties", "-O", "k=40", *map(str, files), "-o", str(tmp_path / "t.st"),
+                 "--dtype", "bf16"]) == 0
+    got, _ = _load(tmp_path / "t.st")
+    expect = mg.merge_tensors("ties", inputs, {"k": 40})
+    assert all(torch.equal(got[k], expect[k].to(torch.bfloat16).float()) for k in expect)
+
+
+def test_merge_cli_errors(files, tmp_path, capsys):
+    from tvtool.cli import main
+    out = str(tmp_path / "o.st")
+    cases = [
+        (["merge", "-m", "nope", *map(str, files), "-o", out], "unknown merge method"),
+        (["merge", "-m", "ties", "-O", "q=1", *map(str, files), "-o", out], "unknown option 'q'"),
+        (["merge", *map(str, files), "-o", out], "no --method"),
+        (["merge", "-m", "ties", "-o", out], "no task vectors"),
+        (["merge", "-m", "ties", *map(str, files), "-o", str(files[0])], "already exists"),
+        (["merge", "-m", "consensus", str(files[0]), "-o", out], "only 1 vector"),
+        (["merge", "-m", "sum", str(files[0]), str(tmp_path / "missing.st"), "-o", out], "missing.st"),
+    ]
+    for argv, msg in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and msg in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "o.st").exists()
+    assert main(["merge", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in mg.REGISTRY) and "NeurIPS 2023" in listing
