@@ -1,0 +1,24 @@
+"""Datasets: the registry, protocol splits and the uint8 image cache (see ``base.py`` and ``cache.py``).
+
+Adding a dataset is one small module that calls ``register(DatasetSpec(...))`` and is imported below.
+"""
+from .base import (  # noqa: F401
+    SPLITS,
+    DatasetSpec,
+    Listing,
+    get_dataset,
+    list_datasets,
+    load_split,
+    load_split_tensor,
+    protocol_val_split,
+    register,
+    resolve_data_root,
+)
+
+import importlib as _importlib
+
+try:
+    _importlib.import_module(f"{__name__}.mini")  # the offline mini-world tasks (written separately)
+except ModuleNotFoundError as exc:  # only a missing mini module is tolerated, never a missing dependency
+    if exc.name != f"{__name__}.mini":
+        raise
