@@ -176,12 +176,11 @@ def _load_weights(model: torch.nn.Module, path: str | Path, arch: str) -> None:
     try:
         # weights_only=True: even a trusted pickle is read with torch's restricted unpickler.
         load_checkpoint(model, str(path), strict=True, weights_only=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:2])[:200]
-        raise TVToolError(f"{path}: weights do not fit architecture {arch} ({detail}); pass the matching --model")
-    except Exception as exc:
-        raise TVToolError(f"{path}: cannot be read as CLIP weights ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # key/shape mismatches (RuntimeError, open_clip's asserts), unreadable files, ...
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        detail = " ".join(line.strip() for line in lines[:2])[:200]
+        raise TVToolError(f"{path}: cannot load these weights into {arch} ({type(exc).__name__}: {detail}); "
+                          "check that --model matches the weights") from None
 
 
 def load_clip(model_name: str, pretrained: str | os.PathLike | None = None, device: str | None = None,
