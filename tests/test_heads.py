@@ -46,7 +46,7 @@ def reference_head(b, s):
         for c in s.classnames:
             embs = []
             for t in s.templates:
-                tok = b.tokenizer([t.format(c=c)])
+                tok = b.tokenizer([t.replace("{c}", c)])
                 e = b.model.encode_text(tok)[0].double()
                 embs.append(e / torch.sqrt((e * e).sum()))
             m = torch.stack(embs).mean(0)
@@ -104,6 +104,8 @@ def test_bad_templates_are_user_errors(bundle):
         heads.zero_shot_head(bundle, spec(templates=("a photo of a thing",)), cache=False)
     with pytest.raises(TVToolError, match="class name"):
         heads.zero_shot_head(bundle, spec(classnames=()), cache=False)
+    with pytest.raises(TVToolError, match="brace"):
+        heads.zero_shot_head(bundle, spec(templates=("a {c} in {place}",)), cache=False)
 
 
 def test_normalize_images_matches_numpy():

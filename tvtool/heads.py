@@ -34,8 +34,11 @@ def fill_templates(classnames: Sequence[str], templates: Sequence[str]) -> list[
     bad = [t for t in templates if PLACEHOLDER not in t]
     if bad:
         raise TVToolError(f"template {bad[0]!r} has no {PLACEHOLDER} placeholder for the class name; add one")
-    # str.replace, not str.format: templates may contain other braces
-    return [t.replace(PLACEHOLDER, c) for c in classnames for t in templates]
+    try:  # the data layer's contract: template.format(c=name) (literal braces are written {{ }})
+        return [t.format(c=c) for c in classnames for t in templates]
+    except (KeyError, IndexError, ValueError) as exc:
+        raise TVToolError(f"a template has a stray brace field ({exc}); only {PLACEHOLDER} is allowed, write literal "
+                          "braces as {{ }}") from None
 
 
 def text_fingerprint(model: nn.Module) -> str:
