@@ -17,6 +17,8 @@ from .base import (  # noqa: F401
 
 import importlib as _importlib
 
+from . import cars, dtd, eurosat, gtsrb, imagenet, mnist, resisc45, sun397, svhn  # noqa: F401,E402  register
+
 try:
     _importlib.import_module(f"{__name__}.mini")  # the offline mini-world tasks (written separately)
 except ModuleNotFoundError as exc:  # only a missing mini module is tolerated, never a missing dependency

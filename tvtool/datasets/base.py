@@ -41,6 +41,7 @@ class Listing:
     labels: torch.Tensor  # int64 [N]
     open: Callable[[int], "object"]
     source: str = ""  # where it was read from, for messages
+    fingerprint: str = ""  # extra identity for array files (size, mtime), part of the cache key
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -173,3 +174,121 @@ def load_split(name: str, split: str, data_root=None, image_size: int = 224):
 
 # ARCHITECTURE.md's name for the same entry point.
 load_split_tensor = load_split
+
+
+# ---- helpers for the small per-dataset modules -------------------------------------------------------------------
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def missing(name: str, path: Path, what: str = "") -> TVToolError:
+    """The error for a dataset that is not where the layout says; points at `tvtool data prepare`."""
+    extra = f" ({what})" if what else ""
+    return TVToolError(f"{name}: expected {path}{extra}; run `tvtool data prepare {name} --data-root ROOT` for how to get it")
+
+
+def require(name: str, path: Path, what: str = "") -> Path:
+    if not path.exists():
+        raise missing(name, path, what)
+    return path
+
+
+def class_folders(folder: Path) -> list[str]:
+    """Sorted sub-folder names: the class order of ImageFolder-style layouts (and of their class-name files)."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
+def image_folder(
+    name: str, root: Path, folder: Path, *, keep: Callable[[str], bool] | None = None, extensions=IMG_EXTENSIONS
+) -> tuple[list[str], Listing]:
+    """(classes, Listing) of ``folder/<class>/**/<image>`` with ImageFolder's order and labels.
+
+    Classes are the sorted sub-folder names (label = position); inside a class, files come in sorted walk order,
+    the order the reference's ImageFolder produces, so the seed-0 validation split picks the same examples.
+    ``keep(basename)`` filters files (RESISC45's split lists).
+    """
+    require(name, folder)
+    classes = class_folders(folder)
+    if not classes:
+        raise missing(name, folder, "one sub-folder per class")
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        for dirpath, _dirs, files in sorted(os.walk(folder / cls, followlinks=True)):
+            for fname in sorted(files):
+                if fname.lower().endswith(extensions) and (keep is None or keep(fname)):
+                    paths.append(os.path.join(dirpath, fname))
+                    labels.append(label)
+    check_classes(name, len(classes), folder)
+    return classes, file_listing(root, paths, labels, source=str(folder))
+
+
+def file_listing(root: Path, paths: Sequence[str], labels: Sequence[int], source: str = "") -> Listing:
+    from PIL import Image
+
+    root_s = str(root).rstrip(os.sep) + os.sep
+    ids = [p[len(root_s):] if p.startswith(root_s) else p for p in map(str, paths)]
+    paths = [str(p) for p in paths]
+    return Listing(ids, torch.tensor(labels, dtype=torch.int64), lambda i: Image.open(paths[i]), source=source)
+
+
+def array_listing(images, labels, ids_prefix: str, files: Sequence[Path], source: str = "") -> Listing:
+    """Listing over an in-memory uint8 array ([N,H,W] grey or [N,H,W,3] RGB), e.g. MNIST idx or SVHN .mat."""
+    from PIL import Image
+
+    fp = ";".join(f"{Path(f).name}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files)
+    ids = [f"{ids_prefix}#{i}" for i in range(len(images))]
+    return Listing(ids, torch.as_tensor(labels, dtype=torch.int64), lambda i: Image.fromarray(images[i]), source, fp)
+
+
+def check_classes(name: str, found: int, where) -> None:
+    """Labels are positions in the class-name file, so the number of classes must agree with it."""
+    if not templates_path(name).is_file():
+        return  # names not written yet: nothing to compare against
+    expected = len(_templates_file(name)["classnames"])
+    if found != expected:
+        raise TVToolError(
+            f"{name}: found {found} classes in {where}, expected {expected} (tvtool/data/templates/{name}.yaml); "
+            "check the layout with `tvtool data check`"
+        )
+
+
+def listing_loader(listing: Callable) -> Callable:
+    """The DatasetSpec.loader of a real dataset: list a native split, decode all of it (no cache)."""
+
+    def loader(split: str, data_root, image_size: int):
+        from .cache import decode
+
+        root = resolve_data_root(data_root)
+        lst = listing(split, root)
+        return decode(lst, torch.arange(len(lst)), image_size, what=f"{lst.source} ({split})")
+
+    return loader
+
+
+def register_real(name: str, listing: Callable, **kw) -> DatasetSpec:
+    """Register an on-disk dataset from its ``listing(split, root) -> Listing``."""
+    return register(DatasetSpec(name=name, loader=listing_loader(listing), listing=listing, **kw))
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Place ``src`` at ``dst`` without doubling disk use where the filesystem allows (hard link), else copy."""
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def torchvision_download(name: str, fn: Callable, manual: str) -> None:
+    """Run a torchvision download; failures (offline, moved host) become one line that also gives the manual way."""
+    try:
+        fn()
+    except TVToolError:
+        raise
+    except Exception as exc:  # URLError, HTTPError, RuntimeError("File not found or corrupted"), ...
+        raise TVToolError(f"{name}: download failed ({type(exc).__name__}: {exc}); manual steps: {manual}") from None
