@@ -20,7 +20,14 @@ LAYOUT = (
 def _loadmat(path: Path):
     import scipy.io
 
-    return scipy.io.loadmat(str(require("cars", path)), squeeze_me=True)
+    from ..errors import TVToolError
+
+    try:
+        return scipy.io.loadmat(str(require("cars", path)), squeeze_me=True)
+    except TVToolError:
+        raise
+    except Exception as exc:  # scipy raises ValueError/TypeError/... on a damaged .mat
+        raise TVToolError(f"{path}: unreadable ({exc}); re-download it (see `tvtool data prepare cars`)") from None
 
 
 def listing(split: str, root: Path):

@@ -1,0 +1,152 @@
+"""`tvtool data list | check | prepare`: what datasets exist, what is on disk, and how to get the rest."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..datasets import get_dataset, list_datasets
+from ..datasets.base import VAL_CAP, VAL_FRACTION, resolve_data_root
+from ..errors import TVToolError
+from ._app import app
+
+data_app = typer.Typer(
+    help="Datasets: list the registry, check a data root, download or arrange one dataset.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+DATA_ROOT_HELP = "Folder holding the datasets in the conventional layout (default: $TVTOOL_DATA)."
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+@data_app.command("list")
+def list_cmd(
+    kind: Optional[str] = typer.Option(None, "--kind", help="Only 'real' or only 'mini' datasets."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of a table."),
+) -> None:
+    """List every registered dataset: kind, number of classes, templates and the protocol's epochs."""
+    if kind not in (None, "real", "mini"):
+        raise TVToolError(f"unknown --kind {kind!r}; use 'real' or 'mini'")
+    rows = []
+    for name in list_datasets(kind):
+        spec = get_dataset(name)
+        try:
+            classes, templates = len(spec.classnames), len(spec.templates)
+        except TVToolError:  # class-name file missing or broken: still list the dataset
+            classes = templates = None
+        rows.append(
+            {"name": name, "kind": spec.kind, "classes": classes, "templates": templates, "epochs": spec.epochs,
+             "native_val": spec.native_val, "control": spec.control}
+        )
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    from rich.table import Table
+
+    table = Table("dataset", "kind", "classes", "templates", "epochs", "notes")
+    for r in rows:
+        notes = ", ".join(n for n, on in (("own val split", r["native_val"]), ("control task", r["control"])) if on)
+        table.add_row(r["name"], r["kind"], str(r["classes"] or "?"), str(r["templates"] or "?"), str(r["epochs"]), notes)
+    _console().print(table)
+
+
+def protocol_counts(spec, native: dict[str, int]) -> dict[str, int]:
+    """Sizes of the protocol splits from the native split sizes (no decoding)."""
+    if spec.native_val:
+        return {"train": native["train"], "val": native["val"], "test": native["test"]}
+    n_val = min(int(native["train"] * VAL_FRACTION), VAL_CAP)
+    return {"train": native["train"] - n_val, "val": n_val, "test": native["test"]}
+
+
+def check_dataset(name: str, root: Path) -> dict:
+    """{'name', 'present', 'counts' (protocol splits), 'problems': [...], 'how': layout help} for one dataset."""
+    spec = get_dataset(name)
+    if spec.kind == "mini" or spec.listing is None:
+        return {"name": name, "present": True, "counts": None, "problems": [], "how": "built in"}
+    native, problems = {}, []
+    for split in ("train", "val", "test") if spec.native_val else ("train", "test"):
+        try:
+            native[split] = len(spec.listing(split, root))
+        except TVToolError as exc:
+            problems.append(f"{split}: {exc}")
+    counts = protocol_counts(spec, native) if not problems else None
+    if counts is not None and min(counts.values()) == 0:
+        problems.append("a split is empty: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return {"name": name, "present": not problems, "counts": counts, "problems": problems, "how": spec.layout_help}
+
+
+@data_app.command("check")
+def check_cmd(
+    names: Optional[List[str]] = typer.Argument(None, help="Datasets to check (default: every real dataset)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout instead of a table."),
+) -> None:
+    """Say which datasets are present under the data root, their protocol split sizes, and how to get the rest.
+
+    Exits with status 1 when a dataset asked for (or, without names, any real dataset) is missing.
+    """
+    root = resolve_data_root(data_root)
+    for n in names or []:
+        get_dataset(n)  # unknown names fail before any work
+    results = [check_dataset(n, root) for n in (names or list_datasets("real"))]
+    if as_json:
+        typer.echo(json.dumps({"data_root": str(root), "datasets": results}))
+    else:
+        from rich.table import Table
+
+        table = Table("dataset", "status", "train", "val", "test", title=f"data root {root}")
+        for r in results:
+            c = r["counts"] or {}
+            status = "built in" if r["how"] == "built in" else "ok" if r["present"] else "MISSING"
+            table.add_row(r["name"], status, *(str(c.get(s, "-")) for s in ("train", "val", "test")))
+        _console().print(table)
+        for r in results:
+            if not r["present"]:
+                typer.echo(f"{r['name']}:", err=False)
+                for p in r["problems"]:
+                    typer.echo(f"  {p}")
+                typer.echo(f"  how to get it: {r['how']}")
+    if not all(r["present"] for r in results):
+        raise typer.Exit(1)
+
+
+@data_app.command("prepare")
+def prepare_cmd(
+    name: str = typer.Argument(..., help="Dataset to download or arrange (see `tvtool data list`)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
+) -> None:
+    """Download a dataset into the conventional layout where a library can (MNIST, SVHN, GTSRB, DTD, EuroSAT),
+    arrange manually downloaded files where possible (SUN397), otherwise print the exact manual steps (exit 1).
+    """
+    spec = get_dataset(name)
+    if spec.kind == "mini":
+        typer.echo(f"{name}: built in (generated offline); nothing to prepare")
+        return
+    if data_root is None:
+        data_root = resolve_data_root(None, name=name)
+    root = Path(data_root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    before = check_dataset(name, root)
+    if before["present"]:
+        typer.echo(f"{name}: already present under {root} ({_fmt(before['counts'])})")
+        return
+    if spec.prepare is None:
+        typer.echo(f"{name}: cannot be downloaded automatically. Manual steps:\n  {spec.layout_help}")
+        typer.echo(f"then check with: tvtool data check {name} --data-root {root}")
+        raise typer.Exit(1)
+    spec.prepare(root, typer.echo)
+    after = check_dataset(name, root)
+    if not after["present"]:
+        raise TVToolError(f"{name}: prepared files are incomplete ({'; '.join(after['problems'])})")
+    typer.echo(f"{name}: ready under {root} ({_fmt(after['counts'])})")
+
+
+def _fmt(counts) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (counts or {}).items())
