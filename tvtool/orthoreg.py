@@ -1,0 +1,294 @@
+"""OrthoReg: the orthogonality regularizer of "Understanding and Enforcing Weight Disentanglement in Task Arithmetic".
+
+The training loss is ``L_task(theta_0 + dtheta) + lam * P`` with, per tuned layer ``l`` and ``dW_l = W_l - W_l^0``
+(a torch weight of shape ``m x n``: ``m`` rows = outputs, ``n`` columns = inputs, ``k = min(m, n)``):
+
+* ``form="squared"`` (the paper, default): ``P = sum_l ||dW_l^T dW_l - I_n||_F^2``.
+* ``form="plain"`` (the reference code): ``P = sum_l ||G_l - I_k||_F`` with ``G_l`` the *smaller* Gram matrix
+  (``dW dW^T`` when ``m < n``, else ``dW^T dW``), i.e. not squared and with the smaller identity, as that code does.
+
+Both are computed from the smaller Gram only. With ``s_l = ||G_l - I_k||_F^2`` the expansions
+``||dW^T dW - I_n||^2 = ||dW^T dW||^2 - 2||dW||^2 + n`` and ``||G - I_k||^2 = ||G||^2 - 2||dW||^2 + k`` and
+``||dW^T dW||_F = ||dW dW^T||_F`` give exactly ``||dW^T dW - I_n||_F^2 = s_l + (n - k)``: the paper's term is the
+small-Gram term plus a constant, so wide layers (``mlp.c_proj``: 768 x 3072) cost a 768 x 768 Gram, not 3072 x 3072,
+with no cancellation error. At ``dW = 0`` the penalty is ``sum_l n_l`` (squared) or ``sum_l sqrt(k_l)`` (plain) and
+its gradient is exactly zero; afterwards it pushes the singular values of ``dW`` toward 1.
+
+Which layers (``scope``):
+
+* ``"visual-linear"`` (default): the tuned visual linear layers of every ViT block: ``attn.in_proj_weight`` (fused
+  QKV, one matrix), ``attn.out_proj.weight``, ``mlp.c_fc.weight``, ``mlp.c_proj.weight``.
+* ``"reference"``: what the reference code sums over: every trainable 2-D tensor outside the text transformer, i.e.
+  the above plus ``visual.proj``, ``visual.positional_embedding`` and, only when trainable in the model given, the
+  text leftovers ``token_embedding.weight``, ``positional_embedding``, ``text_projection``.
+
+Speed: theta_0 of the selected layers is copied onto the parameters' device once, stacked per (shape) group; every
+call does one stack + subtraction and one ``baddbmm`` (``G - I`` in one kernel) per group instead of a Python loop
+over layers. Everything runs in fp32 with autocast disabled. ``estimator="hutchinson"`` replaces ``||M||_F^2`` by the
+unbiased ``mean_p ||M z_p||^2`` over Rademacher probes ``z`` with ``M z = dW^T (dW z) - z``: O(probes * m * n)
+instead of O(m * n * k). Unbiased for the squared form only (the square root of an unbiased estimate is biased, so
+``form="plain"`` refuses it).
+
+LoRA: for ``dW = s * B @ A`` (rank r) the exact term needs no dense Gram at all: with ``R = (B^T B)(A A^T)`` (r x r),
+``||dW^T dW - I_n||^2 = s^4 tr(R R) - 2 s^2 tr(R) + n`` (see :meth:`OrthoReg.from_tuned`).
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from .errors import TVToolError
+
+FORMS = ("squared", "plain")
+SCOPES = ("visual-linear", "reference")
+ESTIMATORS = ("exact", "hutchinson")
+
+# lambda values the paper publishes (ViT-B-32); nothing else is published, so nothing else is listed.
+PUBLISHED_LAMBDA = {("full", "plain"): 10.0, ("lora", "plain"): 1.0}
+
+_VISUAL_LINEAR = re.compile(
+    r"^visual\.transformer\.resblocks\.\d+\.(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight"
+    r"|mlp\.c_proj\.weight)$"
+)
+_TEXT_LEFTOVERS = ("token_embedding.weight", "positional_embedding", "text_projection")
+
+
+def select_names(shapes: Mapping[str, Sequence[int]], trainable: Callable[[str], bool], scope: str) -> list[str]:
+    """The state-dict keys a scope regularizes, among ``shapes`` (key -> shape) whose tensor is trainable."""
+    if scope not in SCOPES:
+        raise TVToolError(f"unknown OrthoReg scope {scope!r}; use one of {', '.join(SCOPES)}")
+    out = []
+    for key, shape in shapes.items():
+        if len(shape) != 2 or not trainable(key):
+            continue
+        if _VISUAL_LINEAR.match(key):
+            out.append(key)
+        elif scope == "reference" and (key.startswith("visual.") or key in _TEXT_LEFTOVERS):
+            out.append(key)
+    return out
+
+
+class _Group:
+    """Layers of one shape, penalised with one batched kernel. ``wide``: rows < cols, so the row Gram is smaller."""
+
+    def __init__(self, names: list[str], shape: tuple[int, int]):
+        self.names = names
+        self.m, self.n = shape
+        self.k = min(self.m, self.n)
+        self.wide = self.m < self.n
+
+
+def _group_by_shape(names: Sequence[str], shapes: Mapping[str, Sequence[int]]) -> list[_Group]:
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name in names:
+        groups.setdefault(tuple(shapes[name]), []).append(name)
+    return [_Group(ns, shape) for shape, ns in groups.items()]
+
+
+class OrthoReg(nn.Module):
+    """The penalty over a fixed set of 2-D tensors (state-dict keys), grouped by shape.
+
+    ``reg()`` returns the **scaled** term ``lam * P`` to add to the task loss; ``reg.penalty()`` returns the
+    **unscaled** ``P`` (log this one). Either takes ``deltas`` (key -> dense ``dW``) or, when built with
+    :meth:`from_model` / :meth:`from_tuned`, reads the current weights itself. Typical loop::
+
+        reg = OrthoReg.from_tuned(tuned, lam=10.0)
+        pen = reg.penalty()
+        loss = task_loss + reg.lam * pen
+    """
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], *, lam: float = 1.0, form: str = "squared",
+                 estimator: str = "exact", probes: int = 1, batched: bool = True):
+        super().__init__()
+        if form not in FORMS:
+            raise TVToolError(f"unknown OrthoReg form {form!r}; use one of {', '.join(FORMS)}")
+        if estimator not in ESTIMATORS:
+            raise TVToolError(f"unknown OrthoReg estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
+        if estimator == "hutchinson" and form == "plain":
+            raise TVToolError("the Hutchinson estimator is unbiased only for the squared form; "
+                              "use --form squared or --estimator exact")
+        if not isinstance(probes, int) or probes < 1:
+            raise TVToolError(f"OrthoReg probes must be a positive integer, got {probes!r}")
+        if not math.isfinite(lam) or lam < 0:
+            raise TVToolError(f"OrthoReg lambda must be a finite number >= 0, got {lam!r}")
+        bad = [k for k, s in shapes.items() if len(s) != 2]
+        if bad:
+            raise TVToolError(f"OrthoReg applies to 2-D tensors only; {bad[0]} has shape {tuple(shapes[bad[0]])}")
+        if not shapes:
+            raise TVToolError("OrthoReg found no layer to regularize; check the fine-tuning mode and --orthoreg-scope")
+        self.lam = float(lam)
+        self.form = form
+        self.estimator = estimator
+        self.probes = probes
+        self.batched = batched
+        self.shapes = {k: tuple(int(d) for d in s) for k, s in shapes.items()}
+        self.names = list(self.shapes)
+        self.groups = _group_by_shape(self.names, self.shapes)
+        self._current: dict[str, torch.Tensor] | None = None  # key -> live parameter (not registered: not ours)
+        self._lowrank: Callable[[], Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]] | None = None
+
+    # ----------------------------------------------------------------------------------------------- constructors
+    @classmethod
+    def from_model(cls, model_or_params: nn.Module | Mapping[str, torch.Tensor], names: Sequence[str] | None = None,
+                   *, scope: str = "visual-linear", theta0: Mapping[str, torch.Tensor] | None = None,
+                   **options) -> OrthoReg:
+        """Regularize ``model``'s current weights against theta_0 = their values now (or ``theta0`` when given).
+
+        ``names``: explicit state-dict keys; otherwise the ``scope`` rule over the *trainable* 2-D tensors.
+        theta_0 is copied once to the parameters' device, stacked per shape group, in fp32.
+        """
+        if isinstance(model_or_params, nn.Module):
+            params = dict(model_or_params.named_parameters())
+        else:
+            params = dict(model_or_params)
+        shapes = {k: tuple(v.shape) for k, v in params.items()}
+        if names is None:
+            names = select_names(shapes, lambda k: params[k].requires_grad, scope)
+        else:
+            missing = [n for n in names if n not in params]
+            if missing:
+                raise TVToolError(f"OrthoReg layer {missing[0]!r} is not a parameter of the model; "
+                                  "pass state-dict keys such as visual.transformer.resblocks.0.attn.in_proj_weight")
+        reg = cls({n: shapes[n] for n in names}, **options)
+        reg._bind(params, params if theta0 is None else theta0)
+        return reg
+
+    @classmethod
+    def from_tuned(cls, tuned, *, scope: str = "visual-linear", **options) -> OrthoReg:
+        """The penalty for a :class:`tvtool.variants.Tuned` (any mode) over its tuned layers.
+
+        full / attn / linear: dW = current weight - theta_0, and theta_0 is shared with ``tuned`` (one copy on the
+        device). lora: dW = s * B @ A; the exact estimator uses the r x r identity from the module docstring, the
+        Hutchinson one the dense product. In lora mode the tuned layers are in_proj and out_proj for both scopes.
+        """
+        shapes = tuned.delta_shapes()
+        trainable = set(tuned.delta_keys())
+        names = select_names(shapes, lambda k: k in trainable, scope)
+        reg = cls({n: shapes[n] for n in names}, **options)
+        if tuned.mode == "lora":
+            factors = tuned.lora_factors
+            reg._lowrank = lambda: {k: v for k, v in factors().items() if k in reg.shapes}
+        else:
+            current = tuned.current()
+            reg._bind(current, tuned.theta0)
+            tuned.adopt_theta0({n: reg.theta0(n) for n in reg.names})
+        return reg
+
+    def _bind(self, current: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> None:
+        self._current = {n: current[n] for n in self.names}
+        for i, g in enumerate(self.groups):
+            with torch.no_grad():
+                stack = torch.stack([theta0[n].detach().to(current[n].device, torch.float32) for n in g.names])
+            # persistent=False: theta_0 comes from the base weights, not from a training checkpoint.
+            self.register_buffer(f"theta0_{i}", stack, persistent=False)
+
+    def theta0(self, name: str) -> torch.Tensor:
+        """The stored theta_0 of one layer (a view into its group's stack)."""
+        for i, g in enumerate(self.groups):
+            if name in g.names:
+                return getattr(self, f"theta0_{i}")[g.names.index(name)]
+        raise KeyError(name)
+
+    # -------------------------------------------------------------------------------------------------- the value
+    def forward(self, deltas: Mapping[str, torch.Tensor] | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """``lam * P`` (scaled: add it to the task loss)."""
+        return self.lam * self.penalty(deltas, generator)
+
+    def penalty(self, deltas: Mapping[str, torch.Tensor] | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """The unscaled penalty ``P`` (a 0-dim fp32 tensor on the weights' device, differentiable)."""
+        device = self._device(deltas)
+        with torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else nullcontext():
+            if deltas is None and self._lowrank is not None and self.estimator == "exact":
+                return self._lowrank_penalty(self._lowrank())
+            if deltas is None and self._lowrank is not None:
+                deltas = {k: (s * (b @ a)) for k, (b, a, s) in self._lowrank().items()}
+            if deltas is None and self._current is None:
+                raise TVToolError("OrthoReg needs the current deltas: pass deltas= or build it with from_model()")
+            total = torch.zeros((), device=device, dtype=torch.float32)
+            for i, g in enumerate(self.groups):
+                if self.batched:
+                    total = total + self._group_terms(self._stacked(i, g, deltas), g, generator).sum()
+                else:  # per-layer loop: the reference against which the batched path is tested and timed
+                    for j, n in enumerate(g.names):
+                        dw = self._stacked(i, g, deltas, only=j)
+                        total = total + self._group_terms(dw, g, generator).sum()
+            return total
+
+    def penalty_at_zero(self) -> float:
+        """P at dW = 0: sum of n_l (squared, n = columns) or sum of sqrt(k_l) (plain, k = min(rows, cols))."""
+        if self.form == "squared":
+            return float(sum(n for _, n in self.shapes.values()))
+        return float(sum(math.sqrt(min(s)) for s in self.shapes.values()))
+
+    # ---------------------------------------------------------------------------------------------------- internals
+    def _device(self, deltas) -> torch.device:
+        if deltas is not None:
+            return next(iter(deltas.values())).device
+        if self._current is not None:
+            return next(iter(self._current.values())).device
+        if self._lowrank is not None:
+            return next(iter(self._lowrank().values()))[0].device
+        return torch.device("cpu")
+
+    def _stacked(self, i: int, g: _Group, deltas, only: int | None = None) -> torch.Tensor:
+        """dW of a group as one fp32 (L, m, n) tensor (L = 1 with ``only``)."""
+        names = g.names if only is None else [g.names[only]]
+        if deltas is not None:
+            try:
+                return torch.stack([deltas[n] for n in names]).float()
+            except KeyError as e:
+                raise TVToolError(f"OrthoReg deltas lack layer {e.args[0]!r}; pass one dW per regularized layer") \
+                    from None
+        theta0 = getattr(self, f"theta0_{i}")
+        if only is not None:
+            theta0 = theta0[only:only + 1]
+        return torch.stack([self._current[n] for n in names]).float() - theta0
+
+    def _group_terms(self, dw: torch.Tensor, g: _Group, generator) -> torch.Tensor:
+        """Per-layer terms of one group: ||dW^T dW - I_n||^2 (squared) or ||G_small - I_k||_F (plain)."""
+        a = dw.transpose(1, 2) if g.wide else dw  # (L, rows, k): its column Gram is the smaller Gram
+        if self.estimator == "exact":
+            eye = torch.eye(g.k, device=dw.device, dtype=dw.dtype)
+            # one kernel for G - I: baddbmm(input=-I, a^T, a)
+            m = torch.baddbmm(-eye, a.transpose(1, 2), a)
+            s = m.square().sum(dim=(1, 2))
+        else:
+            z = torch.empty(a.shape[0], g.k, self.probes, device=dw.device, dtype=dw.dtype)
+            z.bernoulli_(0.5, generator=generator).mul_(2).sub_(1)  # Rademacher +-1
+            mz = torch.bmm(a.transpose(1, 2), torch.bmm(a, z)) - z
+            s = mz.square().sum(dim=(1, 2)) / self.probes
+        if self.form == "squared":
+            return s + float(g.n - g.k)
+        # clamp: at an exactly orthonormal dW the subgradient of the norm is 0, not NaN
+        return s.clamp_min(1e-30).sqrt()
+
+    def _lowrank_penalty(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+        """Exact penalty from LoRA factors, dW = s B A with B (m x r), A (r x n), batched per shape group."""
+        total = None
+        for g in self.groups:
+            try:
+                bs, as_, ss = zip(*(factors[n] for n in g.names))
+            except KeyError as e:
+                raise TVToolError(f"OrthoReg: no LoRA factors for layer {e.args[0]!r}") from None
+            b = torch.stack(bs).float()
+            a = torch.stack(as_).float()
+            scale = torch.tensor(ss, device=b.device, dtype=torch.float32).view(-1, 1, 1) ** 2
+            p = torch.bmm(b.transpose(1, 2), b) * scale          # s^2 B^T B   (r x r)
+            r = torch.bmm(p, torch.bmm(a, a.transpose(1, 2)))      # s^2 B^T B A A^T
+            tr_r = r.diagonal(dim1=1, dim2=2).sum(-1)              # = ||dW||_F^2
+            tr_rr = (r * r.transpose(1, 2)).sum(dim=(1, 2))        # = ||dW^T dW||_F^2
+            s = tr_rr - 2 * tr_r + float(g.k)                      # ||G_small - I_k||^2
+            terms = s + float(g.n - g.k) if self.form == "squared" else s.clamp_min(1e-30).sqrt()
+            total = terms.sum() if total is None else total + terms.sum()
+        return total
+
+    def extra_repr(self) -> str:
+        return (f"layers={len(self.names)}, groups={len(self.groups)}, lam={self.lam}, form={self.form}, "
+                f"estimator={self.estimator}, probes={self.probes}")
