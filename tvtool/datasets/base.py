@@ -42,6 +42,8 @@ class Listing:
     open: Callable[[int], "object"]
     source: str = ""  # where it was read from, for messages
     fingerprint: str = ""  # extra identity for array files (size, mtime), part of the cache key
+    # stamp(i) -> "size:mtime" of example i's file: a re-downloaded or repaired file invalidates the cache.
+    stamp: Callable[[int], str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -229,7 +231,16 @@ def file_listing(root: Path, paths: Sequence[str], labels: Sequence[int], source
     root_s = str(root).rstrip(os.sep) + os.sep
     ids = [p[len(root_s):] if p.startswith(root_s) else p for p in map(str, paths)]
     paths = [str(p) for p in paths]
-    return Listing(ids, torch.tensor(labels, dtype=torch.int64), lambda i: Image.open(paths[i]), source=source)
+    def stamp(i: int) -> str:
+        try:
+            st = os.stat(paths[i])
+        except OSError:
+            return "missing"
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
+    return Listing(
+        ids, torch.tensor(labels, dtype=torch.int64), lambda i: Image.open(paths[i]), source=source, stamp=stamp
+    )
 
 
 def array_listing(images, labels, ids_prefix: str, files: Sequence[Path], source: str = "") -> Listing:

@@ -2,8 +2,8 @@
 
 ``$TVTOOL_CACHE/datasets/<name>/<split>-<S>.safetensors`` (default ``~/.cache/tvtool``) holds ``images``
 (uint8 [N, 3, S, S]) and ``labels`` (int64 [N]); its header metadata holds a key: a hash of everything that
-determines the content (dataset, split, size, preprocessing version, the listed files and labels or the mini
-generator's source and settings). A file whose key differs, or that cannot be read, is rebuilt; files are written to
+determines the content (dataset, split, size, preprocessing version, the listed files with their sizes and
+modification times and their labels, or the mini generator's source and settings). A file whose key differs, or that cannot be read, is rebuilt; files are written to
 a temporary name and renamed, so a crash never leaves a half-written cache.
 
 Preprocessing is the protocol's eval transform: Resize(short side S, bicubic) + CenterCrop(S), then RGB (the order
@@ -172,8 +172,10 @@ def load_cached(spec: DatasetSpec, split: str, data_root, image_size: int):
             idx = train_idx if split == "train" else val_idx
         else:
             idx = torch.arange(len(listing))
-        ids = [listing.ids[i] for i in idx.tolist()]
-        key = _hash(*common, getattr(listing, "fingerprint", ""), ids, listing.labels[idx])
+        chosen = idx.tolist()
+        ids = [listing.ids[i] for i in chosen]
+        stamps = [listing.stamp(i) for i in chosen] if listing.stamp is not None else []
+        key = _hash(*common, listing.fingerprint, ids, stamps, listing.labels[idx])
         path = cache_path(spec.name, split, image_size)
         hit = read_cache(path, key)
         if hit is not None:
