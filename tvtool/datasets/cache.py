@@ -12,6 +12,7 @@ on the device in the training code, so the train crop is taken inside this cache
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -79,8 +80,11 @@ def decode(listing: Listing, indices, image_size: int, *, what: str = "") -> tup
     if n:
         log.info("decoding %d images of %s at %dpx", n, what or listing.source, image_size)
         workers = max(1, min(32, os.cpu_count() or 1, (n + _CHUNK - 1) // _CHUNK))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(work, range(0, n, _CHUNK)))
+        with ThreadPoolExecutor(max_workers=workers) as pool, _progress(n, what or listing.source) as advance:
+            futures = [pool.submit(work, start) for start in range(0, n, _CHUNK)]
+            for start, fut in zip(range(0, n, _CHUNK), futures):
+                fut.result()  # re-raises anything that is not a per-image decode failure
+                advance(min(_CHUNK, n - start))
     labels = listing.labels[indices]
     if bad:
         msg = f"{what or listing.source}: skipped {len(bad)} of {n} unreadable images (e.g. {', '.join(sorted(bad)[:3])})"
@@ -90,6 +94,20 @@ def decode(listing: Listing, indices, image_size: int, *, what: str = "") -> tup
         keep = torch.from_numpy(ok)
         return torch.from_numpy(out)[keep].contiguous(), labels[keep].contiguous()
     return torch.from_numpy(out), labels.contiguous()
+
+
+@contextlib.contextmanager
+def _progress(n: int, what: str):
+    """A progress bar on an interactive stderr for long decodes (the first epoch of a real dataset)."""
+    if n < 2000 or not sys.stderr.isatty():
+        yield lambda k: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:  # stdout stays clean for --json
+        task = bar.add_task(f"decoding {what}", total=n)
+        yield lambda k: bar.advance(task, k)
 
 
 class _opened:
