@@ -353,6 +353,8 @@ def test_merge_cli_errors(files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error:") and msg in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "o.st").exists()
+    assert main(["merge", "-m", "mean", *map(str, files), "-o", str(files[0]), "--force"]) == 0
+    assert _load(files[0])[1]["history"][-1]["method"] == "mean"
     assert main(["merge", "--list"]) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in mg.REGISTRY) and "NeurIPS 2023" in listing

@@ -598,7 +598,8 @@ def merge_files(method: str, paths: Sequence[str | os.PathLike], out: str | os.P
     meta = tv.new_meta(vectors[0].meta["base"], tasks=tasks, mode=modes.pop() if len(modes) == 1 else "mixed",
                        orthoreg=vectors[0].meta.get("orthoreg") if len(vectors) == 1 else None, history=[entry])
     try:
-        return tv.write_vector(out, merge_stream(m, vectors, keys, opts, alpha=alpha, seed=seed), meta, specs=specs)
+        return tv.write_vector(out, merge_stream(m, vectors, keys, opts, alpha=alpha, seed=seed), meta, specs=specs,
+                               force=force)
     finally:
         for v in vectors:
             v.close()

@@ -1,0 +1,131 @@
+"""Time and peak memory of `tvtool merge` per method on T random vectors shaped like ViT-B-32's visual tower.
+
+    python benchmarks/bench_merge.py --methods sum,mean,ties,dare,dare-ties,breadcrumbs,consensus,iso-c
+    python benchmarks/bench_merge.py --size 0.5 --methods tsv,iso-c   # TSV's 10 SVDs per layer: ~8 min at 1.0
+
+--size scales the tower's width (1.0 = ViT-B-32: width 768, 12 blocks; parameters grow as size^2). Each method
+runs in a fresh process that reports its own wall time and peak RSS (ru_maxrss), next to an idle process that only
+imports tvtool (the interpreter + torch floor). Inputs are written once to a temporary folder (deleted after) and
+read memory-mapped, as the CLI does; after the first run they sit in the page cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+def vit_b32_visual_shapes(size: float) -> dict[str, tuple]:
+    """State-dict shapes of open_clip ViT-B-32's visual tower, width scaled by ``size`` (heads of 64)."""
+    w = max(64, int(round(768 * size / 64)) * 64)
+    out_dim = max(64, int(round(512 * size / 64)) * 64)
+    shapes = {"visual.class_embedding": (w,), "visual.positional_embedding": (50, w), "visual.proj": (w, out_dim),
+              "visual.conv1.weight": (w, 3, 32, 32), "visual.ln_pre.weight": (w,), "visual.ln_pre.bias": (w,)}
+    for i in range(12):
+        p = f"visual.transformer.resblocks.{i}."
+        shapes.update({p + "ln_1.weight": (w,), p + "ln_1.bias": (w,),
+                       p + "attn.in_proj_weight": (3 * w, w), p + "attn.in_proj_bias": (3 * w,),
+                       p + "attn.out_proj.weight": (w, w), p + "attn.out_proj.bias": (w,),
+                       p + "ln_2.weight": (w,), p + "ln_2.bias": (w,),
+                       p + "mlp.c_fc.weight": (4 * w, w), p + "mlp.c_fc.bias": (4 * w,),
+                       p + "mlp.c_proj.weight": (w, 4 * w), p + "mlp.c_proj.bias": (w,)})
+    shapes.update({"visual.ln_post.weight": (w,), "visual.ln_post.bias": (w,)})
+    return shapes
+
+
+def write_inputs(folder: Path, count: int, size: float) -> list[Path]:
+    import torch
+
+    from tvtool import taskvector as tv
+
+    shapes = vit_b32_visual_shapes(size)
+    specs = {k: (torch.float32, s) for k, s in shapes.items()}
+    base = {"model": "ViT-B-32", "pretrained": "bench", "fingerprint": "fp1:0000000000000000"}
+    paths = []
+    for t in range(count):
+        gen = torch.Generator().manual_seed(t)
+        # task vectors are small updates with a few large entries; scale varies by task
+        items = ((k, torch.randn(s, generator=gen) * (1e-3 * (1 + t))) for k, s in shapes.items())
+        p = folder / f"task{t}.st"
+        meta = tv.new_meta(base, tasks=[f"task{t}"], mode="full")
+        # random normals are finite: skip the writer's isfinite scan, which dominates writing the inputs
+        tv.write_safetensors(p, items, specs, {tv.META_KEY: json.dumps(meta)}, fingerprint_key="fingerprint",
+                             check_finite=False)
+        paths.append(p)
+    return paths
+
+
+def child(method: str, out: str, paths: list[str], threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from tvtool.merge import merge_files
+
+    start = time.perf_counter()
+    if method != "idle":
+        merge_files(method, paths, out, force=True)
+    wall = time.perf_counter() - start
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps({"method": method, "wall_s": wall, "peak_rss_mb": rss_mb}))
+
+
+def run_child(method, out, paths, threads, timeout):
+    cmd = [sys.executable, __file__, "--child", method, "--out", str(out), "--threads", str(threads),
+           *map(str, paths)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "wall_s": None, "peak_rss_mb": None, "note": f"over {timeout}s"}
+    except subprocess.CalledProcessError as exc:
+        return {"method": method, "wall_s": None, "peak_rss_mb": None, "note": exc.stderr.strip().splitlines()[-1]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=float, default=1.0, help="width scale; 1.0 = ViT-B-32 (~88M params/vector)")
+    ap.add_argument("--vectors", type=int, default=8)
+    ap.add_argument("--methods", default="sum,mean,ties,dare,dare-ties,breadcrumbs,consensus,tsv,iso-c")
+    # 1 thread by default: on a shared 2-core machine, multi-threaded LAPACK oversubscribes and runs 2-20x slower
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--timeout", type=int, default=400, help="per-method limit in seconds")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.out, args.paths, args.threads)
+        return
+
+    methods = [m for m in args.methods.split(",") if m]
+    size = args.size
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_merge.") as tmp:
+        folder = Path(tmp)
+        t0 = time.perf_counter()
+        paths = write_inputs(folder, args.vectors, size)
+        n_params = sum(math.prod(s) for s in vit_b32_visual_shapes(size).values())
+        print(f"size {size}: {args.vectors} vectors x {n_params / 1e6:.1f}M fp32 params written in "
+              f"{time.perf_counter() - t0:.1f}s; {args.threads} thread(s)", flush=True)
+        print("| method | wall | peak RSS |", flush=True)
+        for m in ["idle"] + methods:
+            r = run_child(m, folder / "out.st", paths, args.threads, args.timeout)
+            r.update(size=size, params_per_vector=n_params, vectors=args.vectors, threads=args.threads)
+            results.append(r)
+            wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.1f} s"
+            rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f} MB"
+            print(f"| {m} | {wall} | {rss} | {r.get('note', '')}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()
