@@ -1,0 +1,219 @@
+"""`tvtool eval ...`: accuracy, task addition, task negation and weight disentanglement (tvtool/evaluate.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .. import evaluate as ev
+from ..errors import TVToolError
+from ._app import app
+
+eval_app = typer.Typer(
+    help=(
+        "Evaluate task arithmetic on CLIP (PROTOCOL.md 'Evaluation').\n\n"
+        "  tvtool eval accuracy [VEC.st ...] [--alpha A] --tasks t1,t2 [--split test|val]\n\n"
+        "  tvtool eval addition VEC.st ... [--grid 0:1:0.05]\n\n"
+        "  tvtool eval negation VEC.st [--control imagenet] [--threshold 0.95]\n\n"
+        "  tvtool eval disentanglement A.st B.st [--grid -2:2:0.5] [--plot map.png]\n\n"
+        "--model/--pretrained default to the base recorded in the vectors. Every command prints a table; --json "
+        "prints the JSON result only (on stdout) and --json-out F also writes it to F. Each result records the model, "
+        "base fingerprint, vectors (path + fingerprint), grid, splits and tvtool version."
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(eval_app, name="eval")
+
+_MODEL = typer.Option(None, "--model", help="open_clip architecture (default: the vectors' recorded base).")
+_PRETRAINED = typer.Option(None, "--pretrained", help="Tag, weights file or folder (default: the vectors' base).")
+_DATA_ROOT = typer.Option(None, "--data-root", help="Data root of the real datasets (default $TVTOOL_DATA).")
+_DEVICE = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")
+_BATCH = typer.Option(256, "--batch-size", help="Evaluation batch size.")
+_JSON = typer.Option(False, "--json", help="Print the JSON result only, on stdout.")
+_JSON_OUT = typer.Option(None, "--json-out", help="Also write the JSON result to this file.")
+_FORCE = typer.Option(False, "--force", help="Overwrite --json-out / --plot files that exist.")
+
+
+def _setup(paths, model, pretrained, tasks, splits, data_root, device, batch_size, outputs=(), force=False):
+    from ..models import load_clip
+    from ..taskvector import check_output
+
+    for out in outputs:
+        if out is not None:
+            check_output(out, force)  # refuse an existing output before the long computation, not after
+
+    vectors = ev.open_vectors(paths) if paths else []
+    rec_model, rec_pre = ev.recorded_base(vectors)
+    model = model or rec_model
+    if model is None:
+        raise TVToolError("no model: pass --model (and --pretrained), or task vectors that record their base")
+    if pretrained is None and model == rec_model:
+        pretrained = rec_pre
+    bundle = load_clip(model, pretrained, device=device)
+    ev.check_base(vectors, bundle)
+    if tasks is None:
+        tasks = list(dict.fromkeys(t for v in vectors for t in v.tasks))
+    return vectors, ev.Evaluator(bundle, tasks, data_root=data_root, splits=splits, device=device,
+                                 batch_size=batch_size)
+
+
+def _emit(result: dict, as_json: bool, json_out: Optional[Path], force: bool, table) -> None:
+    if json_out is not None:
+        ev.write_json(result, json_out, force=force)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    table(console)
+    if json_out is not None:
+        console.print(f"JSON written to {json_out}")
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _table(title: str, columns: list[str]):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    return t
+
+
+def _tasks_option(text: Optional[str]) -> Optional[list[str]]:
+    if text is None:
+        return None
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise TVToolError("--tasks is empty; pass a comma-separated list like mini-shapes,mini-colors")
+    return tasks
+
+
+@eval_app.command("accuracy", help="Accuracy of theta_0 + alpha * sum(vectors) on each task (zero-shot without "
+                                   "vectors). Example: tvtool eval accuracy a.st b.st --alpha 0.3")
+def accuracy_cmd(
+    vectors: Optional[List[Path]] = typer.Argument(None, help="Task-vector files (none: the zero-shot model)."),
+    alpha: float = typer.Option(1.0, "--alpha", help="Scaling coefficient of the summed vectors."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated tasks (default: the vectors' tasks)."),
+    split: str = typer.Option("test", "--split", help="test or val."),
+    model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
+    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, as_json: bool = _JSON,
+    json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
+):
+    if split not in ("test", "val"):
+        raise TVToolError(f"--split must be test or val, got {split!r}")
+    vecs, evaluator = _setup(vectors, model, pretrained, _tasks_option(tasks), [split], data_root, device, batch_size,
+                             (json_out,), force)
+    result = ev.eval_accuracy(evaluator, vecs, alpha, evaluator.tasks, split)
+
+    def table(console):
+        t = _table(f"accuracy (%) on {split}, alpha={alpha:g}, {len(vecs)} vector(s)", ["task", "accuracy"])
+        for task, a in result["accuracy"].items():
+            t.add_row(task, _pct(a))
+        t.add_row("mean", _pct(result["mean_accuracy"]))
+        console.print(t)
+
+    _emit(result, as_json, json_out, force, table)
+
+
+@eval_app.command("addition", help="Task addition: alpha from --grid chosen on the Val splits by mean normalized "
+                                   "accuracy (ties: smallest alpha), then test Abs.Acc and Norm.Acc.")
+def addition_cmd(
+    vectors: List[Path] = typer.Argument(..., help="One single-task vector per task."),
+    grid: str = typer.Option("0:1:0.05", "--grid", help="START:STOP:STEP (inclusive) or a list 0,0.3,0.5."),
+    model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
+    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, as_json: bool = _JSON,
+    json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
+):
+    g = ev.parse_grid(grid)
+    vecs, evaluator = _setup(vectors, model, pretrained, None, ["val", "test"], data_root, device, batch_size,
+                             (json_out,), force)
+    result = ev.addition(evaluator, vecs, g)
+
+    def table(console):
+        t = _table(f"task addition, alpha={result['alpha']:g} (chosen on val)",
+                   ["task", "test acc", "fine-tuned", "normalized"])
+        for task in result["tasks"]:
+            t.add_row(task, _pct(result["test_acc"][task]), _pct(result["finetuned_acc"]["test"][task]),
+                      _pct(result["test_norm_acc"][task]))
+        t.add_row("Abs.Acc / Norm.Acc", _pct(result["abs_acc"]), "", _pct(result["norm_acc"]))
+        console.print(t)
+        c = _table("alpha grid (val)", ["alpha", "mean acc", "mean norm acc"])
+        for p in result["curve"]:
+            mark = " *" if p["alpha"] == result["alpha"] else ""
+            c.add_row(f"{p['alpha']:g}{mark}", _pct(p["mean_val_acc"]), _pct(p["mean_val_norm_acc"]))
+        console.print(c)
+
+    _emit(result, as_json, json_out, force, table)
+
+
+@eval_app.command("negation", help="Task negation theta_0 - alpha*tau: alpha minimizing target Val accuracy while "
+                                   "control Val accuracy >= threshold x zero-shot; reports Tar.Acc and Con.Acc.")
+def negation_cmd(
+    vector: Path = typer.Argument(..., help="The single-task vector to negate."),
+    control: Optional[str] = typer.Option(None, "--control", help="Control task (default: imagenet, or "
+                                                                  "mini-control for mini tasks)."),
+    threshold: float = typer.Option(ev.DEFAULT_THRESHOLD, "--threshold",
+                                    help="Control accuracy must stay >= threshold x zero-shot."),
+    grid: str = typer.Option("0:1:0.05", "--grid", help="START:STOP:STEP (inclusive) or a list."),
+    model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
+    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, as_json: bool = _JSON,
+    json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
+):
+    g = ev.parse_grid(grid)
+    vecs, evaluator = _setup([vector], model, pretrained, None, ["val", "test"], data_root, device, batch_size,
+                             (json_out,), force)
+    result = ev.negation(evaluator, vecs[0], control, g, threshold=threshold)
+
+    def table(console):
+        alpha = "none" if result["alpha"] is None else f"{result['alpha']:g}"
+        t = _table(f"task negation, alpha={alpha}", ["", "Tar.Acc (" + result["target"] + ")",
+                                                      "Con.Acc (" + result["control"] + ")"])
+        zs = result["zeroshot"]
+        t.add_row("zero-shot", _pct(zs["target_test_acc"]), _pct(zs["control_test_acc"]))
+        t.add_row("negated", _pct(result["tar_acc"]), _pct(result["con_acc"]))
+        console.print(t)
+        if result["alpha"] is None:
+            console.print(result["message"])
+
+    _emit(result, as_json, json_out, force, table)
+
+
+@eval_app.command("disentanglement", help="Weight-disentanglement error xi(a1, a2) of two task vectors over a grid "
+                                          "(JSON + heat-map PNG with --plot).")
+def disentanglement_cmd(
+    a: Path = typer.Argument(..., help="Vector of task 1."),
+    b: Path = typer.Argument(..., help="Vector of task 2."),
+    grid: str = typer.Option("-2:2:0.5", "--grid", help="Alpha grid for both axes (START:STOP:STEP or a list); "
+                                                        "write --grid=-2:2:0.5 for negative starts."),
+    split: str = typer.Option("test", "--split", help="test or val."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the heat-map PNG here."),
+    model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
+    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, as_json: bool = _JSON,
+    json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
+):
+    g = ev.parse_grid(grid)
+    vecs, evaluator = _setup([a, b], model, pretrained, None, [split], data_root, device, batch_size,
+                             (json_out, plot), force)
+    result = ev.disentanglement(evaluator, vecs[0], vecs[1], g, split=split)
+    if plot is not None:
+        ev.plot_disentanglement(result, plot, force=force)
+        result["plot"] = str(plot)
+
+    def table(console):
+        t1, t2 = result["tasks"]
+        t = _table(f"disentanglement error xi (rows: alpha_1 {t1}, columns: alpha_2 {t2})",
+                   ["a1 \\ a2"] + [f"{x:g}" for x in result["grid"]["alpha2"]])
+        for a1, row in zip(result["grid"]["alpha1"], result["error"]):
+            t.add_row(f"{a1:g}", *[f"{x:.3f}" for x in row])
+        console.print(t)
+        if plot is not None:
+            console.print(f"heat-map written to {plot}")
+
+    _emit(result, as_json, json_out, force, table)

@@ -1,0 +1,531 @@
+"""Evaluation of task arithmetic (PROTOCOL.md "Evaluation"): accuracy, the addition and negation alpha searches, and
+the weight-disentanglement error map.
+
+Everything that does not depend on alpha is built once by :class:`Evaluator`: the zero-shot head of each task, the
+uint8 inputs of each (task, split) on the device, and theta_0 of the image tower on the device. A grid point then costs
+one in-place weight update (``p.copy_(theta0).add_(tau, alpha=a)``) plus the forward passes; correct counts stay on
+the device and are read once per (task, split).
+
+The searches themselves (:func:`search_addition`, :func:`search_negation`) are pure functions of an accuracy
+callback, so their selection rules can be tested without a model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .errors import TVToolError
+
+VISUAL = "visual."
+DEFAULT_GRID = tuple(round(0.05 * i, 10) for i in range(21))  # 0, 0.05, ..., 1 (protocol)
+DEFAULT_DISENTANGLEMENT_GRID = tuple(-2.0 + 0.5 * i for i in range(9))  # -2 .. 2, 9 points
+DEFAULT_THRESHOLD = 0.95
+NO_ALPHA = "no-alpha-qualifies"
+
+
+# --------------------------------------------------------------------------------------------------- grids
+def parse_grid(text: str) -> list[float]:
+    """``start:stop:step`` (inclusive of stop) or a comma list ``0,0.3,0.5`` -> sorted unique floats."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) != 3:
+                raise ValueError
+            start, stop, step = parts
+            if step <= 0 or stop < start:
+                raise TVToolError(f"grid {text!r}: needs start <= stop and step > 0, e.g. 0:1:0.05")
+            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            if n > 10_000:
+                raise TVToolError(f"grid {text!r} has {n} points; use a coarser step")
+            values = [round(start + i * step, 10) for i in range(n)]  # i*step, not repeated addition: no drift
+        else:
+            values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise TVToolError(f"cannot read grid {text!r}; write START:STOP:STEP (e.g. 0:1:0.05) or a list 0,0.3,0.5"
+                          ) from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise TVToolError(f"grid {text!r} is empty or not finite; write START:STOP:STEP, e.g. 0:1:0.05")
+    return sorted(set(values))
+
+
+# --------------------------------------------------------------------------------------------------- vectors
+def open_vectors(paths: Sequence[str | os.PathLike]):
+    from .taskvector import open_vector
+
+    if not paths:
+        raise TVToolError("no task vectors given; pass one or more .st files")
+    out = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise TVToolError(f"{p}: no such file")
+        out.append(open_vector(p))
+    return out
+
+
+def vector_task(vec) -> str:
+    tasks = vec.tasks
+    if len(tasks) != 1:
+        raise TVToolError(f"{vec.path}: this evaluation needs a single-task vector (the file records tasks {tasks}); "
+                          "pass the per-task vectors, not a merged one")
+    return tasks[0]
+
+
+def load_deltas(vectors, device, weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """sum_i w_i * tau_i over the image-tower keys, fp32 on ``device`` (summed there, once).
+
+    Non-image-tower tensors are accepted only if they are zero: the zero-shot heads are built from theta_0's text
+    tower, so a vector that changed it could not be evaluated faithfully.
+    """
+    weights = [1.0] * len(vectors) if weights is None else list(weights)
+    out: dict[str, torch.Tensor] = {}
+    for vec, w in zip(vectors, weights):
+        for key in vec.keys():
+            t = vec.get(key)
+            if not key.startswith(VISUAL):
+                if t.is_floating_point() and bool(t.any()):
+                    raise TVToolError(f"{vec.path}: changes {key}, outside the image tower; tvtool evaluates image-"
+                                      "tower task vectors only (extract without --all, or from an image-tower tune)")
+                continue
+            if not t.is_floating_point():
+                continue
+            t = t.to(device=device, dtype=torch.float32)
+            if key in out:
+                out[key].add_(t, alpha=w)
+            else:
+                out[key] = t.mul(w) if w != 1.0 else t.clone()
+    return out
+
+
+def describe_vectors(vectors) -> list[dict]:
+    return [{"path": str(v.path), "fingerprint": v.fingerprint, "tasks": v.tasks} for v in vectors]
+
+
+def check_base(vectors, bundle) -> None:
+    for v in vectors:
+        fp = v.base_fingerprint
+        if fp and bundle is not None and fp != bundle.fingerprint:
+            base = v.meta.get("base") or {}
+            raise TVToolError(f"{v.path}: taken against base {base.get('model')}:{base.get('pretrained')} ({fp}) but "
+                              f"the loaded model is {bundle.name}:{bundle.pretrained} ({bundle.fingerprint}); pass "
+                              "the matching --model/--pretrained")
+
+
+def recorded_base(vectors) -> tuple[str | None, str | None]:
+    """(model, pretrained) recorded in the vectors' metadata; they must agree."""
+    bases = {((v.meta.get("base") or {}).get("model"), (v.meta.get("base") or {}).get("pretrained")) for v in vectors}
+    bases.discard((None, None))
+    if len(bases) > 1:
+        raise TVToolError(f"the vectors record different base models {sorted(map(str, bases))}; pass --model and "
+                          "--pretrained explicitly (or vectors taken against one base)")
+    return next(iter(bases)) if bases else (None, None)
+
+
+# --------------------------------------------------------------------------------------------------- evaluator
+class Evaluator:
+    """Accuracy of theta_0 + sum_i a_i tau_i on tasks, with everything alpha-independent built once.
+
+    ``Evaluator(bundle, tasks, data_root, splits, device, batch_size)`` wires a :class:`~tvtool.models.ClipBundle`
+    to the data layer; :meth:`from_parts` takes plain objects (an image tower, heads, input tensors) instead.
+    Heads and inputs are built lazily on first use and then kept on the device.
+    """
+
+    def __init__(self, bundle, tasks: Sequence[str], data_root=None, splits: Sequence[str] = ("val", "test"),
+                 device: str | None = None, batch_size: int = 256):
+        from .models import default_device
+
+        device = device or default_device()
+        if bundle.device != torch.device(device):
+            bundle.model.to(device)
+        self.bundle = bundle
+        self.data_root = data_root
+        self._setup(bundle.model.visual, {}, {}, bundle.mean, bundle.std, device, batch_size)
+        self.tasks = list(tasks)
+        self.splits = list(splits)
+
+    @classmethod
+    def from_parts(cls, visual: torch.nn.Module, heads: Mapping[str, torch.Tensor],
+                   inputs: Mapping[tuple[str, str], tuple[torch.Tensor, torch.Tensor]],
+                   mean: Sequence[float], std: Sequence[float], device: str = "cpu", batch_size: int = 256):
+        """An evaluator over given parts: ``heads[task]`` [C, D] (already scaled), ``inputs[(task, split)]`` =
+        (uint8 [N,3,S,S], int64 [N])."""
+        self = cls.__new__(cls)
+        self.bundle = None
+        self.data_root = None
+        visual.to(device)
+        self._setup(visual, heads, inputs, mean, std, device, batch_size)
+        self.tasks = sorted({t for t, _ in inputs})
+        self.splits = sorted({s for _, s in inputs})
+        return self
+
+    def _setup(self, visual, heads, inputs, mean, std, device, batch_size):
+        if batch_size < 1:
+            raise TVToolError(f"batch size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.visual = visual.eval()
+        self.batch_size = int(batch_size)
+        self._heads = {t: h.detach().to(self.device, torch.float32) for t, h in heads.items()}
+        self._inputs = {k: (x.to(self.device), y.to(self.device)) for k, (x, y) in inputs.items()}
+        # (x/255 - mean)/std as one multiply-add with device constants built once
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._scale = 1.0 / (255.0 * std_t)
+        self._shift = -mean_t / std_t
+        self._params = {VISUAL + n: p for n, p in visual.named_parameters()}
+        self._theta0 = {k: p.detach().clone() for k, p in self._params.items()}
+        self._dirty: set[str] = set()
+        self._autocast = self.device.type == "cuda"
+
+    # ---- weights
+    def set_combination(self, terms: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> None:
+        """Image tower := theta_0 + sum of coef * tau over ``terms``, in place (only touched tensors move)."""
+        terms = [(tau, float(c)) for tau, c in terms]
+        keys = set().union(*(tau.keys() for tau, _ in terms)) if terms else set()
+        unknown = sorted(k for k in keys if k not in self._params)
+        if unknown:
+            raise TVToolError(f"task vector key {unknown[0]} is not a parameter of this image tower "
+                              f"({len(unknown)} such keys); was it taken against another architecture?")
+        with torch.no_grad():
+            for k in self._dirty - keys:  # restore what the previous setting touched
+                self._params[k].copy_(self._theta0[k])
+            for k in keys:
+                p = self._params[k]
+                p.copy_(self._theta0[k])
+                for tau, c in terms:
+                    if k in tau and c != 0.0:
+                        if tau[k].shape != p.shape:
+                            raise TVToolError(f"task vector tensor {k} has shape {tuple(tau[k].shape)}, the model "
+                                              f"{tuple(p.shape)}; was it taken against another architecture?")
+                        p.add_(tau[k], alpha=c)
+        self._dirty = keys
+
+    def set_weights(self, vectors_sum: Mapping[str, torch.Tensor], alpha: float) -> None:
+        """Image tower := theta_0 + alpha * vectors_sum, in place."""
+        self.set_combination([(vectors_sum, alpha)])
+
+    def reset(self) -> None:
+        self.set_combination([])
+
+    # ---- heads and inputs (built once)
+    def head(self, task: str) -> torch.Tensor:
+        if task not in self._heads:
+            if self.bundle is None:
+                raise TVToolError(f"no head for task {task!r} in this evaluator")
+            from .datasets import get_dataset
+            from .heads import zero_shot_head
+
+            self._heads[task] = zero_shot_head(self.bundle, get_dataset(task)).to(self.device, torch.float32)
+        return self._heads[task]
+
+    def inputs(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (task, split)
+        if key not in self._inputs:
+            if self.bundle is None:
+                raise TVToolError(f"no inputs for task {task!r} split {split!r} in this evaluator")
+            from .datasets import load_split
+
+            x, y = load_split(task, split, self.data_root, self.bundle.image_size)
+            if y.numel() == 0:
+                raise TVToolError(f"{task}: split {split!r} is empty; check the dataset (`tvtool data check`)")
+            self._inputs[key] = (x.to(self.device), y.to(self.device))
+        return self._inputs[key]
+
+    # ---- inference
+    @torch.inference_mode()
+    def predict(self, task: str, split: str) -> torch.Tensor:
+        """Predicted class of every example, int64 on the device (no host sync)."""
+        head = self.head(task)
+        x, _ = self.inputs(task, split)
+        preds = []
+        for i in range(0, x.shape[0], self.batch_size):
+            xb = torch.addcmul(self._shift, x[i:i + self.batch_size].float(), self._scale)
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+                feats = self.visual(xb)
+            if isinstance(feats, tuple):
+                feats = feats[0]
+            preds.append((F.normalize(feats.float(), dim=-1) @ head.T).argmax(-1))
+        return torch.cat(preds)
+
+    def correct(self, task: str, split: str) -> torch.Tensor:
+        """Number of correct predictions as a device scalar (no host sync)."""
+        _, y = self.inputs(task, split)
+        return self.predict(task, split).eq(y).sum()
+
+    def accuracy(self, task: str, split: str) -> float:
+        n = self.inputs(task, split)[1].numel()
+        return self.correct(task, split).item() / n
+
+    def accuracies(self, tasks: Sequence[str], split: str) -> dict[str, float]:
+        """Accuracy on each task with one host sync for all of them."""
+        counts = torch.stack([self.correct(t, split) for t in tasks]).tolist()
+        return {t: c / self.inputs(t, split)[1].numel() for t, c in zip(tasks, counts)}
+
+    def provenance(self) -> dict:
+        b = self.bundle
+        return {"model": b.name if b else None, "pretrained": b.pretrained if b else None,
+                "base_fingerprint": b.fingerprint if b else None, "device": str(self.device),
+                "tvtool": __version__}
+
+
+# --------------------------------------------------------------------------------------------------- searches
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def search_addition(grid: Sequence[float], tasks: Sequence[str], val_acc: Callable[[float], Mapping[str, float]],
+                    ft_val: Mapping[str, float]) -> tuple[float, list[dict]]:
+    """Choose alpha maximizing the mean normalized Val accuracy (acc / fine-tuned acc) over ``grid``.
+
+    Ties go to the smallest alpha (the grid is scanned in ascending order and only a strictly better score
+    replaces the best): the smallest edit of theta_0 that reaches the best score. Returns (alpha, curve).
+    """
+    for t in tasks:
+        if not ft_val.get(t):
+            raise TVToolError(f"{t}: fine-tuned Val accuracy is {ft_val.get(t)!r}; normalized accuracy needs a "
+                              "positive one (check the vector's metrics)")
+    best, best_score, curve = None, -math.inf, []
+    for a in sorted(grid):
+        acc = dict(val_acc(a))
+        norm = {t: acc[t] / ft_val[t] for t in tasks}
+        score = _mean(norm.values())
+        curve.append({"alpha": a, "val_acc": acc, "val_norm_acc": norm, "mean_val_acc": _mean(acc[t] for t in tasks),
+                      "mean_val_norm_acc": score})
+        if score > best_score:
+            best, best_score = a, score
+    return best, curve
+
+
+def search_negation(grid: Sequence[float], val_acc: Callable[[float], tuple[float, float]],
+                    zeroshot_control_val: float, threshold: float = DEFAULT_THRESHOLD) -> tuple[float | None, list]:
+    """Choose alpha minimizing target Val accuracy subject to control Val acc >= threshold * zero-shot control.
+
+    ``val_acc(alpha) -> (target, control)`` for theta_0 - alpha * tau. Ties go to the smallest alpha. Returns
+    (alpha or None when no grid point qualifies, curve).
+    """
+    floor = threshold * zeroshot_control_val
+    best, best_target, curve = None, math.inf, []
+    for a in sorted(grid):
+        target, control = val_acc(a)
+        ok = control >= floor
+        curve.append({"alpha": a, "target_val_acc": target, "control_val_acc": control, "qualifies": ok})
+        if ok and target < best_target:
+            best, best_target = a, target
+    return best, curve
+
+
+# --------------------------------------------------------------------------------------------------- metrics cache
+def _metrics_cache_path(vec, key: dict) -> Path:
+    from .heads import cache_root
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_root() / "metrics" / f"{digest}.json"
+
+
+def finetuned_accuracy(ev: Evaluator, vec, split: str) -> tuple[float, str]:
+    """The single-task fine-tuned accuracy of ``vec`` on its task: (value, source).
+
+    From the vector's ``metrics`` when recorded; otherwise computed as acc(theta_0 + tau_t) on task t and cached
+    under ``$TVTOOL_CACHE/metrics/`` keyed by the vector and base fingerprints (the input file is never rewritten).
+    """
+    task = vector_task(vec)
+    recorded = (vec.meta.get("metrics") or {}).get(f"{split}_acc")
+    if isinstance(recorded, (int, float)) and 0 <= recorded <= 1:
+        return float(recorded), "metadata"
+    fp = vec.fingerprint
+    key = {"vector": fp, "base": (ev.bundle.fingerprint if ev.bundle else None), "task": task, "split": split,
+           "data_root": str(Path(ev.data_root).resolve()) if ev.data_root else os.environ.get("TVTOOL_DATA")}
+    path = _metrics_cache_path(vec, key) if fp != "unknown" else None
+    if path is not None and path.is_file():
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("key") == key:
+                return float(doc["acc"]), "cache"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable cache entry: recompute
+    tau = load_deltas([vec], ev.device)
+    ev.set_weights(tau, 1.0)
+    acc = ev.accuracy(task, split)
+    del tau
+    if path is not None:
+        from .taskvector import atomic_path
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path, force=True) as tmp:
+                tmp.write_text(json.dumps({"key": key, "acc": acc}))
+        except OSError:
+            pass  # a read-only cache must not stop the evaluation
+    return acc, "computed"
+
+
+# --------------------------------------------------------------------------------------------------- high level
+def eval_accuracy(ev: Evaluator, vectors=(), alpha: float = 1.0, tasks: Sequence[str] | None = None,
+                  split: str = "test") -> dict:
+    """Accuracy of theta_0 + alpha * sum(vectors) on each task."""
+    tasks = list(tasks or ev.tasks)
+    if not tasks:
+        raise TVToolError("no tasks to evaluate; pass --tasks t1,t2 (or vectors that record their task)")
+    if vectors:
+        ev.set_weights(load_deltas(vectors, ev.device), alpha)
+    else:
+        ev.reset()
+    acc = ev.accuracies(tasks, split)
+    return {"kind": "accuracy", **ev.provenance(), "vectors": describe_vectors(vectors), "alpha": alpha,
+            "split": split, "tasks": tasks, "accuracy": acc, "mean_accuracy": _mean(acc.values())}
+
+
+def addition(ev: Evaluator, vectors, grid: Sequence[float] = DEFAULT_GRID, *, val_split: str = "val",
+             test_split: str = "test") -> dict:
+    """The protocol's task addition: alpha from ``grid`` on Val by mean normalized accuracy; test Abs/Norm.Acc."""
+    tasks = [vector_task(v) for v in vectors]
+    if len(set(tasks)) != len(tasks):
+        raise TVToolError(f"two vectors share a task ({tasks}); pass one vector per task")
+    ft = {s: {} for s in (val_split, test_split)}
+    ft_source = {}
+    for v, t in zip(vectors, tasks):
+        for s in ft:
+            ft[s][t], ft_source[f"{t}/{s}"] = finetuned_accuracy(ev, v, s)
+    total = load_deltas(vectors, ev.device)
+
+    def val_acc(a: float) -> dict[str, float]:
+        ev.set_weights(total, a)
+        return ev.accuracies(tasks, val_split)
+
+    alpha, curve = search_addition(grid, tasks, val_acc, ft[val_split])
+    ev.set_weights(total, alpha)
+    test = ev.accuracies(tasks, test_split)
+    norm = {t: test[t] / ft[test_split][t] if ft[test_split][t] else None for t in tasks}
+    return {
+        "kind": "addition", **ev.provenance(), "vectors": describe_vectors(vectors), "grid": list(grid),
+        "splits": {"select": val_split, "report": test_split}, "tasks": tasks, "alpha": alpha,
+        "test_acc": test, "test_norm_acc": norm, "finetuned_acc": ft, "finetuned_source": ft_source,
+        "abs_acc": _mean(test.values()),
+        "norm_acc": _mean(n for n in norm.values() if n is not None) if any(n is not None for n in norm.values())
+        else None,
+        "curve": curve,
+    }
+
+
+def default_control(task: str) -> str:
+    return "mini-control" if task.startswith("mini-") else "imagenet"
+
+
+def negation(ev: Evaluator, vector, control: str | None = None, grid: Sequence[float] = DEFAULT_GRID, *,
+             threshold: float = DEFAULT_THRESHOLD, val_split: str = "val", test_split: str = "test") -> dict:
+    """The protocol's task negation: theta_0 - alpha * tau_t, alpha minimizing target Val accuracy subject to
+    control Val accuracy >= threshold x zero-shot control Val accuracy."""
+    if not 0 < threshold:
+        raise TVToolError(f"threshold must be > 0, got {threshold}")
+    target = vector_task(vector)
+    control = control or default_control(target)
+    if control == target:
+        raise TVToolError(f"the control task must differ from the target {target!r}; pass --control")
+    tau = load_deltas([vector], ev.device)
+    ev.reset()
+    zs_val = ev.accuracies([target, control], val_split)
+    zs_test = ev.accuracies([target, control], test_split)
+
+    def val_acc(a: float) -> tuple[float, float]:
+        ev.set_weights(tau, -a)
+        acc = ev.accuracies([target, control], val_split)
+        return acc[target], acc[control]
+
+    alpha, curve = search_negation(grid, val_acc, zs_val[control], threshold)
+    result = {
+        "kind": "negation", **ev.provenance(), "vectors": describe_vectors([vector]), "grid": list(grid),
+        "splits": {"select": val_split, "report": test_split}, "target": target, "control": control,
+        "threshold": threshold, "control_floor_val_acc": threshold * zs_val[control],
+        "zeroshot": {"target_val_acc": zs_val[target], "control_val_acc": zs_val[control],
+                     "target_test_acc": zs_test[target], "control_test_acc": zs_test[control]},
+        "alpha": alpha, "curve": curve,
+    }
+    if alpha is None:
+        result.update(status=NO_ALPHA, tar_acc=None, con_acc=None,
+                      message=f"no alpha in the grid keeps {control} Val accuracy >= {threshold:g} x zero-shot "
+                              f"({threshold * zs_val[control]:.4f}); try a finer grid or a lower --threshold")
+    else:
+        ev.set_weights(tau, -alpha)
+        acc = ev.accuracies([target, control], test_split)
+        result.update(status="ok", tar_acc=acc[target], con_acc=acc[control], message="")
+    ev.reset()
+    return result
+
+
+def disentanglement(ev: Evaluator, a, b, grid: Sequence[float] = DEFAULT_DISENTANGLEMENT_GRID, *,
+                    split: str = "test", grid_b: Sequence[float] | None = None) -> dict:
+    """xi(a1, a2) = sum_t E_{x~D_t} 1[pred(theta0 + a_t tau_t) != pred(theta0 + a1 tau1 + a2 tau2)] (Ortiz-Jimenez).
+
+    ``error[i][j]`` is xi(grid[i], grid_b[j]). Single-task predictions are computed once per alpha; mismatch counts
+    stay on the device until the end (one host sync for the whole map).
+    """
+    t1, t2 = vector_task(a), vector_task(b)
+    if t1 == t2:
+        raise TVToolError(f"both vectors are for task {t1!r}; disentanglement compares two different tasks")
+    g1, g2 = list(grid), list(grid_b if grid_b is not None else grid)
+    tau1 = load_deltas([a], ev.device)
+    tau2 = load_deltas([b], ev.device)
+    n1, n2 = ev.inputs(t1, split)[1].numel(), ev.inputs(t2, split)[1].numel()
+    single1, single2 = [], []
+    for a1 in g1:
+        ev.set_weights(tau1, a1)
+        single1.append(ev.predict(t1, split))
+    for a2 in g2:
+        ev.set_weights(tau2, a2)
+        single2.append(ev.predict(t2, split))
+    m1 = torch.zeros(len(g1), len(g2), dtype=torch.long, device=ev.device)
+    m2 = torch.zeros_like(m1)
+    for i, a1 in enumerate(g1):
+        for j, a2 in enumerate(g2):
+            ev.set_combination([(tau1, a1), (tau2, a2)])
+            m1[i, j] = ev.predict(t1, split).ne(single1[i]).sum()
+            m2[i, j] = ev.predict(t2, split).ne(single2[j]).sum()
+    ev.reset()
+    e1 = (m1.double() / n1).cpu()
+    e2 = (m2.double() / n2).cpu()
+    err = e1 + e2
+    return {"kind": "disentanglement", **ev.provenance(), "vectors": describe_vectors([a, b]), "tasks": [t1, t2],
+            "split": split, "grid": {"alpha1": g1, "alpha2": g2}, "error": err.tolist(),
+            "error_task1": e1.tolist(), "error_task2": e2.tolist(), "mean_error": float(err.mean())}
+
+
+def plot_disentanglement(result: dict, path: str | os.PathLike, *, force: bool = True) -> None:
+    """Heat-map PNG of xi over (alpha1 rows, alpha2 columns), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .taskvector import atomic_path
+
+    m = torch.tensor(result["error"], dtype=torch.float64).numpy()
+    g1, g2 = result["grid"]["alpha1"], result["grid"]["alpha2"]
+    t1, t2 = result["tasks"]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(g2) + 2), max(4.0, 0.5 * len(g1) + 1.5)))
+    # rows = alpha1 drawn bottom-up so the map reads like a plot with alpha1 on the vertical axis
+    im = ax.imshow(m, cmap="viridis_r", origin="lower", vmin=0.0, vmax=max(float(m.max()), 1e-6))
+    ax.set_xticks(range(len(g2)), [f"{v:g}" for v in g2], rotation=45)
+    ax.set_yticks(range(len(g1)), [f"{v:g}" for v in g1])
+    ax.set_xlabel(f"alpha_2 ({t2})")
+    ax.set_ylabel(f"alpha_1 ({t1})")
+    ax.set_title("weight-disentanglement error")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    with atomic_path(path, force) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_json(result: dict, path: str | os.PathLike, *, force: bool = False) -> None:
+    from .taskvector import atomic_path
+
+    with atomic_path(path, force) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
