@@ -358,3 +358,21 @@ def test_merge_cli_errors(files, tmp_path, capsys):
     assert main(["merge", "--list"]) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in mg.REGISTRY) and "NeurIPS 2023" in listing
+
+
+def test_union_treats_missing_tensors_as_zero(files, tmp_path):
+    from tvtool import taskvector as tv
+    from tvtool.cli import main
+    extra = tmp_path / "extra.st"
+    tv.write_vector(extra, {"visual.w": torch.ones(8, 6), "visual.other": torch.ones(4)},
+                    tv.new_meta(BASE, tasks=["x"]))
+    out = tmp_path / "u.st"
+    assert main(["merge", "-m", "ties", "-O", "k=100", "-O", "scope=tensor", str(files[0]), str(extra),
+                 "-o", str(out)]) == 1  # different tensor sets need --union
+    assert main(["merge", "-m", "ties", "-O", "k=100", str(files[0]), str(extra), "-o", str(out), "--union"]) == 0
+    got, _ = _load(out)
+    a, _ = _load(files[0])
+    assert torch.equal(got["visual.other"], torch.ones(4))  # only one vector holds it: kept as is
+    assert torch.equal(got["visual.b"], a["visual.b"])
+    np.testing.assert_allclose(got["visual.w"].numpy(),
+                               ref_elect_merge([a["visual.w"].numpy(), np.ones((8, 6), np.float32)], "mass"))
