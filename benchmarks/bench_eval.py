@@ -3,6 +3,7 @@ re-building everything per grid point (fresh load_clip + zero-shot heads + input
 
     python benchmarks/bench_eval.py                       # tvtool-mini, 2 mini tasks, Val splits, CPU
     python benchmarks/bench_eval.py --tasks mini-shapes,mini-colors,mini-glyphs --threads 2
+    python benchmarks/bench_eval.py --model ViT-B-32 --max-examples 32   # a real-size tower, mini data at 224
 
 The base model is a randomly initialised architecture saved once to a temporary safetensors file (so every
 re-build loads the same weights from disk, like a real checkpoint); the task vectors are random (their accuracies
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-root", default=None)
+    ap.add_argument("--max-examples", type=int, default=None, help="first N Val examples per task (big models)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -57,13 +59,15 @@ def main() -> None:
                             tasks=[t], mode="full", metrics={"val_acc": 1.0, "test_acc": 1.0})
             write_vector(tmp / f"{t}.st", tau, meta)
             paths.append(tmp / f"{t}.st")
-        n_val = {t: datasets.load_split(t, "val", args.data_root, bundle.image_size)[1].numel() for t in tasks}
+        n_val = {t: datasets.load_split(t, "val", args.data_root, bundle.image_size)[1][:args.max_examples].numel()
+                 for t in tasks}
         del bundle
 
         # ---- the Evaluator: everything alpha-independent built once, one in-place update per point
         t0 = time.perf_counter()
         bundle = load_clip(args.model, str(weights), device=args.device)
-        evaluator = ev.Evaluator(bundle, tasks, args.data_root, ("val",), args.device, args.batch_size)
+        evaluator = ev.Evaluator(bundle, tasks, args.data_root, ("val",), args.device, args.batch_size,
+                                 max_examples=args.max_examples)
         vectors = [open_vector(p) for p in paths]
         total = ev.load_deltas(vectors, evaluator.device)
         t_setup = time.perf_counter() - t0
@@ -89,6 +93,7 @@ def main() -> None:
                 head = zero_shot_head(b, datasets.get_dataset(t), cache=False)
                 clf = ImageClassifier(b.model.visual, head).eval()
                 x, y = datasets.load_split(t, "val", args.data_root, b.image_size)
+                x, y = x[:args.max_examples], y[:args.max_examples]
                 x, y = x.to(args.device), y.to(args.device)
                 correct = torch.zeros((), dtype=torch.long, device=args.device)
                 with torch.inference_mode(), torch.autocast(device_type=torch.device(args.device).type,

@@ -294,10 +294,11 @@ def test_cli_accuracy_addition_disentanglement(mini_world, capsys):
     from tvtool.cli import main
 
     tmp, paths = mini_world
-    assert main(["eval", "accuracy", *paths, "--alpha", "0.5", "--json", "--device", "cpu"]) == 0
+    assert main(["eval", "accuracy", *paths, "--alpha", "0.5", "--json", "--device", "cpu",
+                 "--max-examples", "5"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["tasks"] == ["mini-shapes", "mini-colors"] and out["alpha"] == 0.5
-    assert all(0 <= a <= 1 for a in out["accuracy"].values())
+    assert out["tasks"] == ["mini-shapes", "mini-colors"] and out["alpha"] == 0.5 and out["max_examples"] == 5
+    assert all(0 <= a <= 1 and (5 * a) == pytest.approx(round(5 * a)) for a in out["accuracy"].values())
     assert out["base_fingerprint"] == open_vector(paths[0]).base_fingerprint
 
     assert main(["eval", "addition", *paths, "--grid", "0:1:0.5", "--json-out", str(tmp / "add.json"),

@@ -135,18 +135,22 @@ class Evaluator:
 
     ``Evaluator(bundle, tasks, data_root, splits, device, batch_size)`` wires a :class:`~tvtool.models.ClipBundle`
     to the data layer; :meth:`from_parts` takes plain objects (an image tower, heads, input tensors) instead.
-    Heads and inputs are built lazily on first use and then kept on the device.
+    Heads and inputs are built lazily on first use and then kept on the device. ``max_examples`` keeps only the
+    first N examples of each split (quick looks; the protocol's figures use whole splits, the default).
     """
 
     def __init__(self, bundle, tasks: Sequence[str], data_root=None, splits: Sequence[str] = ("val", "test"),
-                 device: str | None = None, batch_size: int = 256):
+                 device: str | None = None, batch_size: int = 256, max_examples: int | None = None):
         from .models import default_device
 
         device = device or default_device()
         if bundle.device != torch.device(device):
             bundle.model.to(device)
+        if max_examples is not None and max_examples < 1:
+            raise TVToolError(f"max examples must be >= 1, got {max_examples}")
         self.bundle = bundle
         self.data_root = data_root
+        self.max_examples = max_examples
         self._setup(bundle.model.visual, {}, {}, bundle.mean, bundle.std, device, batch_size)
         self.tasks = list(tasks)
         self.splits = list(splits)
@@ -160,6 +164,7 @@ class Evaluator:
         self = cls.__new__(cls)
         self.bundle = None
         self.data_root = None
+        self.max_examples = None
         visual.to(device)
         self._setup(visual, heads, inputs, mean, std, device, batch_size)
         self.tasks = sorted({t for t, _ in inputs})
@@ -233,6 +238,8 @@ class Evaluator:
             from .datasets import load_split
 
             x, y = load_split(task, split, self.data_root, self.bundle.image_size)
+            if self.max_examples is not None:
+                x, y = x[:self.max_examples], y[:self.max_examples]
             if y.numel() == 0:
                 raise TVToolError(f"{task}: split {split!r} is empty; check the dataset (`tvtool data check`)")
             self._inputs[key] = (x.to(self.device), y.to(self.device))
@@ -272,7 +279,7 @@ class Evaluator:
         b = self.bundle
         return {"model": b.name if b else None, "pretrained": b.pretrained if b else None,
                 "base_fingerprint": b.fingerprint if b else None, "device": str(self.device),
-                "tvtool": __version__}
+                "max_examples": self.max_examples, "tvtool": __version__}
 
 
 # --------------------------------------------------------------------------------------------------- searches
@@ -338,11 +345,13 @@ def finetuned_accuracy(ev: Evaluator, vec, split: str) -> tuple[float, str]:
     """
     task = vector_task(vec)
     recorded = (vec.meta.get("metrics") or {}).get(f"{split}_acc")
-    if isinstance(recorded, (int, float)) and 0 <= recorded <= 1:
+    # recorded figures are whole-split ones: a subset (max_examples) needs its own, computed on the same subset
+    if isinstance(recorded, (int, float)) and 0 <= recorded <= 1 and ev.max_examples is None:
         return float(recorded), "metadata"
     fp = vec.fingerprint
     key = {"vector": fp, "base": (ev.bundle.fingerprint if ev.bundle else None), "task": task, "split": split,
-           "data_root": str(Path(ev.data_root).resolve()) if ev.data_root else os.environ.get("TVTOOL_DATA")}
+           "data_root": str(Path(ev.data_root).resolve()) if ev.data_root else os.environ.get("TVTOOL_DATA"),
+           "max_examples": ev.max_examples}
     path = _metrics_cache_path(vec, key) if fp != "unknown" else None
     if path is not None and path.is_file():
         try:

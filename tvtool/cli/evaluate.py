@@ -31,12 +31,15 @@ _PRETRAINED = typer.Option(None, "--pretrained", help="Tag, weights file or fold
 _DATA_ROOT = typer.Option(None, "--data-root", help="Data root of the real datasets (default $TVTOOL_DATA).")
 _DEVICE = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")
 _BATCH = typer.Option(256, "--batch-size", help="Evaluation batch size.")
+_MAX = typer.Option(None, "--max-examples", help="Use only the first N examples of each split (quick looks; the "
+                                                 "protocol's figures use whole splits).")
 _JSON = typer.Option(False, "--json", help="Print the JSON result only, on stdout.")
 _JSON_OUT = typer.Option(None, "--json-out", help="Also write the JSON result to this file.")
 _FORCE = typer.Option(False, "--force", help="Overwrite --json-out / --plot files that exist.")
 
 
-def _setup(paths, model, pretrained, tasks, splits, data_root, device, batch_size, outputs=(), force=False):
+def _setup(paths, model, pretrained, tasks, splits, data_root, device, batch_size, outputs=(), force=False,
+           max_examples=None):
     from ..models import load_clip
     from ..taskvector import check_output
 
@@ -56,7 +59,7 @@ def _setup(paths, model, pretrained, tasks, splits, data_root, device, batch_siz
     if tasks is None:
         tasks = list(dict.fromkeys(t for v in vectors for t in v.tasks))
     return vectors, ev.Evaluator(bundle, tasks, data_root=data_root, splits=splits, device=device,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, max_examples=max_examples)
 
 
 def _emit(result: dict, as_json: bool, json_out: Optional[Path], force: bool, table) -> None:
@@ -103,13 +106,13 @@ def accuracy_cmd(
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated tasks (default: the vectors' tasks)."),
     split: str = typer.Option("test", "--split", help="test or val."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
-    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, as_json: bool = _JSON,
+    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
     json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
 ):
     if split not in ("test", "val"):
         raise TVToolError(f"--split must be test or val, got {split!r}")
     vecs, evaluator = _setup(vectors, model, pretrained, _tasks_option(tasks), [split], data_root, device, batch_size,
-                             (json_out,), force)
+                             (json_out,), force, max_examples)
     result = ev.eval_accuracy(evaluator, vecs, alpha, evaluator.tasks, split)
 
     def table(console):
@@ -128,12 +131,12 @@ def addition_cmd(
     vectors: List[Path] = typer.Argument(..., help="One single-task vector per task."),
     grid: str = typer.Option("0:1:0.05", "--grid", help="START:STOP:STEP (inclusive) or a list 0,0.3,0.5."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
-    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, as_json: bool = _JSON,
+    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
     json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
 ):
     g = ev.parse_grid(grid)
     vecs, evaluator = _setup(vectors, model, pretrained, None, ["val", "test"], data_root, device, batch_size,
-                             (json_out,), force)
+                             (json_out,), force, max_examples)
     result = ev.addition(evaluator, vecs, g)
 
     def table(console):
@@ -163,12 +166,12 @@ def negation_cmd(
                                     help="Control accuracy must stay >= threshold x zero-shot."),
     grid: str = typer.Option("0:1:0.05", "--grid", help="START:STOP:STEP (inclusive) or a list."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
-    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, as_json: bool = _JSON,
+    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
     json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
 ):
     g = ev.parse_grid(grid)
     vecs, evaluator = _setup([vector], model, pretrained, None, ["val", "test"], data_root, device, batch_size,
-                             (json_out,), force)
+                             (json_out,), force, max_examples)
     result = ev.negation(evaluator, vecs[0], control, g, threshold=threshold)
 
     def table(console):
@@ -195,12 +198,12 @@ def disentanglement_cmd(
     split: str = typer.Option("test", "--split", help="test or val."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the heat-map PNG here."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
-    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, as_json: bool = _JSON,
+    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
     json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
 ):
     g = ev.parse_grid(grid)
     vecs, evaluator = _setup([a, b], model, pretrained, None, [split], data_root, device, batch_size,
-                             (json_out, plot), force)
+                             (json_out, plot), force, max_examples)
     result = ev.disentanglement(evaluator, vecs[0], vecs[1], g, split=split)
     if plot is not None:
         ev.plot_disentanglement(result, plot, force=force)
