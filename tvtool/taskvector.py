@@ -279,8 +279,6 @@ def write_safetensors(path: str | os.PathLike, items: Iterable[tuple[str, torch.
             assert len(new_header) == len(header)
             f.seek(8)
             f.write(new_header)
-        f.flush()
-        os.fsync(f.fileno())
     return fp
 
 
