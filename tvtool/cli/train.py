@@ -1,0 +1,176 @@
+"""Commands that train: finetune (one task), run (a YAML recipe), quickstart (the offline mini-world job)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ._app import app
+
+
+@app.command()
+def finetune(
+    task: str = typer.Argument(..., help="Task name (see `tvtool data list`), e.g. cars or mini-shapes."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Task-vector file (default: TASK.st)."),
+    model: Optional[str] = typer.Option(None, "--model", help="open_clip architecture (default: ViT-B-32; "
+                                                             "tvtool-mini for mini tasks)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag, a .safetensors file or an "
+                                                                       "open_clip folder (default: openai / builtin)."),
+    mode: str = typer.Option("full", "--mode", help="full | attn (in_proj + out_proj weights) | lora | linear "
+                                                   "(tangent-space model via torch.func.jvp)."),
+    orthoreg: Optional[bool] = typer.Option(None, "--orthoreg/--no-orthoreg",
+                                            help="Add the OrthoReg penalty (on by default when --lambda > 0)."),
+    lam: float = typer.Option(0.0, "--lambda", help="OrthoReg strength; > 0 turns it on. Paper: 10 for full FT "
+                                                    "ViT-B-32 with --orthoreg-form plain, 1.0 for LoRA-ATT."),
+    form: str = typer.Option("squared", "--orthoreg-form", help="squared (paper: ||dW^T dW - I||_F^2) | plain "
+                                                               "(reference code: not squared)."),
+    scope: str = typer.Option("visual-linear", "--orthoreg-scope", help="visual-linear (paper: tuned visual linear "
+                                                                       "layers) | reference (every trainable 2-D tensor)."),
+    estimator: str = typer.Option("exact", "--orthoreg-estimator", help="exact | hutchinson (unbiased randomized)."),
+    probes: int = typer.Option(1, "--orthoreg-probes", help="Probe vectors per layer for the hutchinson estimator."),
+    lr: float = typer.Option(1e-5, "--lr", help="AdamW learning rate."),
+    weight_decay: float = typer.Option(0.1, "--weight-decay"),
+    warmup: int = typer.Option(500, "--warmup-steps", help="Linear warm-up steps before the cosine decay."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Global batch per optimizer step."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step (ViT-L-14: 2)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Default: the protocol's table for the dataset."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    lora_rank: int = typer.Option(8, "--lora-rank"),
+    lora_alpha: float = typer.Option(8.0, "--lora-alpha"),
+    seed: int = typer.Option(0, "--seed"),
+    data_root: Optional[str] = typer.Option(None, "--data-root", envvar="TVTOOL_DATA", help="Dataset root."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if available)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the zero-shot / fine-tuned accuracy measurements."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
+    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="Default: .OUTPUT.ckpt/ beside it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of the same settings."),
+    log: Optional[Path] = typer.Option(None, "--log", help="Append a JSON line per logging step to this file."),
+    log_every: int = typer.Option(20, "--log-every", help="Optimizer steps between log lines."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
+):
+    """Fine-tune CLIP's image tower on TASK (optionally with OrthoReg) and write the task vector.
+
+    Examples:
+      tvtool finetune cars --lambda 1e-4 -o cars.st
+      tvtool finetune mini-shapes --lr 1e-3 --warmup-steps 10 -o shapes.st
+      torchrun --nproc_per_node 4 -m tvtool finetune sun397 --mode attn -o sun.st
+    """
+    from ..errors import TVToolError
+    from ..train import TrainConfig, finetune as run_finetune
+
+    if orthoreg is True and lam <= 0:
+        raise TVToolError("--orthoreg needs --lambda > 0")
+    if orthoreg is False:
+        lam = 0.0
+    cfg = TrainConfig(task=task, model=model, pretrained=pretrained, mode=mode, lam=lam, orthoreg_form=form,
+                      orthoreg_scope=scope, orthoreg_estimator=estimator, orthoreg_probes=probes, lr=lr,
+                      weight_decay=weight_decay, warmup_steps=warmup, batch_size=batch_size, grad_accum=grad_accum,
+                      epochs=epochs, max_steps=max_steps, lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed,
+                      data_root=data_root, device=device, precision=precision, eval=not no_eval,
+                      checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, log_every=log_every)
+    output = output or Path(f"{task}.st")
+    with progress_reporter(quiet, f"{task} ({mode}{', OrthoReg' if lam > 0 else ''})") as report:
+        result = run_finetune(cfg, output, force=force, resume=resume, progress=report, log_path=log)
+    console = Console(stderr=True)
+    m = result.metrics
+    if m and not quiet:
+        console.print(f"zero-shot acc val {m.get('zeroshot_val_acc', float('nan')):.4f} test "
+                      f"{m.get('zeroshot_test_acc', float('nan')):.4f} -> fine-tuned val {m.get('val_acc', float('nan')):.4f} "
+                      f"test {m.get('test_acc', float('nan')):.4f}")
+    typer.echo(f"wrote {output}")
+
+
+class progress_reporter:
+    """A rich progress bar fed by the trainer's per-log-step records (or nothing with --quiet)."""
+
+    def __init__(self, quiet: bool, label: str):
+        self.quiet, self.label = quiet, label
+        self.bar = None
+        self.task_id = None
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(stderr=True),
+                            transient=False)
+        self.bar.__enter__()
+        self.task_id = self.bar.add_task(self.label, total=None, info="")
+        return self.update
+
+    def update(self, r: dict) -> None:
+        info = (f"loss {r['task_loss']:.4f}  pen {r['penalty']:.4g}  lr {r['lr']:.2e}  "
+                f"{r['images_per_s']:.0f} img/s")
+        self.bar.update(self.task_id, completed=r["step"], total=r["total"], info=info)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="A YAML recipe (see recipes/ and `tvtool.recipes`)."),
+    only_train: bool = typer.Option(False, "--only-train", help="Fine-tune only; skip the evaluation steps."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu (default: cuda if available)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Run a recipe: fine-tune every (variant, task), then evaluate; outputs that exist are skipped.
+
+    Example: tvtool run recipes/vit-b-32.yaml
+    """
+    from ..recipes import load_recipe, run_recipe
+
+    r = load_recipe(recipe)  # validated before any work
+    console = Console(stderr=True)
+    results = run_recipe(r, progress_factory=progress_reporter, quiet=quiet, device=device,
+                         only_train=only_train, log=lambda m: console.print(m) if not quiet else None)
+    if results["variants"]:
+        _print_results(results)
+
+
+@app.command()
+def quickstart(
+    size: str = typer.Option("full", "--size", help="full (the documented run) | ci (3 tasks, 8 steps)."),
+    out_dir: Path = typer.Option(Path("runs/quickstart"), "--out-dir", help="Where vectors and results go."),
+    device: Optional[str] = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """The built-in offline job: fine-tune the 8 mini-world tasks with and without OrthoReg on the bundled tiny
+    CLIP, then task addition, negation and cosine, printed as a paper-style table. Reruns skip finished work.
+    """
+    from ..errors import TVToolError
+    from ..quickstart import quickstart_recipe
+    from ..recipes import parse_recipe, run_recipe
+
+    if size not in ("full", "ci"):
+        raise TVToolError(f"--size {size!r}: use full or ci")
+    r = parse_recipe(quickstart_recipe(size, out_dir), f"quickstart ({size})")
+    console = Console(stderr=True)
+    results = run_recipe(r, progress_factory=progress_reporter, quiet=quiet, device=device,
+                         log=lambda m: console.print(m) if not quiet else None)
+    _print_results(results)
+
+
+def _print_results(results: dict) -> None:
+    from rich.table import Table
+
+    from ..quickstart import summarize
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.2f}"
+
+    t = Table(title="task arithmetic (test split; alpha chosen on Val)")
+    for col in ("variant", "Abs.Acc", "Norm.Acc", "alpha", "Tar.Acc (lower better)", "Con.Acc", "negation ok",
+                "mean cos"):
+        t.add_column(col, justify="right")
+    for row in summarize(results):
+        t.add_row(row["variant"], pct(row["abs_acc"]), pct(row["norm_acc"]),
+                  "-" if row["alpha"] is None else f"{row['alpha']:.2f}", pct(row["tar_acc"]), pct(row["con_acc"]),
+                  row["negation_qualified"], "-" if row["cosine"] is None else f"{row['cosine']:.4f}")
+    Console().print(t)

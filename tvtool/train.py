@@ -1,0 +1,395 @@
+"""Fine-tuning with OrthoReg: one task in, one task vector out. Readable top to bottom.
+
+The protocol (docs/PROTOCOL_NOTES.md): AdamW lr 1e-5, weight decay 0.1, cosine schedule with 500 warm-up optimizer
+steps, batch 128, gradient clipping 1.0 on the total gradient, frozen zero-shot head, the dataset's epoch count,
+training on the Val-held-out split. OrthoReg adds lambda * sum_l ||dW_l^T dW_l - I||_F^2, computed every forward
+(every micro-batch) in fp32.
+
+Speed: the uint8 training images live on the device once; each step gathers a batch by index, crops, resizes and
+normalizes it there (no JPEG decoding, no host copies), runs under bf16 autocast on CUDA, and never synchronizes
+with the host except at logging and checkpoint steps.
+
+Survival: seeds are set; the data order of epoch e is a permutation seeded by (seed, e) and each step's
+augmentation by (seed, step), so a run resumed from a checkpoint (trainable tensors + optimizer state + step) ends
+exactly where an unbroken one would. The learning rate is a pure function of the step. Checkpoints are written
+atomically and only after the loss was checked finite.
+
+Multi-GPU / multi-process: under `torchrun`, each rank takes a disjoint slice of every step's global batch and
+gradients are averaged with one all-reduce of a flat buffer; the per-epoch permutation plays the role of
+DistributedSampler.set_epoch.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .errors import TVToolError
+
+MODES = ("full", "attn", "lora", "linear")
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    model: str | None = None             # default: tvtool-mini for mini tasks, else ViT-B-32
+    pretrained: str | None = None        # default: the model's default tag (openai for ViT-B-32)
+    mode: str = "full"                   # full | attn | lora | linear
+    lam: float = 0.0                     # OrthoReg lambda; > 0 turns it on
+    orthoreg_form: str = "squared"       # squared (paper) | plain (reference code)
+    orthoreg_scope: str = "visual-linear"  # visual-linear (paper) | reference (every trainable 2-D tensor)
+    orthoreg_estimator: str = "exact"    # exact | hutchinson (unbiased randomized)
+    orthoreg_probes: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup_steps: int = 500
+    batch_size: int = 128                # global batch per optimizer step
+    grad_accum: int = 1
+    epochs: int | None = None            # default: the dataset's epoch table
+    max_steps: int | None = None         # cap on optimizer steps (smoke tests, benchmarks)
+    clip_grad: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    seed: int = 0
+    data_root: str | None = None
+    device: str | None = None
+    precision: str = "auto"              # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    eval: bool = True                    # evaluate zero-shot and fine-tuned accuracy (Val + test) for the metadata
+    eval_batch_size: int = 256
+    checkpoint_every: int = 0            # optimizer steps between checkpoints (0: none)
+    checkpoint_dir: str | None = None
+    log_every: int = 20
+
+    def resolved(self) -> "TrainConfig":
+        c = copy.copy(self)
+        if c.mode not in MODES:
+            raise TVToolError(f"unknown --mode {c.mode!r}; use one of {', '.join(MODES)}")
+        if c.model is None:
+            c.model = "tvtool-mini" if c.task.startswith("mini-") else "ViT-B-32"
+        if c.pretrained is None:
+            c.pretrained = "builtin" if c.model == "tvtool-mini" else "openai"
+        if c.batch_size % c.grad_accum:
+            raise TVToolError(f"--batch-size {c.batch_size} is not divisible by --grad-accum {c.grad_accum}")
+        if c.lam < 0:
+            raise TVToolError("--lambda must be >= 0")
+        return c
+
+    def orthoreg_settings(self) -> dict | None:
+        if self.lam <= 0:
+            return None
+        return {"lambda": self.lam, "form": self.orthoreg_form, "scope": self.orthoreg_scope,
+                "estimator": self.orthoreg_estimator, "probes": self.orthoreg_probes}
+
+
+# ------------------------------------------------------------------------------------------------ small pieces
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up then cosine decay to 0, as in the reference code's cosine_lr (per optimizer step)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    e, es = step - cfg.warmup_steps, max(1, total_steps - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * e / es)) * cfg.lr
+
+
+def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Generator,
+                        scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """Batched RandomResizedCrop on the device: one affine grid + one bicubic grid_sample for the whole batch.
+
+    ``images`` is float [B, C, H, W]. Crop area ~ U(scale) x H*W, log-aspect ~ U(log ratio); crops that do not fit
+    are clipped to the image (torchvision retries, then falls back to a center crop; clipping is the batched
+    equivalent and rare at scale >= 0.9).
+    """
+    b, _, h, w = images.shape
+    dev = images.device
+    area = torch.empty(b, device=dev).uniform_(*scale, generator=generator) * (h * w)
+    logr = torch.empty(b, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    r = torch.exp(logr)
+    cw = torch.sqrt(area * r).clamp(max=w)
+    ch = torch.sqrt(area / r).clamp(max=h)
+    x0 = torch.rand(b, device=dev, generator=generator) * (w - cw)
+    y0 = torch.rand(b, device=dev, generator=generator) * (h - ch)
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0] = cw / w
+    theta[:, 1, 1] = ch / h
+    theta[:, 0, 2] = (2 * x0 + cw) / w - 1
+    theta[:, 1, 2] = (2 * y0 + ch) / h - 1
+    grid = F.affine_grid(theta, [b, images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def maybe_init_distributed(device: str) -> tuple[int, int]:
+    """Join the process group when launched by torchrun (RANK / WORLD_SIZE set)."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return _dist_info()
+
+
+def _allreduce_grads(params: list[torch.Tensor], world: int) -> None:
+    """Average gradients across ranks with one all-reduce of a flat buffer."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _checkpoint_path(cfg: TrainConfig, out: Path) -> Path:
+    folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.parent / f".{out.name}.ckpt"
+    return folder / "last.pt"
+
+
+def _config_key(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share with the run it continues."""
+    d = dataclasses.asdict(cfg)
+    for k in ("device", "eval", "eval_batch_size", "checkpoint_every", "checkpoint_dir", "log_every", "data_root"):
+        d.pop(k)
+    return d
+
+
+def save_checkpoint(path: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, cfg: TrainConfig,
+                    metrics: dict) -> None:
+    from .taskvector import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
+             "optimizer": optimizer.state_dict(), "config": json.dumps(_config_key(cfg)),
+             "metrics": json.dumps(metrics), "tvtool": __version__}
+    with atomic_path(path, force=True) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
+    if not path.exists():
+        raise TVToolError(f"--resume: no checkpoint at {path}; start without --resume")
+    # weights_only: our own checkpoints hold only tensors and plain containers, so no code can run on load
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if json.loads(state["config"]) != _config_key(cfg):
+        raise TVToolError(f"--resume: {path} was written by a run with different settings; use the same options "
+                          "or start afresh")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    task_loss: float
+    penalty: float
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, resume: bool = False,
+             progress: Callable[[dict], None] | None = None, log_path: str | os.PathLike | None = None,
+             stop_after: int | None = None) -> TrainResult:
+    """Fine-tune ``cfg.task`` and write its task vector to ``out``.
+
+    ``progress`` receives a dict per logging step (step, total, task_loss, penalty, lr, images_per_s).
+    ``stop_after`` ends the run after that many optimizer steps without writing the vector (tests use it to
+    simulate a killed run).
+    """
+    from . import datasets, heads, models, variants
+    from .orthoreg import OrthoReg
+    from .taskvector import check_output, history_entry, new_meta, write_vector
+
+    cfg = cfg.resolved()
+    out = Path(out)
+    if not resume:
+        check_output(out, force)
+    device = cfg.device or models.default_device()
+    rank, world = maybe_init_distributed(device)
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    _seed_everything(cfg.seed)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.startswith("cuda"))
+
+    # --- model, head, data
+    bundle = models.load_clip(cfg.model, cfg.pretrained, device=device)
+    spec = datasets.get_dataset(cfg.task)
+    head = heads.zero_shot_head(bundle, spec)
+    size = bundle.image_size
+    train_x, train_y = datasets.load_split(cfg.task, "train", cfg.data_root, size)
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    n_train = train_y.numel()
+    mean = torch.tensor(bundle.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(bundle.std, device=device).view(1, 3, 1, 1)
+
+    metrics: dict = {}
+    evaluator = None
+    if cfg.eval and rank == 0:
+        # A separate copy of the base tower: accuracies of theta_0 (zero-shot) and theta_0 + tau (fine-tuned) are
+        # measured exactly as `tvtool eval` measures them, on the non-linear model, whatever the mode.
+        from .evaluate import Evaluator
+
+        eval_bundle = copy.copy(bundle)
+        eval_bundle.model = copy.deepcopy(bundle.model)
+        evaluator = Evaluator(eval_bundle, [cfg.task], cfg.data_root, device=device, batch_size=cfg.eval_batch_size)
+        if not resume:
+            for split in ("val", "test"):
+                metrics[f"zeroshot_{split}_acc"] = evaluator.accuracy(cfg.task, split)
+
+    # --- what is tuned, and the regularizer
+    tuned = variants.prepare(bundle.model, cfg.mode, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+    classifier = heads.ImageClassifier(tuned.module, head).to(device)
+    params = dict(tuned.named_trainable())
+    reg = None
+    if cfg.lam > 0:
+        reg = OrthoReg.from_tuned(tuned, scope=cfg.orthoreg_scope, form=cfg.orthoreg_form,
+                                  estimator=cfg.orthoreg_estimator, probes=cfg.orthoreg_probes)
+
+    # --- optimizer and schedule
+    epochs = cfg.epochs if cfg.epochs is not None else spec.epochs
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    fused = device.startswith("cuda")
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=fused or None)
+    step = 0
+    ckpt = _checkpoint_path(cfg, out)
+    if resume:
+        state = load_checkpoint(ckpt, cfg)
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state["trainable"][k])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        metrics = json.loads(state["metrics"])
+
+    # --- the loop
+    log_file = open(log_path, "a") if log_path and rank == 0 else None
+    micro = cfg.batch_size // cfg.grad_accum
+    per_rank = micro // world
+    if per_rank * world != micro:
+        raise TVToolError(f"micro-batch {micro} is not divisible by {world} processes")
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    loss_acc = torch.zeros((), device=device)
+    pen_acc = torch.zeros((), device=device)
+    t_start, seen, last_log = time.perf_counter(), 0, step
+    perm, perm_epoch = None, -1
+    record = {"task_loss": float("nan"), "penalty": 0.0}
+    classifier.train()
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        if epoch != perm_epoch:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n_train, generator=g).to(device)
+            perm_epoch = epoch
+        lr = lr_at(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 7_919 + step * 131 + rank)
+        batch_idx = perm[(step % steps_per_epoch) * cfg.batch_size:][: cfg.batch_size]
+        for m in range(cfg.grad_accum):
+            idx = batch_idx[m * micro:(m + 1) * micro][rank * per_rank:(rank + 1) * per_rank]
+            if idx.numel() == 0:
+                continue
+            x = train_x.index_select(0, idx).float().div_(255)
+            x = random_resized_crop(x, size, gen)
+            x = (x - mean) / std
+            y = train_y.index_select(0, idx)
+            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+                logits = classifier(x)
+            task_loss = F.cross_entropy(logits.float(), y)
+            # the loss of a step is the mean over the global batch: micro-batches and ranks each carry their share
+            loss = task_loss * (idx.numel() * world / min(cfg.batch_size, batch_idx.numel()))
+            if reg is not None:
+                pen = reg.penalty(generator=gen)  # fp32, every micro-batch, as the protocol prescribes
+                loss = loss + cfg.lam * pen / cfg.grad_accum
+                pen_acc += pen.detach() / cfg.grad_accum
+            loss.backward()
+            loss_acc += task_loss.detach() / cfg.grad_accum
+            seen += idx.numel() * world
+        _allreduce_grads(list(params.values()), world)
+        if cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        nonfinite |= ~torch.isfinite(loss_acc)
+        step += 1
+        at_ckpt = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+        if step % cfg.log_every == 0 or step == total_steps or at_ckpt or step == stop_after:
+            if bool(nonfinite):  # the only host sync: at logging / checkpoint steps
+                raise TVToolError(f"non-finite loss before step {step}; stopped. The last good checkpoint "
+                                  f"({ckpt if ckpt.exists() else 'none'}) is kept; lower --lr or --lambda")
+            n_logged = step - last_log
+            record = {"step": step, "total": total_steps, "task_loss": float(loss_acc) / n_logged,
+                      "penalty": float(pen_acc) / n_logged if reg is not None else 0.0, "lr": lr,
+                      "images_per_s": seen / max(1e-9, time.perf_counter() - t_start)}
+            loss_acc.zero_()
+            pen_acc.zero_()
+            last_log = step
+            if progress and rank == 0:
+                progress(record)
+            if log_file:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if at_ckpt and rank == 0:
+                save_checkpoint(ckpt, step, params, optimizer, cfg, metrics)
+        if stop_after is not None and step >= stop_after:
+            if log_file:
+                log_file.close()
+            return TrainResult(out, step, record["task_loss"], record["penalty"])
+    elapsed = time.perf_counter() - t_start
+    if log_file:
+        log_file.close()
+
+    # --- the task vector and its metadata
+    deltas = {k: v.detach().float().cpu() for k, v in tuned.deltas().items()}
+    if rank == 0:
+        if evaluator is not None:
+            if "zeroshot_val_acc" not in metrics:  # resumed from a checkpoint taken before they were known
+                evaluator.reset()
+                for split in ("val", "test"):
+                    metrics[f"zeroshot_{split}_acc"] = evaluator.accuracy(cfg.task, split)
+            evaluator.set_weights({k: v.to(device) for k, v in deltas.items()}, 1.0)
+            for split in ("val", "test"):
+                metrics[f"{split}_acc"] = evaluator.accuracy(cfg.task, split)
+        final = {"task_loss": record["task_loss"], "penalty": record["penalty"]}
+        train_info = {**{k: v for k, v in dataclasses.asdict(cfg).items()
+                         if k not in ("device", "data_root", "checkpoint_dir")},
+                      "steps": step, "epochs": epochs, "world_size": world, "final": final,
+                      "seconds": elapsed, "device": device}
+        meta = new_meta({"model": cfg.model, "pretrained": cfg.pretrained, "fingerprint": bundle.fingerprint},
+                        tasks=[cfg.task], mode=cfg.mode, orthoreg=cfg.orthoreg_settings(),
+                        history=[history_entry("finetune", task=cfg.task, mode=cfg.mode, steps=step)], metrics=metrics, train=train_info)
+        write_vector(out, deltas, meta, force=force or resume)
+    if world > 1:
+        torch.distributed.barrier()
+    return TrainResult(out, step, record["task_loss"], record["penalty"], metrics, elapsed, seen / max(elapsed, 1e-9))
