@@ -1,0 +1,84 @@
+"""Recipes: validation names the line and key; the shipped recipes parse; quickstart == recipes/mini.yaml."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tvtool.errors import TVToolError
+from tvtool.quickstart import quickstart_recipe
+from tvtool.recipes import grid_points, load_recipe, parse_recipe
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+GOOD = """\
+model: tvtool-mini
+out_dir: {out}
+tasks: [mini-shapes, mini-colors]
+finetune: {{lr: 0.001, max_steps: 3}}
+variants:
+  - {{name: ft, mode: full}}
+  - {{name: reg, mode: attn, lambda: 0.5, orthoreg_form: plain}}
+eval:
+  addition: {{grid: [0.0, 1.0, 0.5]}}
+"""
+
+
+def test_good_recipe_parses(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD.format(out=tmp_path / "runs"))
+    r = load_recipe(p)
+    assert [v.name for v in r.variants] == ["ft", "reg"]
+    cfg = r.train_config(r.variants[1], "mini-colors")
+    assert (cfg.mode, cfg.lam, cfg.orthoreg_form, cfg.lr, cfg.max_steps) == ("attn", 0.5, "plain", 0.001, 3)
+    assert r.output(r.variants[0], "mini-shapes") == tmp_path / "runs" / "ft" / "mini-shapes.st"
+    assert grid_points(r.eval["addition"]["grid"]) == [0.0, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("old,new,line,needle", [
+    ("finetune: {lr: 0.001", "finetune: {lrr: 0.001", 4, "finetune.lrr: unknown setting"),
+    ("mode: attn,", "mode: sideways,", 7, "unknown mode"),
+    ("lambda: 0.5", "lambda: lots", 7, "expected float"),
+    ("tasks: [mini-shapes", "tasks: [mini-nope", 3, "mini-nope"),
+    ("  addition:", "  additon:", 9, "unknown evaluation step"),
+    ("model: tvtool-mini", "modle: tvtool-mini", 1, "unknown key"),
+])
+def test_bad_recipes_name_line_and_key(tmp_path, old, new, line, needle):
+    p = tmp_path / "r.yaml"
+    text = GOOD.format(out=tmp_path / "runs")
+    assert old in text
+    p.write_text(text.replace(old, new))
+    with pytest.raises(TVToolError) as exc:
+        load_recipe(p)
+    msg = str(exc.value)
+    assert msg.startswith(f"{p}:{line}:") and needle in msg
+
+
+def test_unsafe_yaml_refused(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("!!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(TVToolError):
+        load_recipe(p)
+
+
+def test_shipped_recipes_parse():
+    for p in sorted(RECIPES.glob("*.yaml")):
+        r = load_recipe(p)
+        assert r.variants and r.tasks, p
+
+
+def test_quickstart_is_the_mini_recipe():
+    shipped = yaml.safe_load((RECIPES / "mini.yaml").read_text())
+    assert shipped == quickstart_recipe("full", "runs/quickstart")
+    parse_recipe(quickstart_recipe("ci"), "ci")
+
+
+def test_paper_recipes_follow_the_protocol():
+    r = load_recipe(RECIPES / "vit-b-32.yaml")
+    assert r.tasks == ["cars", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "sun397", "svhn"]
+    ft = r.train_config(next(v for v in r.variants if v.name == "ft-orthoreg"), "cars")
+    assert (ft.lr, ft.weight_decay, ft.warmup_steps, ft.batch_size, ft.lam, ft.orthoreg_form) == (
+        1e-5, 0.1, 500, 128, 10, "plain")
+    lora = r.train_config(next(v for v in r.variants if v.name == "lora-orthoreg"), "cars")
+    assert (lora.lr, lora.lora_rank, lora.lora_alpha, lora.lam) == (1e-4, 8, 8, 1.0)
+    l14 = load_recipe(RECIPES / "vit-l-14.yaml")
+    assert l14.train_config(l14.variants[0], "cars").grad_accum == 2
