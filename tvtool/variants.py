@@ -243,7 +243,8 @@ def prepare(model: nn.Module, mode: str, lora_rank: int = 8, lora_alpha: float =
         mod = visual.get_submodule(owner)
         w = named[n]
         if lora_rank > min(w.shape):
-            raise TVToolError(f"LoRA rank {lora_rank} exceeds the layer size {tuple(w.shape)}; use a smaller --lora-rank")
+            raise TVToolError(f"LoRA rank {lora_rank} exceeds the layer size {tuple(w.shape)}; "
+                              "use a smaller --lora-rank")
         par = LoRA(w.shape[0], w.shape[1], lora_rank, lora_alpha, device=w.device, dtype=w.dtype,
                    generator=generator)
         parametrize.register_parametrization(mod, leaf, par)
