@@ -51,7 +51,7 @@ SIZE = 32
 SPLITS = ("train", "test")
 _PROCEDURAL_SIZES = {"train": 2000, "test": 500}
 # Few epochs: the mini-world must fine-tune in seconds on a CPU (cf. the protocol's ~2,000 steps per task).
-EPOCHS = {name: 3 for name in MINI_ALL} | {"mini-mnist": 2}
+EPOCHS = {name: 3 for name in MINI_ALL} | {"mini-mnist": 2, "mini-digits": 5}  # digits: smallest train split
 _TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "data" / "templates"
 
 
@@ -113,6 +113,17 @@ def _contrasting_colors(rng: np.random.Generator, n: int, min_gap: float = 0.35)
     fallback = np.where(bg @ lum < 0.5, 0.95, 0.05).astype(np.float32)
     fg = np.where(still_low[:, None], fallback[:, None], fg)
     return fg, bg
+
+
+def _ink_colors(rng: np.random.Generator, n: int, light_ink: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Random-hue (ink, ground) colour pairs with a fixed polarity: light ink on a dark ground or the reverse.
+
+    A fixed polarity per task keeps small tasks learnable from a few thousand images (a random sign doubles
+    what must be learnt) and gives each task its own look.
+    """
+    light = (0.6 + 0.4 * rng.uniform(0, 1, (n, 3))).astype(np.float32)
+    dark = (0.4 * rng.uniform(0, 1, (n, 3))).astype(np.float32)
+    return (light, dark) if light_ink else (dark, light)
 
 
 def _compose(mask: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
@@ -206,7 +217,7 @@ def _gen_digits(rng, split):
     n = idx.size
     mask = _warp(images[idx], rng.uniform(-0.2, 0.2, n), rng.uniform(0.8, 1.05, n),
                  rng.uniform(-0.12, 0.12, n), rng.uniform(-0.12, 0.12, n), mode="nearest")  # blocky, unlike MNIST
-    fg, bg = _contrasting_colors(rng, n)
+    fg, bg = _ink_colors(rng, n, light_ink=False)  # dark ink on light paper
     return _finish(_compose(mask, fg, bg), rng, 0.04), labels[idx]
 
 
@@ -244,7 +255,7 @@ def _gen_shapes(rng, n):
         np.abs(dist - 0.75 * R) - 0.25 * R,                           # ring
     ])
     mask = _soft(d[y_lab, np.arange(n)])
-    fg, bg = _contrasting_colors(rng, n)
+    fg, bg = _ink_colors(rng, n, light_ink=False)
     return _finish(_compose(mask, fg, bg), rng, 0.05), y_lab
 
 
@@ -348,9 +359,9 @@ def _gen_glyphs(rng, n):
     letters = task_text("mini-glyphs")[0]
     y_lab = _balanced_labels(rng, n, len(letters))
     src = _glyph_masks(letters)[y_lab]
-    mask = _warp(src, rng.uniform(-0.3, 0.3, n), rng.uniform(0.6, 1.05, n),
-                 rng.uniform(-0.2, 0.2, n), rng.uniform(-0.2, 0.2, n))
-    fg, bg = _contrasting_colors(rng, n)
+    mask = _warp(src, rng.uniform(-0.2, 0.2, n), rng.uniform(0.75, 1.05, n),
+                 rng.uniform(-0.12, 0.12, n), rng.uniform(-0.12, 0.12, n))
+    fg, bg = _ink_colors(rng, n, light_ink=True)
     return _finish(_compose(mask, fg, bg), rng, 0.05), y_lab
 
 
@@ -389,7 +400,7 @@ def _gen_counts(rng, n):
     for k in range(k_max):  # seven dot slots, each vectorized over all images
         d = np.sqrt((x - _col(cx[:, k])) ** 2 + (y - _col(cy[:, k])) ** 2) - _col(r[:, k])
         np.maximum(mask, _soft(d) * _col(k < count), out=mask)
-    fg, bg = _contrasting_colors(rng, n)
+    fg, bg = _ink_colors(rng, n, light_ink=True)
     return _finish(_compose(mask, fg, bg), rng, 0.05), y_lab
 
 
