@@ -161,6 +161,9 @@ class Tuned:
         if self.mode == "lora":
             return {k: self._lora[k].delta() for k in keys}
         cur = self.current()
+        for k in keys:
+            if self.theta0[k].device != cur[k].device:  # the model was moved after prepare(): follow it, once
+                self.theta0[k] = self.theta0[k].to(cur[k].device)
         return {k: cur[k] - self.theta0[k] for k in keys}
 
     def task_vector(self) -> dict[str, torch.Tensor]:
