@@ -71,16 +71,19 @@ def main() -> None:
         vectors = [open_vector(p) for p in paths]
         total = ev.load_deltas(vectors, evaluator.device)
         t_setup = time.perf_counter() - t0
-        fast = []
+        fast, t_update = [], 0.0
         for a in grid:
+            t1 = time.perf_counter()
             evaluator.set_weights(total, a)
+            t_update += time.perf_counter() - t1
             fast.append(evaluator.accuracies(tasks, "val"))
         t_fast = time.perf_counter() - t0
 
         # ---- re-build per point
         t0 = time.perf_counter()
-        slow = []
+        slow, t_rebuild = [], 0.0
         for a in grid:
+            t1 = time.perf_counter()
             b = load_clip(args.model, str(weights), device=args.device)
             with torch.no_grad():
                 params = dict(b.model.visual.named_parameters())
@@ -88,13 +91,14 @@ def main() -> None:
                     vec = open_vector(p)
                     for k in vec.keys():
                         params[k[len("visual."):]].add_(vec.get(k).to(args.device, torch.float32), alpha=a)
-            acc = {}
+            acc, data = {}, {}
             for t in tasks:
                 head = zero_shot_head(b, datasets.get_dataset(t), cache=False)
-                clf = ImageClassifier(b.model.visual, head).eval()
                 x, y = datasets.load_split(t, "val", args.data_root, b.image_size)
-                x, y = x[:args.max_examples], y[:args.max_examples]
-                x, y = x.to(args.device), y.to(args.device)
+                data[t] = (head, x[:args.max_examples].to(args.device), y[:args.max_examples].to(args.device))
+            t_rebuild += time.perf_counter() - t1
+            for t, (head, x, y) in data.items():
+                clf = ImageClassifier(b.model.visual, head).eval()
                 correct = torch.zeros((), dtype=torch.long, device=args.device)
                 with torch.inference_mode(), torch.autocast(device_type=torch.device(args.device).type,
                                                             dtype=torch.bfloat16,
@@ -112,6 +116,9 @@ def main() -> None:
           f"(Val: {n_img} images in all), {len(grid)} grid points")
     print(f"evaluator : {t_fast:7.2f} s  (set-up {t_setup:.2f} s, then {(t_fast - t_setup) / len(grid):.3f} s/point)")
     print(f"re-build  : {t_slow:7.2f} s  ({t_slow / len(grid):.3f} s/point)")
+    print(f"per-point overhead without the forward passes: in-place update {1000 * t_update / len(grid):.1f} ms, "
+          f"re-build (load + heads + inputs + apply) {1000 * t_rebuild / len(grid):.1f} ms "
+          f"({t_rebuild / max(t_update, 1e-9):.0f}x)")
     print(f"speed-up  : {t_slow / t_fast:6.2f}x   identical accuracies: {same}")
     if not same:
         raise SystemExit("the two paths disagree: a bug")

@@ -239,7 +239,7 @@ class Evaluator:
 
             x, y = load_split(task, split, self.data_root, self.bundle.image_size)
             if self.max_examples is not None:
-                x, y = x[:self.max_examples], y[:self.max_examples]
+                x, y = x[:self.max_examples].clone(), y[:self.max_examples].clone()  # drop the rest
             if y.numel() == 0:
                 raise TVToolError(f"{task}: split {split!r} is empty; check the dataset (`tvtool data check`)")
             self._inputs[key] = (x.to(self.device), y.to(self.device))
