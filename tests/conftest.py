@@ -9,3 +9,11 @@ def _isolated_cache(tmp_path_factory):
     os.environ["TVTOOL_CACHE"] = str(tmp_path_factory.mktemp("tvtool-cache"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     yield
+
+
+def pytest_configure(config):
+    # xdist runs one worker per core: torch's own intra-op threads on top would oversubscribe the machine
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)

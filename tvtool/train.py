@@ -302,6 +302,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     loss_acc = torch.zeros((), device=device)
     pen_acc = torch.zeros((), device=device)
     t_start, seen, last_log = time.perf_counter(), 0, step
+    t_log, seen_at_log = t_start, 0  # throughput is reported per logging interval
     perm, perm_epoch = None, -1
     record = {"task_loss": float("nan"), "penalty": 0.0}
     classifier.train()
@@ -351,7 +352,8 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
             n_logged = step - last_log
             record = {"step": step, "total": total_steps, "task_loss": float(loss_acc) / n_logged,
                       "penalty": float(pen_acc) / n_logged if reg is not None else 0.0, "lr": lr,
-                      "images_per_s": seen / max(1e-9, time.perf_counter() - t_start)}
+                      "images_per_s": (seen - seen_at_log) / max(1e-9, time.perf_counter() - t_log)}
+            seen_at_log, t_log = seen, time.perf_counter()
             loss_acc.zero_()
             pen_acc.zero_()
             last_log = step
