@@ -176,7 +176,7 @@ def negation_cmd(
 
     def table(console):
         alpha = "none" if result["alpha"] is None else f"{result['alpha']:g}"
-        t = _table(f"task negation, alpha={alpha}", ["", "Tar.Acc (" + result["target"] + ")",
+        t = _table(f"task negation, alpha={alpha} (control floor {result['threshold']:g} x zero-shot)", ["", "Tar.Acc (" + result["target"] + ")",
                                                       "Con.Acc (" + result["control"] + ")"])
         zs = result["zeroshot"]
         t.add_row("zero-shot", _pct(zs["target_test_acc"]), _pct(zs["control_test_acc"]))
@@ -211,7 +211,7 @@ def disentanglement_cmd(
 
     def table(console):
         t1, t2 = result["tasks"]
-        t = _table(f"disentanglement error xi (rows: alpha_1 {t1}, columns: alpha_2 {t2})",
+        t = _table(f"disentanglement error xi\nrows a1: {t1}, columns a2: {t2}",
                    ["a1 \\ a2"] + [f"{x:g}" for x in result["grid"]["alpha2"]])
         for a1, row in zip(result["grid"]["alpha1"], result["error"]):
             t.add_row(f"{a1:g}", *[f"{x:.3f}" for x in row])
