@@ -10,12 +10,14 @@ tensor. Outputs are written to a temporary file beside the target and renamed in
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as _dt
 import json
 import os
 import struct
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -252,10 +254,13 @@ def write_safetensors(path: str | os.PathLike, items: Iterable[tuple[str, torch.
         meta[META_KEY] = json.dumps(doc)
     header = _header_bytes(specs, meta)
     digests: dict[str, bytes] = {}
-    with atomic_path(path, force) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, force) as tmp, open(tmp, "wb") as f, ThreadPoolExecutor(1) as writer:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
         done = set()
+        # Writing overlaps with producing the next tensor (both release the GIL); at most two tensors wait, so
+        # memory stays bounded.
+        pending: collections.deque = collections.deque()
         for key, tensor in items:
             dtype, shape = specs[key]
             if tuple(tensor.shape) != tuple(shape):
@@ -269,8 +274,12 @@ def write_safetensors(path: str | os.PathLike, items: Iterable[tuple[str, torch.
             if t.is_floating_point():
                 digests[key] = _sample_digest(key, t)
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+                pending.append(writer.submit(f.write, t.reshape(-1).view(torch.uint8).numpy().data))
+                while len(pending) > 2:
+                    pending.popleft().result()
             done.add(key)
+        while pending:
+            pending.popleft().result()
         missing = [k for k in specs if k not in done]
         if missing:
             raise TVToolError(f"internal: tensors {missing[:3]} were never written")
