@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pre-train the built-in tiny CLIP ``tvtool-mini`` from scratch, contrastively, on the mini-world corpus.
 
-Reproducible on a CPU (seeded, deterministic algorithms): the same command gives the same weights file.
+Reproducible on a CPU: seeded, deterministic algorithms, one thread; the corpus comes from tvtool.datasets.mini.
 
     python scripts/pretrain_mini.py            # writes tvtool/data/tvtool-mini.safetensors (refuses to overwrite)
     python scripts/pretrain_mini.py --force    # rebuild it
