@@ -165,12 +165,12 @@ def _print_results(results: dict) -> None:
     def pct(x):
         return "-" if x is None else f"{100 * x:.2f}"
 
-    t = Table(title="task arithmetic (test split; alpha chosen on Val)")
-    for col in ("variant", "Abs.Acc", "Norm.Acc", "alpha", "Tar.Acc (lower better)", "Con.Acc", "negation ok",
-                "mean cos"):
-        t.add_column(col, justify="right")
+    t = Table(title="task arithmetic: test accuracy (%), alpha chosen on Val; Tar.Acc lower is better")
+    t.add_column("variant", no_wrap=True)
+    for col in ("Abs.Acc", "Norm.Acc", "alpha", "Tar.Acc", "Con.Acc", "neg. ok", "mean cos"):
+        t.add_column(col, justify="right", no_wrap=True)
     for row in summarize(results):
         t.add_row(row["variant"], pct(row["abs_acc"]), pct(row["norm_acc"]),
                   "-" if row["alpha"] is None else f"{row['alpha']:.2f}", pct(row["tar_acc"]), pct(row["con_acc"]),
                   row["negation_qualified"], "-" if row["cosine"] is None else f"{row['cosine']:.4f}")
-    Console().print(t)
+    Console(width=max(110, Console().width)).print(t)
