@@ -82,3 +82,37 @@ def test_paper_recipes_follow_the_protocol():
     assert (lora.lr, lora.lora_rank, lora.lora_alpha, lora.lam) == (1e-4, 8, 8, 1.0)
     l14 = load_recipe(RECIPES / "vit-l-14.yaml")
     assert l14.train_config(l14.variants[0], "cars").grad_accum == 2
+
+
+def test_merge_step_runs_addition_on_the_merged_vector(tmp_path):
+    """A recipe's merge step writes the merged vector and applies the addition search to it (not to the sum)."""
+    import json
+
+    import torch
+
+    from tvtool import evaluate
+    from tvtool.models import load_clip
+    from tvtool.recipes import run_recipe
+
+    doc = yaml.safe_load(GOOD.format(out=tmp_path / "runs"))
+    doc["finetune"] = {"lr": 0.001, "max_steps": 2, "warmup_steps": 1, "batch_size": 32, "eval": False}
+    doc["variants"] = [{"name": "ft", "mode": "full"}]
+    doc["eval"] = {"merge": [{"method": "ties", "options": {"k": 50}, "grid": [0.0, 1.0, 0.5]}]}
+    r = parse_recipe(doc, "test")
+    res = run_recipe(r, log=lambda m: None, device="cpu")["variants"]["ft"]["merge-ties"]
+    folder = tmp_path / "runs" / "ft"
+    merged = evaluate.open_vectors([folder / "merge-ties.st"])[0]
+    assert merged.meta["history"][0]["op"] == "merge" and res["merged"]["fingerprint"] == merged.fingerprint
+    # the reported test accuracies are those of theta_0 + alpha * merged, checked independently
+    ev = evaluate.Evaluator(load_clip("tvtool-mini"), r.tasks, device="cpu")
+    ev.set_weights(evaluate.load_deltas([merged], "cpu"), res["alpha"])
+    for t in r.tasks:
+        assert ev.accuracy(t, "test") == res["test_acc"][t]
+    assert json.loads((folder / "merge-ties.json").read_text())["alpha"] == res["alpha"]
+
+
+def test_unknown_merge_method_named(tmp_path):
+    doc = yaml.safe_load(GOOD.format(out=tmp_path / "runs"))
+    doc["eval"] = {"merge": [{"method": "average-ish"}]}
+    with pytest.raises(TVToolError, match="unknown merge method"):
+        parse_recipe(doc, "test")

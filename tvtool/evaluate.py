@@ -393,8 +393,12 @@ def eval_accuracy(ev: Evaluator, vectors=(), alpha: float = 1.0, tasks: Sequence
 
 
 def addition(ev: Evaluator, vectors, grid: Sequence[float] = DEFAULT_GRID, *, val_split: str = "val",
-             test_split: str = "test") -> dict:
-    """The protocol's task addition: alpha from ``grid`` on Val by mean normalized accuracy; test Abs/Norm.Acc."""
+             test_split: str = "test", merged=None) -> dict:
+    """The protocol's task addition: alpha from ``grid`` on Val by mean normalized accuracy; test Abs/Norm.Acc.
+
+    With ``merged`` (a vector made by `tvtool merge`), the alpha search scales that vector instead of the sum of
+    ``vectors``; the single-task ``vectors`` then only name the tasks and give the fine-tuned accuracies.
+    """
     tasks = [vector_task(v) for v in vectors]
     if len(set(tasks)) != len(tasks):
         raise TVToolError(f"two vectors share a task ({tasks}); pass one vector per task")
@@ -403,7 +407,12 @@ def addition(ev: Evaluator, vectors, grid: Sequence[float] = DEFAULT_GRID, *, va
     for v, t in zip(vectors, tasks):
         for s in ft:
             ft[s][t], ft_source[f"{t}/{s}"] = finetuned_accuracy(ev, v, s)
-    total = load_deltas(vectors, ev.device)
+    if merged is not None:
+        missing = sorted(set(tasks) - set(merged.tasks))
+        if missing:
+            raise TVToolError(f"{merged.path} was not merged from a vector for {missing[0]}; pass the single-task "
+                              "vectors it was made from")
+    total = load_deltas([merged] if merged is not None else vectors, ev.device)
 
     def val_acc(a: float) -> dict[str, float]:
         ev.set_weights(total, a)
@@ -414,7 +423,8 @@ def addition(ev: Evaluator, vectors, grid: Sequence[float] = DEFAULT_GRID, *, va
     test = ev.accuracies(tasks, test_split)
     norm = {t: test[t] / ft[test_split][t] if ft[test_split][t] else None for t in tasks}
     return {
-        "kind": "addition", **ev.provenance(), "vectors": describe_vectors(vectors), "grid": list(grid),
+        "kind": "addition", **ev.provenance(), "vectors": describe_vectors(vectors),
+        "merged": describe_vectors([merged])[0] if merged is not None else None, "grid": list(grid),
         "splits": {"select": val_split, "report": test_split}, "tasks": tasks, "alpha": alpha,
         "test_acc": test, "test_norm_acc": norm, "finetuned_acc": ft, "finetuned_source": ft_source,
         "abs_acc": _mean(test.values()),

@@ -14,6 +14,8 @@ eval:                      # optional steps, run per variant
   addition: {grid: [0.0, 1.0, 0.05]}
   negation: {control: imagenet, threshold: 0.95}
   cosine: true
+  merge:                   # merged vectors, each followed by the addition alpha search applied to it
+    - {method: ties, options: {k: 20}}
 ```
 Outputs that already exist are skipped, so an interrupted recipe picks up where it stopped. Files are read with
 ``yaml.SafeLoader``; errors name the file, the line and the key.
@@ -35,7 +37,9 @@ from .train import MODES, TrainConfig
 TOP_KEYS = {"name", "model", "pretrained", "out_dir", "data_root", "tasks", "finetune", "variants", "eval", "seed"}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "model", "pretrained", "data_root"}
 VARIANT_KEYS = {"name", "mode", "lambda"} | TRAIN_KEYS
-EVAL_KEYS = {"addition": {"grid", "split"}, "negation": {"control", "threshold", "grid"}, "cosine": None}
+EVAL_KEYS = {"addition": {"grid", "split"}, "negation": {"control", "threshold", "grid"}, "cosine": None,
+             "merge": None}
+MERGE_KEYS = {"method", "options", "seed", "grid"}
 
 
 @dataclass
@@ -172,6 +176,20 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
             for opt in val:
                 if opt not in allowed:
                     fail(("eval", k, opt), f"unknown option; expected one of {', '.join(sorted(allowed))}")
+    if "merge" in ev:
+        from .merge import REGISTRY
+
+        if not isinstance(ev["merge"], list):
+            fail(("eval", "merge"), "expected a list like [{method: ties, options: {k: 20}}]")
+        for i, m in enumerate(ev["merge"]):
+            if not isinstance(m, dict) or "method" not in m:
+                fail(("eval", "merge", i), "each merge step needs a method")
+            for opt in m:
+                if opt not in MERGE_KEYS:
+                    fail(("eval", "merge", i, opt), f"unknown option; expected one of {', '.join(sorted(MERGE_KEYS))}")
+            if m["method"] not in REGISTRY:
+                fail(("eval", "merge", i, "method"), f"unknown merge method {m['method']!r}; one of "
+                                                      f"{', '.join(REGISTRY)}")
     if "negation" in ev and "control" in ev["negation"]:
         try:
             get_dataset(ev["negation"]["control"])
@@ -256,9 +274,11 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
         res = inspection.compare(paths)
         out["cosine"] = {"tasks": recipe.tasks, "matrix": res["cosine"],
                          "mean": inspection.mean_offdiagonal(res["cosine"])}
-    todo = [k for k in ("addition", "negation") if k in ev_cfg and not (folder / f"{k}.json").exists()]
-    for k in ("addition", "negation"):
-        if k in ev_cfg and k not in todo:
+    merges = {f"merge-{m['method']}": m for m in ev_cfg.get("merge", [])}
+    todo = [k for k in ("addition", "negation", *merges) if (k in ev_cfg or k in merges)
+            and not (folder / f"{k}.json").exists()]
+    for k in ("addition", "negation", *merges):
+        if (k in ev_cfg or k in merges) and k not in todo:
             log(f"skip {folder / (k + '.json')} (exists)")
             out[k] = json.loads((folder / f"{k}.json").read_text())
     if not todo:
@@ -285,4 +305,17 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
         evaluate.write_json(res, folder / "negation.json")
         out["negation"] = res
         log(f"wrote {folder / 'negation.json'}")
+    for name, m in merges.items():  # merged vector, then the addition alpha search applied to it
+        if name not in todo:
+            continue
+        from .merge import merge_files
+
+        merged_path = folder / f"{name}.st"
+        if not merged_path.exists():
+            merge_files(m["method"], paths, merged_path, m.get("options") or {}, seed=int(m.get("seed", 0)))
+        merged = evaluate.open_vectors([merged_path])[0]
+        res = evaluate.addition(ev, vectors, grid_points(m.get("grid")), merged=merged)
+        evaluate.write_json(res, folder / f"{name}.json")
+        out[name] = res
+        log(f"wrote {folder / (name + '.json')}")
     return out

@@ -130,6 +130,8 @@ def accuracy_cmd(
 def addition_cmd(
     vectors: List[Path] = typer.Argument(..., help="One single-task vector per task."),
     grid: str = typer.Option("0:1:0.05", "--grid", help="START:STOP:STEP (inclusive) or a list 0,0.3,0.5."),
+    merged: Optional[Path] = typer.Option(None, "--merged", help="A vector made by `tvtool merge` from VECTORS: the "
+                                                               "alpha search scales it instead of their sum."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
     device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
     json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
@@ -137,7 +139,10 @@ def addition_cmd(
     g = ev.parse_grid(grid)
     vecs, evaluator = _setup(vectors, model, pretrained, None, ["val", "test"], data_root, device, batch_size,
                              (json_out,), force, max_examples)
-    result = ev.addition(evaluator, vecs, g)
+    merged_vec = ev.open_vectors([merged])[0] if merged is not None else None
+    if merged_vec is not None:
+        ev.check_base([merged_vec], evaluator.bundle)
+    result = ev.addition(evaluator, vecs, g, merged=merged_vec)
 
     def table(console):
         t = _table(f"task addition, alpha={result['alpha']:g} (chosen on val)",
