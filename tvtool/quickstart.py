@@ -15,7 +15,9 @@ MINI_LAMBDA = 0.01  # chosen by recipes/mini-lambda-sweep.yaml on Val (docs/MINI
 MINI_FINETUNE = {"lr": 1e-3, "warmup_steps": 10, "batch_size": 128}
 
 
-def quickstart_recipe(size: str = "full", out_dir: str | Path = "runs/quickstart") -> dict:
+def quickstart_recipe(size: str = "full", out_dir: str | Path = "runs/quickstart", modes: str = "full") -> dict:
+    """The quickstart recipe. ``modes="all"`` adds attn, lora and linear fine-tuning, each with and without OrthoReg
+    (same lambda: it was swept for full fine-tuning only), about four times the work."""
     from .datasets.mini import MINI_CONTROL, MINI_TASKS
 
     finetune = dict(MINI_FINETUNE)
@@ -27,6 +29,8 @@ def quickstart_recipe(size: str = "full", out_dir: str | Path = "runs/quickstart
         grid = [0.0, 1.0, 0.25]
     elif size != "full":
         raise ValueError(f"unknown size {size!r}")
+    if modes not in ("full", "all"):
+        raise ValueError(f"unknown modes {modes!r}")
     return {
         "name": f"mini-world quickstart ({size})",
         "model": "tvtool-mini",
@@ -37,7 +41,9 @@ def quickstart_recipe(size: str = "full", out_dir: str | Path = "runs/quickstart
         "variants": [
             {"name": "ft", "mode": "full"},
             {"name": "ft-orthoreg", "mode": "full", "lambda": MINI_LAMBDA},
-        ],
+        ] + ([v for mode in ("attn", "lora", "linear") for v in (
+            {"name": mode, "mode": mode}, {"name": f"{mode}-orthoreg", "mode": mode, "lambda": MINI_LAMBDA})]
+            if modes == "all" else []),
         "eval": {"addition": {"grid": grid}, "negation": {"control": MINI_CONTROL, "grid": grid},
                  "cosine": True},
     }

@@ -94,16 +94,15 @@ class progress_reporter:
         self.task_id = None
 
     def __enter__(self):
-        if self.quiet:
-            return None
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(stderr=True),
-                            transient=False)
-        self.bar.__enter__()
-        self.task_id = self.bar.add_task(self.label, total=None, info="")
-        return self.update
+        return None if self.quiet else self.update
 
     def update(self, r: dict) -> None:
+        if self.bar is None:  # started at the first record, so set-up errors print alone
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                                TimeRemainingColumn(), console=Console(stderr=True))
+            self.bar.__enter__()
+            self.task_id = self.bar.add_task(self.label, total=r["total"], info="")
         info = (f"loss {r['task_loss']:.4f}  pen {r['penalty']:.4g}  lr {r['lr']:.2e}  "
                 f"{r['images_per_s']:.0f} img/s")
         self.bar.update(self.task_id, completed=r["step"], total=r["total"], info=info)
@@ -138,6 +137,8 @@ def run(
 def quickstart(
     size: str = typer.Option("full", "--size", help="full (the documented run) | ci (3 tasks, 8 steps)."),
     out_dir: Path = typer.Option(Path("runs/quickstart"), "--out-dir", help="Where vectors and results go."),
+    modes: str = typer.Option("full", "--modes", help="full (FT vs FT + OrthoReg) | all (also attn, lora and "
+                                                     "linear, each with and without OrthoReg; ~4x longer)."),
     device: Optional[str] = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
@@ -150,7 +151,9 @@ def quickstart(
 
     if size not in ("full", "ci"):
         raise TVToolError(f"--size {size!r}: use full or ci")
-    r = parse_recipe(quickstart_recipe(size, out_dir), f"quickstart ({size})")
+    if modes not in ("full", "all"):
+        raise TVToolError(f"--modes {modes!r}: use full or all")
+    r = parse_recipe(quickstart_recipe(size, out_dir, modes), f"quickstart ({size})")
     console = Console(stderr=True)
     results = run_recipe(r, progress_factory=progress_reporter, quiet=quiet, device=device,
                          log=lambda m: console.print(m) if not quiet else None)
