@@ -336,3 +336,40 @@ def test_cli_negation_and_bad_input(mini_world, capsys):
     assert "--model" in capsys.readouterr().err
     assert main(["eval", "accuracy", paths[0], "--model", "tvtool-mini", "--pretrained", "random"]) == 1
     assert "taken against base" in capsys.readouterr().err
+
+
+def test_linearized_evaluator_matches_first_order_formula():
+    """The tangent-model evaluator computes f(theta_0) + J (alpha tau): checked against a float64 central finite
+    difference of the ordinary model, and its predictions against the head applied to those features."""
+    import copy
+
+    import open_clip
+    import torch
+
+    import tvtool.models  # noqa: F401
+    from tvtool.evaluate import Evaluator
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("tvtool-mini", pretrained=None)
+    visual = model.visual.eval()
+    ref = copy.deepcopy(visual).double()
+    head = torch.nn.functional.normalize(torch.randn(5, 96), dim=-1) * 100
+    x = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 5, (12,))
+    ev = Evaluator.from_parts(visual, {"t": head}, {("t", "test"): (x, y)}, [0.5] * 3, [0.25] * 3)
+    ev._linearize()
+    tau = {f"visual.{n}": 1e-2 * torch.randn_like(p) for n, p in visual.named_parameters()}
+    ev.set_weights(tau, 2.0)
+    xb = (x.float() / 255 - 0.5) / 0.25
+    theta0 = {n: p.detach() for n, p in ref.named_parameters()}
+    h = 1e-4
+    with torch.no_grad():
+        def f(sign):
+            params = {n: p + sign * h * 2.0 * tau[f"visual.{n}"].double() for n, p in theta0.items()}
+            return torch.func.functional_call(ref, params, (xb.double(),))
+        expected = ref(xb.double()) + (f(1) - f(-1)) / (2 * h)
+        got = ev.visual(xb)
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got.double(), ref(xb.double()), atol=1e-3)  # tau really moved the features
+    feats = torch.nn.functional.normalize(got, dim=-1)
+    assert torch.equal(ev.predict("t", "test"), (feats @ head.T).argmax(-1))

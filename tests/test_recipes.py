@@ -19,7 +19,7 @@ variants:
   - {{name: ft, mode: full}}
   - {{name: reg, mode: attn, lambda: 0.5, orthoreg_form: plain}}
 eval:
-  addition: {{grid: [0.0, 1.0, 0.5]}}
+  addition: {{grid: "0:1:0.5"}}
 """
 
 
@@ -41,6 +41,8 @@ def test_good_recipe_parses(tmp_path):
     ("tasks: [mini-shapes", "tasks: [mini-nope", 3, "mini-nope"),
     ("  addition:", "  additon:", 9, "unknown evaluation step"),
     ("model: tvtool-mini", "modle: tvtool-mini", 1, "unknown key"),
+    ("lr: 0.001", "lr: !!float abc", 4, "cannot read this value"),
+    ('grid: "0:1:0.5"', 'grid: "1:0:0.5"', 9, "grid"),
 ])
 def test_bad_recipes_name_line_and_key(tmp_path, old, new, line, needle):
     p = tmp_path / "r.yaml"
@@ -97,7 +99,7 @@ def test_merge_step_runs_addition_on_the_merged_vector(tmp_path):
     doc = yaml.safe_load(GOOD.format(out=tmp_path / "runs"))
     doc["finetune"] = {"lr": 0.001, "max_steps": 2, "warmup_steps": 1, "batch_size": 32, "eval": False}
     doc["variants"] = [{"name": "ft", "mode": "full"}]
-    doc["eval"] = {"merge": [{"method": "ties", "options": {"k": 50}, "grid": [0.0, 1.0, 0.5]}]}
+    doc["eval"] = {"merge": [{"method": "ties", "options": {"k": 50}, "grid": "0:1:0.5"}]}
     r = parse_recipe(doc, "test")
     res = run_recipe(r, log=lambda m: None, device="cpu")["variants"]["ft"]["merge-ties"]
     folder = tmp_path / "runs" / "ft"

@@ -28,8 +28,11 @@ import torch
 from .errors import TVToolError
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
-SAFETENSORS_SUFFIXES = {".safetensors", ".st"}
-FOLDER_FILES = ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin")
+# Weight files looked for in an open_clip folder, safest first (safetensors before pickles).
+FOLDER_FILES = (
+    "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors",
+    "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "pytorch_model.bin", "model.pth",
+)
 
 # safetensors dtype codes <-> torch dtypes
 ST_DTYPES = {
@@ -108,10 +111,6 @@ class SafetensorsFile:
 
     def dtype(self, key: str) -> torch.dtype:
         return self._entries[key][0]
-
-    def nbytes(self, key: str) -> int:
-        _, _, b, e = self._entries[key]
-        return e - b
 
     def get(self, key: str) -> torch.Tensor:
         """A read-only zero-copy view of the tensor (copy it before modifying in place)."""

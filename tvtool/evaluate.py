@@ -119,6 +119,18 @@ def check_base(vectors, bundle) -> None:
                               "the matching --model/--pretrained")
 
 
+def wants_linearized(vectors, choice: bool | None = None) -> bool:
+    """Vectors from linearized fine-tuning are evaluated on the tangent model (as in tangent task arithmetic);
+    ``choice`` overrides. Mixing linear and non-linear vectors has no single faithful model: refused."""
+    modes = {(v.meta.get("mode") or "full") for v in vectors}
+    if choice is not None:
+        return choice
+    if "linear" in modes and len(modes) > 1:
+        raise TVToolError(f"vectors mix linearized and non-linear fine-tuning ({', '.join(sorted(modes))}); "
+                          "pass --linearized or --no-linearized to choose the model they are evaluated on")
+    return modes == {"linear"}
+
+
 def recorded_base(vectors) -> tuple[str | None, str | None]:
     """(model, pretrained) recorded in the vectors' metadata; they must agree."""
     bases = {((v.meta.get("base") or {}).get("model"), (v.meta.get("base") or {}).get("pretrained")) for v in vectors}
@@ -140,7 +152,8 @@ class Evaluator:
     """
 
     def __init__(self, bundle, tasks: Sequence[str], data_root=None, splits: Sequence[str] = ("val", "test"),
-                 device: str | None = None, batch_size: int = 256, max_examples: int | None = None):
+                 device: str | None = None, batch_size: int = 256, max_examples: int | None = None,
+                 linearized: bool = False):
         from .models import default_device
 
         device = device or default_device()
@@ -154,6 +167,21 @@ class Evaluator:
         self._setup(bundle.model.visual, {}, {}, bundle.mean, bundle.std, device, batch_size)
         self.tasks = list(tasks)
         self.splits = list(splits)
+        self.linearized = False
+        if linearized:
+            self._linearize()
+
+    def _linearize(self) -> None:
+        """Evaluate the tangent model f(x; theta_0) + J(x) (theta - theta_0) (Ortiz-Jimenez et al.), the model that
+        linearized fine-tuning trains: theta is updated in place as usual, theta_0 is the tower's own weights."""
+        from .variants import LinearizedVisual
+
+        lin = LinearizedVisual(self.visual).eval()
+        self._theta0 = {VISUAL + n: p.detach() for n, p in self.visual.named_parameters()}  # never modified
+        self._params = {VISUAL + n: t for n, t in zip(lin.names, lin.theta)}
+        self.visual = lin
+        self._dirty = set()
+        self.linearized = True
 
     @classmethod
     def from_parts(cls, visual: torch.nn.Module, heads: Mapping[str, torch.Tensor],
@@ -169,6 +197,7 @@ class Evaluator:
         self._setup(visual, heads, inputs, mean, std, device, batch_size)
         self.tasks = sorted({t for t, _ in inputs})
         self.splits = sorted({s for _, s in inputs})
+        self.linearized = False
         return self
 
     def _setup(self, visual, heads, inputs, mean, std, device, batch_size):
@@ -279,7 +308,8 @@ class Evaluator:
         b = self.bundle
         return {"model": b.name if b else None, "pretrained": b.pretrained if b else None,
                 "base_fingerprint": b.fingerprint if b else None, "device": str(self.device),
-                "max_examples": self.max_examples, "tvtool": __version__}
+                "max_examples": self.max_examples, "linearized": getattr(self, "linearized", False),
+                "tvtool": __version__}
 
 
 # --------------------------------------------------------------------------------------------------- searches
@@ -516,7 +546,7 @@ def disentanglement(ev: Evaluator, a, b, grid: Sequence[float] = DEFAULT_DISENTA
             "error_task1": e1.tolist(), "error_task2": e2.tolist(), "mean_error": float(err.mean())}
 
 
-def plot_disentanglement(result: dict, path: str | os.PathLike, *, force: bool = True) -> None:
+def plot_disentanglement(result: dict, path: str | os.PathLike, *, force: bool = False) -> None:
     """Heat-map PNG of xi over (alpha1 rows, alpha2 columns), written atomically."""
     import matplotlib
 

@@ -23,7 +23,7 @@ PLACEHOLDER = "{c}"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TVTOOL_CACHE") or Path.home() / ".cache" / "tvtool")
+    return Path(os.path.expanduser(os.environ.get("TVTOOL_CACHE") or "~/.cache/tvtool"))
 
 
 def fill_templates(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:

@@ -120,7 +120,7 @@ def mean_offdiagonal(matrix: Sequence[Sequence[float]]) -> float | None:
 
 
 def plot_heatmap(matrix, labels: Sequence[str], path: str | os.PathLike, *, title: str = "cosine similarity",
-                 vmin: float | None = None, vmax: float | None = None, force: bool = True) -> None:
+                 vmin: float | None = None, vmax: float | None = None, force: bool = False) -> None:
     """Draw a labelled heat-map PNG (atomically)."""
     import matplotlib
 

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from .checkpoints import FOLDER_FILES as FOLDER_WEIGHTS, PICKLE_SUFFIXES
 from .errors import TVToolError
 
 MINI_NAME = "tvtool-mini"
@@ -27,12 +28,6 @@ MINI_CONFIG = DATA_DIR / "tvtool-mini.json"
 MINI_WEIGHTS = DATA_DIR / "tvtool-mini.safetensors"
 
 RANDOM_TAGS = ("random", "none")  # explicit random initialisation (tests, timing)
-PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl"}
-# Weight files looked for in an open_clip folder, safest first (safetensors before pickles).
-FOLDER_WEIGHTS = (
-    "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors",
-    "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "pytorch_model.bin", "model.pth",
-)
 _OFFLINE_ENV = ("TVTOOL_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _LOCAL_HINT = "pass a local file instead: --pretrained path/to/open_clip_model.safetensors (or an open_clip folder)"
 

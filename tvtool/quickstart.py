@@ -22,11 +22,11 @@ def quickstart_recipe(size: str = "full", out_dir: str | Path = "runs/quickstart
 
     finetune = dict(MINI_FINETUNE)
     tasks = list(MINI_TASKS)
-    grid = [0.0, 1.0, 0.05]
+    grid = "0:1:0.05"
     if size == "ci":  # the same code paths, small enough for the test suite
         finetune.update(max_steps=8, warmup_steps=2)
         tasks = tasks[:3]
-        grid = [0.0, 1.0, 0.25]
+        grid = "0:1:0.25"
     elif size != "full":
         raise ValueError(f"unknown size {size!r}")
     if modes not in ("full", "all"):

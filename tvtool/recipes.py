@@ -11,7 +11,7 @@ variants:                  # one fine-tuning run per task and variant
   - {name: ft, mode: full}
   - {name: ft-orthoreg, mode: full, lambda: 10, orthoreg_form: plain}
 eval:                      # optional steps, run per variant
-  addition: {grid: [0.0, 1.0, 0.05]}
+  addition: {grid: "0:1:0.05"}
   negation: {control: imagenet, threshold: 0.95}
   cosine: true
   merge:                   # merged vectors, each followed by the addition alpha search applied to it
@@ -37,7 +37,7 @@ from .train import MODES, TrainConfig
 TOP_KEYS = {"name", "model", "pretrained", "out_dir", "data_root", "tasks", "finetune", "variants", "eval", "seed"}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "model", "pretrained", "data_root"}
 VARIANT_KEYS = {"name", "mode", "lambda"} | TRAIN_KEYS
-EVAL_KEYS = {"addition": {"grid", "split"}, "negation": {"control", "threshold", "grid"}, "cosine": None,
+EVAL_KEYS = {"addition": {"grid"}, "negation": {"control", "threshold", "grid"}, "cosine": None,
              "merge": None}
 MERGE_KEYS = {"method", "options", "seed", "grid"}
 
@@ -81,7 +81,16 @@ def _construct(node: yaml.Node, lines: dict, path: tuple) -> Any:
     if isinstance(node, yaml.SequenceNode):
         return [_construct(v, lines, path + (i,)) for i, v in enumerate(node.value)]
     loader = yaml.SafeLoader("")
-    return loader.construct_object(node, deep=True)
+    try:
+        return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
+        raise _ValueAt(node.start_mark.line + 1, str(exc).splitlines()[0]) from None
+
+
+class _ValueAt(Exception):
+    def __init__(self, line: int, msg: str):
+        super().__init__(msg)
+        self.line = line
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -98,7 +107,12 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if node is None:
         raise TVToolError(f"{path}: empty recipe")
     lines: dict = {}
-    doc = _construct(node, lines, ())
+    try:
+        doc = _construct(node, lines, ())
+    except _ValueAt as exc:
+        raise TVToolError(f"{path}:{exc.line}: cannot read this value ({exc})") from None
+    except TypeError:
+        raise TVToolError(f"{path}: keys must be plain names") from None
     return parse_recipe(doc, str(path), lines)
 
 
@@ -190,6 +204,22 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
             if m["method"] not in REGISTRY:
                 fail(("eval", "merge", i, "method"), f"unknown merge method {m['method']!r}; one of "
                                                       f"{', '.join(REGISTRY)}")
+    for step in ("addition", "negation"):
+        if step in ev and "grid" in ev[step]:
+            try:
+                grid_points(ev[step]["grid"])
+            except TVToolError as exc:
+                fail(("eval", step, "grid"), str(exc))
+    for i, m in enumerate(ev.get("merge") or []):
+        if "grid" in m:
+            try:
+                grid_points(m["grid"])
+            except TVToolError as exc:
+                fail(("eval", "merge", i, "grid"), str(exc))
+    if "negation" in ev and "threshold" in ev["negation"]:
+        th = ev["negation"]["threshold"]
+        if not isinstance(th, (int, float)) or isinstance(th, bool) or th <= 0:
+            fail(("eval", "negation", "threshold"), f"expected a number > 0, got {th!r}")
     if "negation" in ev and "control" in ev["negation"]:
         try:
             get_dataset(ev["negation"]["control"])
@@ -248,16 +278,16 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
 
 
 def grid_points(spec) -> list[float]:
-    """A recipe grid: [start, stop, step] (inclusive) or an explicit list of more than three values."""
+    """A recipe grid: "START:STOP:STEP" (inclusive, e.g. "0:1:0.05") or an explicit list of values."""
     from .evaluate import DEFAULT_GRID, parse_grid
 
     if spec is None:
         return list(DEFAULT_GRID)
     if isinstance(spec, str):
         return parse_grid(spec)
-    if isinstance(spec, list) and len(spec) == 3:
-        return parse_grid(":".join(str(x) for x in spec))
-    return parse_grid(",".join(str(x) for x in spec))
+    if isinstance(spec, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in spec):
+        return parse_grid(",".join(str(x) for x in spec))
+    raise TVToolError(f"grid {spec!r}: write \"START:STOP:STEP\" (e.g. \"0:1:0.05\") or a list of values")
 
 
 def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], None] = print,
@@ -286,7 +316,8 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
     vectors = evaluate.open_vectors(paths)
     bundle = load_clip(recipe.model or vectors[0].meta["base"]["model"],
                        recipe.pretrained or vectors[0].meta["base"]["pretrained"], device=device)
-    ev = evaluate.Evaluator(bundle, recipe.tasks, recipe.data_root, device=device)
+    ev = evaluate.Evaluator(bundle, recipe.tasks, recipe.data_root, device=device,
+                            linearized=evaluate.wants_linearized(vectors))
     if "addition" in todo:
         opts = ev_cfg["addition"]
         res = evaluate.addition(ev, vectors, grid_points(opts.get("grid")))

@@ -134,7 +134,7 @@ class TaskVectorFile:
         return total
 
     def to_dict(self, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-        """Load everything (small vectors, tests, training); streaming code uses ``get`` instead."""
+        """Load everything (small vectors, notebooks, tests); streaming code uses ``get`` instead."""
         return {k: (self.get(k).to(dtype) if dtype else self.get(k).clone()) for k in self.keys()}
 
     def describe_input(self) -> dict:
@@ -407,10 +407,16 @@ def extract(base: str | WeightSource, finetuned: str | WeightSource, out: str | 
         if tuple(ft_src.shape(k)) != tuple(base_src.shape(k)):
             raise TVToolError(f"tensor {k}: fine-tuned shape {tuple(ft_src.shape(k))} != base "
                               f"{tuple(base_src.shape(k))}; the two models are different architectures")
-    # Which tensors differ is known only after reading them; a first pass decides, so the header can be
-    # written before the data (one tensor in memory at a time either way).
+    # Which tensors differ is known only after reading them: a first pass decides, so that the header can be
+    # written before the data. Inputs are read twice; memory stays at one tensor per input either way.
     if not keep_all:
-        keys = [k for k in keys if not torch.equal(ft_src.get(k), base_src.get(k))]
+        differ = []
+        for k in keys:
+            if not torch.equal(ft_src.get(k), base_src.get(k)):
+                differ.append(k)
+            ft_src.release(k)
+            base_src.release(k)
+        keys = differ
         if not keys:
             raise TVToolError("the fine-tuned weights equal the base weights: the task vector would be empty")
 

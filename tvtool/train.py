@@ -1,6 +1,6 @@
 """Fine-tuning with OrthoReg: one task in, one task vector out. Readable top to bottom.
 
-The protocol (docs/PROTOCOL_NOTES.md): AdamW lr 1e-5, weight decay 0.1, cosine schedule with 500 warm-up optimizer
+The protocol (docs/PROTOCOL.md): AdamW lr 1e-5, weight decay 0.1, cosine schedule with 500 warm-up optimizer
 steps, batch 128, gradient clipping 1.0 on the total gradient, frozen zero-shot head, the dataset's epoch count,
 training on the Val-held-out split. OrthoReg adds lambda * sum_l ||dW_l^T dW_l - I||_F^2, computed every forward
 (every micro-batch) in fp32.
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from . import __version__
 from .errors import TVToolError
 
-MODES = ("full", "attn", "lora", "linear")
+from .variants import MODES  # noqa: E402  one list of modes
 
 
 @dataclass
@@ -78,6 +78,21 @@ class TrainConfig:
             c.model = "tvtool-mini" if c.task.startswith("mini-") else "ViT-B-32"
         if c.pretrained is None:
             c.pretrained = "builtin" if c.model == "tvtool-mini" else "openai"
+        for name in ("batch_size", "grad_accum", "log_every", "lora_rank", "eval_batch_size", "orthoreg_probes"):
+            if getattr(c, name) < 1:
+                raise TVToolError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+        for name in ("epochs", "max_steps"):
+            if getattr(c, name) is not None and getattr(c, name) < 1:
+                raise TVToolError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+        if c.lr <= 0 or c.weight_decay < 0 or c.warmup_steps < 0 or c.checkpoint_every < 0:
+            raise TVToolError("--lr must be > 0 and --weight-decay, --warmup-steps, --checkpoint-every >= 0")
+        if c.precision not in ("auto", "fp32", "bf16"):
+            raise TVToolError(f"--precision {c.precision!r}: use auto, fp32 or bf16")
+        choices = {"orthoreg_form": ("squared", "plain"), "orthoreg_scope": ("visual-linear", "reference"),
+                   "orthoreg_estimator": ("exact", "hutchinson")}
+        for name, allowed in choices.items():
+            if getattr(c, name) not in allowed:
+                raise TVToolError(f"--{name.replace('_', '-')} {getattr(c, name)!r}: use one of {', '.join(allowed)}")
         if c.batch_size % c.grad_accum:
             raise TVToolError(f"--batch-size {c.batch_size} is not divisible by --grad-accum {c.grad_accum}")
         if c.lam < 0:
@@ -151,17 +166,20 @@ def maybe_init_distributed(device: str) -> tuple[int, int]:
 
 
 def _allreduce_grads(params: list[torch.Tensor], world: int) -> None:
-    """Average gradients across ranks with one all-reduce of a flat buffer."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world == 1 or not grads:
+    """Average gradients across ranks with one all-reduce of a flat buffer (a missing gradient counts as zero, so
+    every rank contributes the same buffer layout)."""
+    if world == 1:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
     torch.distributed.all_reduce(flat)
     flat /= world
     offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
         offset += n
 
 
@@ -238,9 +256,9 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     _seed_everything(cfg.seed)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.startswith("cuda"))
 
-    # --- model, head, data
-    bundle = models.load_clip(cfg.model, cfg.pretrained, device=device)
+    # --- model, head, data (the task is checked first: a typo should not wait for a model download)
     spec = datasets.get_dataset(cfg.task)
+    bundle = models.load_clip(cfg.model, cfg.pretrained, device=device)
     head = heads.zero_shot_head(bundle, spec)
     size = bundle.image_size
     train_x, train_y = datasets.load_split(cfg.task, "train", cfg.data_root, size)
@@ -253,12 +271,13 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     evaluator = None
     if cfg.eval and rank == 0:
         # A separate copy of the base tower: accuracies of theta_0 (zero-shot) and theta_0 + tau (fine-tuned) are
-        # measured exactly as `tvtool eval` measures them, on the non-linear model, whatever the mode.
+        # measured exactly as `tvtool eval` measures them (the tangent model for linear mode).
         from .evaluate import Evaluator
 
         eval_bundle = copy.copy(bundle)
         eval_bundle.model = copy.deepcopy(bundle.model)
-        evaluator = Evaluator(eval_bundle, [cfg.task], cfg.data_root, device=device, batch_size=cfg.eval_batch_size)
+        evaluator = Evaluator(eval_bundle, [cfg.task], cfg.data_root, device=device, batch_size=cfg.eval_batch_size,
+                              linearized=cfg.mode == "linear")
         if not resume:
             for split in ("val", "test"):
                 metrics[f"zeroshot_{split}_acc"] = evaluator.accuracy(cfg.task, split)
@@ -285,9 +304,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     ckpt = _checkpoint_path(cfg, out)
     if resume:
         state = load_checkpoint(ckpt, cfg)
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(state["trainable"][k])
+        tuned.load_state_dict(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         metrics = json.loads(state["metrics"])
@@ -317,35 +334,44 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
             group["lr"] = lr
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 7_919 + step * 131 + rank)
         batch_idx = perm[(step % steps_per_epoch) * cfg.batch_size:][: cfg.batch_size]
+        n_batch = batch_idx.numel()  # the last batch of an epoch can be short
         for m in range(cfg.grad_accum):
-            idx = batch_idx[m * micro:(m + 1) * micro][rank * per_rank:(rank + 1) * per_rank]
-            if idx.numel() == 0:
-                continue
-            x = train_x.index_select(0, idx).float().div_(255)
-            x = random_resized_crop(x, size, gen)
-            x = (x - mean) / std
-            y = train_y.index_select(0, idx)
-            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                logits = classifier(x)
-            task_loss = F.cross_entropy(logits.float(), y)
-            # the loss of a step is the mean over the global batch: micro-batches and ranks each carry their share
-            loss = task_loss * (idx.numel() * world / min(cfg.batch_size, batch_idx.numel()))
+            # balanced slices: with a short last batch some ranks may get none, yet every rank still runs the
+            # backward and the all-reduce, so the processes stay in step
+            idx = torch.tensor_split(batch_idx[m * micro:(m + 1) * micro], world)[rank]
+            loss = torch.zeros((), device=device)
+            if idx.numel():
+                x = train_x.index_select(0, idx).float().div_(255)
+                x = random_resized_crop(x, size, gen)
+                x = (x - mean) / std
+                y = train_y.index_select(0, idx)
+                with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = classifier(x)
+                task_loss = F.cross_entropy(logits.float(), y)
+                # a step's loss is the mean over the global batch: micro-batches and ranks carry their share
+                loss = task_loss * (idx.numel() * world / n_batch)
+                loss_acc += task_loss.detach() * (idx.numel() * world / n_batch)
             if reg is not None:
                 pen = reg.penalty(generator=gen)  # fp32, every micro-batch, as the protocol prescribes
                 loss = loss + cfg.lam * pen / cfg.grad_accum
                 pen_acc += pen.detach() / cfg.grad_accum
-            loss.backward()
-            loss_acc += task_loss.detach() / cfg.grad_accum
+            if loss.requires_grad:
+                loss.backward()
             seen += idx.numel() * world
         _allreduce_grads(list(params.values()), world)
-        if cfg.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip_grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip_grad if cfg.clip_grad > 0
+                                                   else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        nonfinite |= ~torch.isfinite(loss_acc)
+        # non-finite loss, penalty or gradient: caught at the next logging step, before any checkpoint
+        nonfinite |= ~(torch.isfinite(loss_acc) & torch.isfinite(pen_acc) & torch.isfinite(grad_norm))
         step += 1
         at_ckpt = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
         if step % cfg.log_every == 0 or step == total_steps or at_ckpt or step == stop_after:
+            if world > 1:  # one rank's non-finite value stops every rank
+                flag = nonfinite.to(torch.int32)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                nonfinite = flag.bool()
             if bool(nonfinite):  # the only host sync: at logging / checkpoint steps
                 raise TVToolError(f"non-finite loss before step {step}; stopped. The last good checkpoint "
                                   f"({ckpt if ckpt.exists() else 'none'}) is kept; lower --lr or --lambda")

@@ -34,12 +34,15 @@ _BATCH = typer.Option(256, "--batch-size", help="Evaluation batch size.")
 _MAX = typer.Option(None, "--max-examples", help="Use only the first N examples of each split (quick looks; the "
                                                  "protocol's figures use whole splits).")
 _JSON = typer.Option(False, "--json", help="Print the JSON result only, on stdout.")
+_LINEAR = typer.Option(None, "--linearized/--no-linearized",
+                       help="Evaluate the tangent model f(theta_0) + J (theta - theta_0) (default: when every vector "
+                            "comes from --mode linear fine-tuning, as in tangent task arithmetic).")
 _JSON_OUT = typer.Option(None, "--json-out", help="Also write the JSON result to this file.")
 _FORCE = typer.Option(False, "--force", help="Overwrite --json-out / --plot files that exist.")
 
 
 def _setup(paths, model, pretrained, tasks, splits, data_root, device, batch_size, outputs=(), force=False,
-           max_examples=None):
+           max_examples=None, linearized=None):
     from ..models import load_clip
     from ..taskvector import check_output
 
@@ -59,7 +62,8 @@ def _setup(paths, model, pretrained, tasks, splits, data_root, device, batch_siz
     if tasks is None:
         tasks = list(dict.fromkeys(t for v in vectors for t in v.tasks))
     return vectors, ev.Evaluator(bundle, tasks, data_root=data_root, splits=splits, device=device,
-                                 batch_size=batch_size, max_examples=max_examples)
+                                 batch_size=batch_size, max_examples=max_examples,
+                                 linearized=ev.wants_linearized(vectors, linearized))
 
 
 def _emit(result: dict, as_json: bool, json_out: Optional[Path], force: bool, table) -> None:
@@ -107,12 +111,13 @@ def accuracy_cmd(
     split: str = typer.Option("test", "--split", help="test or val."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
     device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
+    linearized: Optional[bool] = _LINEAR,
     json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
 ):
     if split not in ("test", "val"):
         raise TVToolError(f"--split must be test or val, got {split!r}")
     vecs, evaluator = _setup(vectors, model, pretrained, _tasks_option(tasks), [split], data_root, device, batch_size,
-                             (json_out,), force, max_examples)
+                             (json_out,), force, max_examples, linearized)
     result = ev.eval_accuracy(evaluator, vecs, alpha, evaluator.tasks, split)
 
     def table(console):
@@ -134,11 +139,12 @@ def addition_cmd(
                                                                "alpha search scales it instead of their sum."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
     device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
+    linearized: Optional[bool] = _LINEAR,
     json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
 ):
     g = ev.parse_grid(grid)
     vecs, evaluator = _setup(vectors, model, pretrained, None, ["val", "test"], data_root, device, batch_size,
-                             (json_out,), force, max_examples)
+                             (json_out,), force, max_examples, linearized)
     merged_vec = ev.open_vectors([merged])[0] if merged is not None else None
     if merged_vec is not None:
         ev.check_base([merged_vec], evaluator.bundle)
@@ -172,11 +178,12 @@ def negation_cmd(
     grid: str = typer.Option("0:1:0.05", "--grid", help="START:STOP:STEP (inclusive) or a list."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
     device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
+    linearized: Optional[bool] = _LINEAR,
     json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
 ):
     g = ev.parse_grid(grid)
     vecs, evaluator = _setup([vector], model, pretrained, None, ["val", "test"], data_root, device, batch_size,
-                             (json_out,), force, max_examples)
+                             (json_out,), force, max_examples, linearized)
     result = ev.negation(evaluator, vecs[0], control, g, threshold=threshold)
 
     def table(console):
@@ -204,11 +211,12 @@ def disentanglement_cmd(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the heat-map PNG here."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
     device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
+    linearized: Optional[bool] = _LINEAR,
     json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
 ):
     g = ev.parse_grid(grid)
     vecs, evaluator = _setup([a, b], model, pretrained, None, [split], data_root, device, batch_size,
-                             (json_out, plot), force, max_examples)
+                             (json_out, plot), force, max_examples, linearized)
     result = ev.disentanglement(evaluator, vecs[0], vecs[1], g, split=split)
     if plot is not None:
         ev.plot_disentanglement(result, plot, force=force)

@@ -56,7 +56,7 @@ def finetune(
     """Fine-tune CLIP's image tower on TASK (optionally with OrthoReg) and write the task vector.
 
     Examples:
-      tvtool finetune cars --lambda 1e-4 -o cars.st
+      tvtool finetune cars --lambda 10 --orthoreg-form plain -o cars.st   (the paper's ViT-B-32 setting)
       tvtool finetune mini-shapes --lr 1e-3 --warmup-steps 10 -o shapes.st
       torchrun --nproc_per_node 4 -m tvtool finetune sun397 --mode attn -o sun.st
     """

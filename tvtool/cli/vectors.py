@@ -122,12 +122,19 @@ def inspect(
                                                       "|angle - 90 deg|) and the sign-conflict rate between vectors."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="With --cosine: draw the heat-map to this PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout and nothing else."),
+    force: bool = force_opt,
 ):
     """Summarize task vectors, or compare them: how orthogonal are they?
 
     Examples: tvtool inspect cars.st;  tvtool inspect --cosine *.st --plot cos.png;  tvtool inspect --ortho a.st
     """
     console = Console()
+    if plot is not None:  # checked before the (possibly long) comparison
+        if not cosine:
+            raise TVToolError("--plot draws the cosine heat-map: add --cosine")
+        if plot.suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise TVToolError(f"--plot {plot}: use a .png, .pdf or .svg file name")
+        taskvector.check_output(plot, force)
     if not (cosine or per_layer or ortho):
         results = [inspection.summary(v) for v in vectors]
         if as_json:
@@ -138,7 +145,7 @@ def inspect(
         return
     res = inspection.compare(vectors, per_layer=per_layer, ortho=ortho)
     if plot is not None:
-        inspection.plot_heatmap(res["cosine"], [Path(p).stem for p in res["vectors"]], plot)
+        inspection.plot_heatmap(res["cosine"], [Path(p).stem for p in res["vectors"]], plot, force=force)
     if as_json:
         typer.echo(json.dumps(res))
         return
