@@ -268,19 +268,15 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     std = torch.tensor(bundle.std, device=device).view(1, 3, 1, 1)
 
     metrics: dict = {}
-    evaluator = None
+    eval_bundle = None
     if cfg.eval and rank == 0:
-        # A separate copy of the base tower: accuracies of theta_0 (zero-shot) and theta_0 + tau (fine-tuned) are
-        # measured exactly as `tvtool eval` measures them (the tangent model for linear mode).
-        from .evaluate import Evaluator
-
+        # A separate copy of the base model, parked on the CPU during training (no device memory taken from the
+        # run): accuracies of theta_0 (zero-shot) and theta_0 + tau (fine-tuned) are measured exactly as
+        # `tvtool eval` measures them (the tangent model for linear mode).
         eval_bundle = copy.copy(bundle)
-        eval_bundle.model = copy.deepcopy(bundle.model)
-        evaluator = Evaluator(eval_bundle, [cfg.task], cfg.data_root, device=device, batch_size=cfg.eval_batch_size,
-                              linearized=cfg.mode == "linear")
+        eval_bundle.model = copy.deepcopy(bundle.model).to("cpu")
         if not resume:
-            for split in ("val", "test"):
-                metrics[f"zeroshot_{split}_acc"] = evaluator.accuracy(cfg.task, split)
+            metrics.update(_accuracies(eval_bundle, cfg, device, {}, "zeroshot_"))
 
     # --- what is tuned, and the regularizer
     tuned = variants.prepare(bundle.model, cfg.mode, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
@@ -401,14 +397,10 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     # --- the task vector and its metadata
     deltas = {k: v.detach().float().cpu() for k, v in tuned.deltas().items()}
     if rank == 0:
-        if evaluator is not None:
+        if eval_bundle is not None:
             if "zeroshot_val_acc" not in metrics:  # resumed from a checkpoint taken before they were known
-                evaluator.reset()
-                for split in ("val", "test"):
-                    metrics[f"zeroshot_{split}_acc"] = evaluator.accuracy(cfg.task, split)
-            evaluator.set_weights({k: v.to(device) for k, v in deltas.items()}, 1.0)
-            for split in ("val", "test"):
-                metrics[f"{split}_acc"] = evaluator.accuracy(cfg.task, split)
+                metrics.update(_accuracies(eval_bundle, cfg, device, {}, "zeroshot_"))
+            metrics.update(_accuracies(eval_bundle, cfg, device, deltas, ""))
         final = {"task_loss": record["task_loss"], "penalty": record["penalty"]}
         train_info = {**{k: v for k, v in dataclasses.asdict(cfg).items()
                          if k not in ("device", "data_root", "checkpoint_dir")},
@@ -421,3 +413,17 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     if world > 1:
         torch.distributed.barrier()
     return TrainResult(out, step, record["task_loss"], record["penalty"], metrics, elapsed, seen / max(elapsed, 1e-9))
+
+
+def _accuracies(eval_bundle, cfg: TrainConfig, device: str, deltas: dict, prefix: str) -> dict:
+    """Val and test accuracy of theta_0 + deltas on the task; the model returns to the CPU afterwards."""
+    from .evaluate import Evaluator
+
+    ev = Evaluator(eval_bundle, [cfg.task], cfg.data_root, device=device, batch_size=cfg.eval_batch_size,
+                   linearized=cfg.mode == "linear")
+    if deltas:
+        ev.set_weights({k: v.to(device) for k, v in deltas.items()}, 1.0)
+    out = {f"{prefix}{split}_acc": ev.accuracy(cfg.task, split) for split in ("val", "test")}
+    ev.reset()
+    eval_bundle.model.to("cpu")
+    return out
