@@ -373,3 +373,29 @@ def test_linearized_evaluator_matches_first_order_formula():
     assert not torch.allclose(got.double(), ref(xb.double()), atol=1e-3)  # tau really moved the features
     feats = torch.nn.functional.normalize(got, dim=-1)
     assert torch.equal(ev.predict("t", "test"), (feats @ head.T).argmax(-1))
+
+
+def test_zero_shot_counts_are_computed_once():
+    import open_clip
+    import torch
+
+    import tvtool.models  # noqa: F401
+    from tvtool.evaluate import Evaluator
+
+    torch.manual_seed(0)
+    visual = open_clip.create_model("tvtool-mini", pretrained=None).visual
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    ev = Evaluator.from_parts(visual, {"t": torch.randn(4, 96)}, {("t", "val"): (x, torch.randint(0, 4, (8,)))},
+                              [0.5] * 3, [0.25] * 3)
+    calls = []
+    real = ev.predict
+    ev.predict = lambda *a: calls.append(a) or real(*a)
+    tau = {f"visual.{n}": torch.randn_like(p) for n, p in visual.named_parameters()}
+    zs = ev.accuracy("t", "val")
+    ev.set_weights(tau, 0.0)  # alpha = 0 is theta_0: the remembered count
+    assert ev.accuracy("t", "val") == zs and len(calls) == 1
+    ev.set_weights(tau, 0.5)
+    moved = ev.accuracy("t", "val")
+    ev.reset()
+    assert ev.accuracy("t", "val") == zs and len(calls) == 2
+    assert isinstance(moved, float)
