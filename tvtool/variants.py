@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -87,7 +88,9 @@ class LinearizedVisual(nn.Module):
         fast = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
-            with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+            with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]), warnings.catch_warnings():
+                # torch's own forward-AD set-up scripts its decompositions once and warns about jit.script: not ours
+                warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
                 out, jout = jvp(f, primals, tangents)
         finally:
             torch.backends.mha.set_fastpath_enabled(fast)
