@@ -50,9 +50,6 @@ FORMS = ("squared", "plain")
 SCOPES = ("visual-linear", "reference")
 ESTIMATORS = ("exact", "hutchinson")
 
-# lambda values the paper publishes (ViT-B-32); nothing else is published, so nothing else is listed.
-PUBLISHED_LAMBDA = {("full", "plain"): 10.0, ("lora", "plain"): 1.0}
-
 _VISUAL_LINEAR = re.compile(
     r"^visual\.transformer\.resblocks\.\d+\.(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight"
     r"|mlp\.c_proj\.weight)$"

@@ -88,8 +88,9 @@ class TrainConfig:
             raise TVToolError("--lr must be > 0 and --weight-decay, --warmup-steps, --checkpoint-every >= 0")
         if c.precision not in ("auto", "fp32", "bf16"):
             raise TVToolError(f"--precision {c.precision!r}: use auto, fp32 or bf16")
-        choices = {"orthoreg_form": ("squared", "plain"), "orthoreg_scope": ("visual-linear", "reference"),
-                   "orthoreg_estimator": ("exact", "hutchinson")}
+        from .orthoreg import ESTIMATORS, FORMS, SCOPES
+
+        choices = {"orthoreg_form": FORMS, "orthoreg_scope": SCOPES, "orthoreg_estimator": ESTIMATORS}
         for name, allowed in choices.items():
             if getattr(c, name) not in allowed:
                 raise TVToolError(f"--{name.replace('_', '-')} {getattr(c, name)!r}: use one of {', '.join(allowed)}")

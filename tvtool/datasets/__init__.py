@@ -9,7 +9,6 @@ from .base import (  # noqa: F401
     get_dataset,
     list_datasets,
     load_split,
-    load_split_tensor,
     protocol_val_split,
     register,
     resolve_data_root,

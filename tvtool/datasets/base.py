@@ -174,9 +174,6 @@ def load_split(name: str, split: str, data_root=None, image_size: int = 224):
     return cache.load_cached(spec, split, data_root, image_size)
 
 
-# ARCHITECTURE.md's name for the same entry point.
-load_split_tensor = load_split
-
 
 # ---- helpers for the small per-dataset modules -------------------------------------------------------------------
 
