@@ -142,8 +142,11 @@ def quickstart(
     device: Optional[str] = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """The built-in offline job: fine-tune the 8 mini-world tasks with and without OrthoReg on the bundled tiny
-    CLIP, then task addition, negation and cosine, printed as a paper-style table. Reruns skip finished work.
+    """The built-in offline job: the 8 mini-world tasks fine-tuned with and without OrthoReg, then task addition,
+    negation and cosine in a paper-style table.
+
+    Runs on the bundled tiny CLIP in about 4.5 minutes on 2 CPU cores; reruns skip finished work.
+    It is the recipe recipes/mini.yaml. Example: tvtool quickstart --modes all --out-dir runs/qs
     """
     from ..errors import TVToolError
     from ..quickstart import quickstart_recipe
