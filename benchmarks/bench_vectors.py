@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24, help="transformer blocks (24 = ViT-L-14)")
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per contender (best is reported)")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--breakdown-only", action="store_true", help="only the start-up / read / in-process figures")
     args = ap.parse_args()
     folder = Path(args.dir or tempfile.mkdtemp(prefix="tvbench-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,11 +109,21 @@ def main() -> None:
 
     params = open_vector(paths[0]).numel()
     print(f"wrote {args.n} vectors of {params / 1e6:.1f}M fp32 parameters in {time.perf_counter() - t0:.0f}s")
+    # where the time goes: start-up, one plain read of the inputs, the streaming add inside this process
+    py = sys.executable
+    startup, _ = run_measured([py, "-c", "import tvtool.cli"])
+    print(f"start-up (python -c 'import tvtool.cli'): {startup:.2f} s", flush=True)
     warm_page_cache(paths)
     t0 = time.perf_counter()
     warm_page_cache(paths)
     print(f"one plain read of all inputs (page cache -> a 16 MB buffer): {time.perf_counter() - t0:.2f} s", flush=True)
-    py = sys.executable
+    from tvtool import taskvector as tv
+
+    t0 = time.perf_counter()
+    tv.add(paths, folder / "inproc_sum.st", alpha=0.3, force=True)
+    print(f"tvtool add inside an already started process: {time.perf_counter() - t0:.2f} s", flush=True)
+    if args.breakdown_only:
+        return
     contenders = {
         "add: naive": [py, "-c", NAIVE_ADD, *map(str, paths), str(folder / "naive_sum.st")],
         "add: tvtool": [py, "-m", "tvtool", "add", *map(str, paths), "--alpha", "0.3", "-o", str(folder / "tv_sum.st"),
