@@ -109,3 +109,15 @@ def test_console_script_version_and_error_exit():
     r = subprocess.run([sys.executable, "-m", "tvtool", "negate", "/nonexistent.st", "-o", "/tmp/x.st"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error:")
+
+
+def test_inspect_plot_refuses_overwrite_and_needs_cosine(vecs, capsys):
+    tmp, paths = vecs
+    png = tmp / "c.png"
+    png.write_bytes(b"keep me")
+    assert main(["inspect", "--cosine", *map(str, paths), "--plot", str(png)]) == 1
+    assert png.read_bytes() == b"keep me" and "already exists" in capsys.readouterr().err
+    assert main(["inspect", "--cosine", *map(str, paths), "--plot", str(png), "--force"]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["inspect", str(paths[0]), "--plot", str(tmp / "d.png")]) == 1
+    assert "--cosine" in capsys.readouterr().err and not (tmp / "d.png").exists()
