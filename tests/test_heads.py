@@ -1,8 +1,5 @@
 """Zero-shot heads against an independent per-prompt computation, the head cache, and ImageClassifier."""
-import json
 import math
-import tempfile
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,22 +9,13 @@ import torch
 from tvtool import heads, models
 from tvtool.errors import TVToolError
 
-TINY = "tvtool-test-tiny-heads"
-TINY_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+from tiny_clip import register_tiny
 
+TINY = "tvtool-test-tiny-heads"
 
 @pytest.fixture(scope="module")
 def bundle():
-    import open_clip
-
-    if TINY not in open_clip.list_models():
-        path = Path(tempfile.mkdtemp()) / f"{TINY}.json"
-        path.write_text(json.dumps(TINY_CFG))
-        open_clip.add_model_config(path)
+    register_tiny(TINY)
     torch.manual_seed(0)
     b = models.load_clip(TINY, "random", device="cpu")
     with torch.no_grad():
@@ -106,18 +94,6 @@ def test_bad_templates_are_user_errors(bundle):
         heads.zero_shot_head(bundle, spec(classnames=()), cache=False)
     with pytest.raises(TVToolError, match="brace"):
         heads.zero_shot_head(bundle, spec(templates=("a {c} in {place}",)), cache=False)
-
-
-def test_normalize_images_matches_numpy():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 256, (4, 3, 5, 6), dtype=torch.uint8, generator=g)
-    mean, std = (0.48, 0.45, 0.40), (0.26, 0.27, 0.28)
-    got = heads.normalize_images(x, mean, std, device="cpu")
-    ref = (x.numpy().astype(np.float64) / 255.0 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
-    assert got.dtype == torch.float32
-    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(TVToolError, match="uint8"):
-        heads.normalize_images(x.float(), mean, std)
 
 
 def test_image_classifier_logits_match_manual_formula(bundle):

@@ -2,7 +2,6 @@
 import json
 import math
 import socket
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,22 +12,13 @@ from tvtool import models
 from tvtool.checkpoints import SafetensorsFile, fingerprint
 from tvtool.errors import TVToolError
 
-TINY = "tvtool-test-tiny-models"
-TINY_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+from tiny_clip import TINY_CFG, register_tiny
 
+TINY = "tvtool-test-tiny-models"
 
 @pytest.fixture(scope="module")
 def tiny_state():
-    import open_clip
-
-    if TINY not in open_clip.list_models():
-        path = Path(tempfile.mkdtemp()) / f"{TINY}.json"
-        path.write_text(json.dumps(TINY_CFG))
-        open_clip.add_model_config(path)
+    register_tiny(TINY)
     torch.manual_seed(123)
     state = models.load_clip(TINY, "random", device="cpu").model.state_dict()
     with torch.no_grad():

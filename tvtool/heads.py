@@ -118,19 +118,6 @@ def zero_shot_head(bundle, dataset_spec, cache: bool = True) -> torch.Tensor:
     return head
 
 
-def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                     device: str | torch.device | None = None) -> torch.Tensor:
-    """uint8 [N,3,H,W] -> normalised float32 on ``device``; the uint8 batch moves, the float conversion is there."""
-    if images.dtype != torch.uint8:
-        raise TVToolError(f"expected a uint8 image batch, got {images.dtype}; pass the cached uint8 tensors")
-    x = images.to(device or images.device, non_blocking=True)
-    # (x/255 - mean)/std folded into one multiply-add
-    scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32, device=x.device))
-    shift = torch.tensor(mean, dtype=torch.float32, device=x.device) / torch.tensor(std, dtype=torch.float32,
-                                                                                    device=x.device)
-    return torch.addcmul(-shift.view(1, -1, 1, 1), x.float(), scale.view(1, -1, 1, 1))
-
-
 class ImageClassifier(nn.Module):
     """The image tower plus a frozen zero-shot head: logits = normalize(visual(x)) @ head.T."""
 
