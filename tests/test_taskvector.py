@@ -237,7 +237,7 @@ def test_streaming_reads_zero_copy_views(files):
     tmp, base, fts, vecs = files
     v = tv.open_vector(vecs[0])
     t = v.get("visual.proj")
-    assert not t.is_contiguous() or t.untyped_storage().nbytes() == t.numel() * 4
+    assert v.get("visual.proj").data_ptr() == t.data_ptr()  # a view of the mapping each time, never a copy
     expected = load_file(vecs[0])["visual.proj"]
     torch.testing.assert_close(t, expected, rtol=0, atol=0)
     assert math.isclose(float(t.sum()), float(expected.sum()))
