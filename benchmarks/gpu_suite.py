@@ -13,13 +13,13 @@ Arms:
 * **train** - images/s of (a) a reference-style loop (``bench_train.run_baseline``: fp32, a JPEG-decoding
   DataLoader with workers, torchvision transforms, plus the reference code's penalty with theta_0 on the CPU,
   ``bench_train.reference_penalty``), (b) the real ``tvtool.train.finetune`` loop (``bench_train.run_finetune`` on
-  the same JPEG folder, decoded once into the uint8 cache), (c) the same with the classifier wrapped in
-  ``torch.compile`` (finetune has no compile switch: the suite swaps ``tvtool.heads.ImageClassifier`` for a factory
-  returning the compiled module, for that call only); MFU = achieved FLOP/s over the device's dense bf16 peak, with
+  the same JPEG folder, decoded once into the uint8 cache), (c) the same with ``compile=True`` (``--compile``;
+  ``--smoke`` swaps in a classifier compiled with the aot_eager backend instead, as inductor's C++ build is slow on
+  2 cores); MFU = achieved FLOP/s over the device's dense bf16 peak, with
   FLOPs per image counted by ``torch.utils.flop_counter.FlopCounterMode`` over one forward + backward of the image
   tower and head (the penalty not counted); peak device memory of finetune without and with the exact penalty.
 * **orthoreg** - finetune's step time with the exact penalty, the Hutchinson one (1 probe) and the exact one with
-  TF32 matmuls allowed, each as a fraction of the step without penalty (``step_with / step_without - 1``).
+  ``orthoreg_precision="tf32"``, each as a fraction of the step without penalty (``step_with / step_without - 1``).
 * **eval** - a 21-point task-addition alpha search over the Val sets of the 8 mini tasks (synthetic; sizes in the
   JSON) with 8 random task vectors: the Evaluator (built once, weights updated in place) against re-building
   model + heads + inputs per point (timed on ``--rebuild-points`` points, scaled to 21); both must agree.
@@ -106,16 +106,6 @@ def compiled_classifier(backend: str = "inductor"):
         heads.ImageClassifier = original
 
 
-@contextlib.contextmanager
-def tf32_matmuls():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 def _rel_curve_diff(a: list[float], b: list[float]) -> float:
     """Largest step-wise |a - b| relative to the mean |b| (loss curves of equal length)."""
     if len(a) != len(b) or not a:
@@ -170,11 +160,13 @@ class Suite:
         if variant not in self.runs:
             a = self.args
             n_train = self.jpeg_dataset()
-            kwargs = {"exact": {"lam": a.lam}, "exact_tf32": {"lam": a.lam},
+            kwargs = {"exact": {"lam": a.lam}, "exact_tf32": {"lam": a.lam, "orthoreg_precision": "tf32"},
+                      "compile": {"compile": True} if a.compile_backend == "inductor" else {},
                       "hutchinson": {"lam": a.lam, "orthoreg_estimator": "hutchinson", "orthoreg_probes": 1},
                       }.get(variant, {})
-            ctx = {"compile": lambda: compiled_classifier(a.compile_backend),
-                   "exact_tf32": tf32_matmuls}.get(variant, contextlib.nullcontext)
+            ctx = contextlib.nullcontext  # --smoke's aot_eager backend: finetune's --compile is inductor only
+            if variant == "compile" and a.compile_backend != "inductor":
+                ctx = lambda: compiled_classifier(a.compile_backend)  # noqa: E731
             out = self.tmp / f"ft-{variant}"
             out.mkdir(exist_ok=True)
             gc.collect()  # the previous run's model must not count in this one's peak

@@ -94,3 +94,20 @@ def test_smoke_prints_the_markdown_table(smoke):
     for row in ("reference-style loop", "torch.compile", "exact penalty", "alpha search", "merge: tsv",
                 "check: ddp_matches_single"):
         assert row in stdout, row
+
+
+def test_profile_smoke_times_every_part_and_the_real_loop(tmp_path):
+    """benchmarks/gpu_profile.py --smoke: every part of the step timed, the real finetune loop timed per variant
+    and profiled, the TF32-vs-fp32 penalty error recorded (0 on the CPU, where TF32 does not exist)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_profile.py"), "--smoke", "--out", str(tmp_path),
+                    "--loop-variants", "eager,eager+penalty", "--loop-timed", "2"],
+                   check=True, capture_output=True, text=True, env=env, timeout=600)
+    res = json.loads((tmp_path / "profile.json").read_text())
+    for part in ("data", "fwd_bwd_eager", "penalty_fwd_bwd", "penalty_fwd_bwd_tf32", "clip_and_adamw",
+                 "whole_step_eager", "fwd_bwd_eager_b16"):
+        assert res["ms"][part] > 0, part
+    assert set(res["loop_images_per_s"]) == {"eager", "eager+penalty"}
+    assert all(v > 0 for v in res["loop_images_per_s"].values())
+    assert res["profile_loop"]["top_cpu_ops"], "the real loop was not profiled"
+    assert res["penalty_tf32_rel_error"] == 0.0

@@ -343,3 +343,49 @@ def test_local_pretrained_recorded_absolute(tmp_path, monkeypatch):
     finetune(small(max_steps=1, pretrained="base.safetensors"), "v.st")
     base = open_vector(tmp_path / "v.st").meta["base"]
     assert base["pretrained"] == str(weights.resolve()) and base["model"] == "tvtool-mini"
+
+
+def test_speed_options_leave_the_digest_and_precision_changes_it():
+    from tvtool.train import _config_key
+
+    a = small(lam=10.0)
+    assert a.settings_digest() == small(lam=10.0, compile=True, compile_mode="reduce-overhead").settings_digest()
+    assert a.settings_digest() != small(lam=10.0, orthoreg_precision="tf32").settings_digest()
+    # the defaults add no key, so digests recorded before these options existed still match
+    assert not {"compile", "compile_mode", "orthoreg_precision"} & set(_config_key(a.resolved()))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(compile_mode="fast"), "--compile-mode 'fast'"),
+    (dict(orthoreg_precision="bf16"), "--orthoreg-precision 'bf16'"),
+    (dict(compile="yes"), "compile must be true or false"),
+])
+def test_speed_options_checked(bad, message):
+    with pytest.raises(TVToolError, match=message):
+        small(**bad).resolved()
+
+
+def test_compile_wraps_the_classifier_with_its_mode(tmp_path, monkeypatch):
+    """--compile hands the classifier to torch.compile with --compile-mode; the run is otherwise the same."""
+    import torch
+
+    calls = []
+
+    def fake_compile(module, mode=None):
+        calls.append((type(module).__name__, mode))
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    plain = finetune(small(max_steps=2), tmp_path / "a.st")
+    compiled = finetune(small(max_steps=2, compile=True, compile_mode="max-autotune"), tmp_path / "b.st")
+    assert calls == [("ImageClassifier", "max-autotune")]
+    assert compiled.task_loss == plain.task_loss
+
+
+def test_orthoreg_precision_recorded_and_tf32_flag_restored(tmp_path):
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    finetune(small(max_steps=2, lam=1.0, orthoreg_precision="tf32"), tmp_path / "v.st")
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    assert open_vector(tmp_path / "v.st").meta["orthoreg"]["precision"] == "tf32"

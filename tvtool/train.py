@@ -20,6 +20,7 @@ DistributedSampler.set_epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -51,6 +52,7 @@ class TrainConfig:
     orthoreg_scope: str = "visual-linear"  # visual-linear (paper) | reference (every trainable 2-D tensor)
     orthoreg_estimator: str = "exact"    # exact | hutchinson (unbiased randomized)
     orthoreg_probes: int = 1
+    orthoreg_precision: str = "fp32"     # fp32 (protocol) | tf32 (TF32 matmuls for the penalty's Gram products)
     lr: float = 1e-5
     weight_decay: float = 0.1
     warmup_steps: int = 500
@@ -65,6 +67,8 @@ class TrainConfig:
     data_root: str | None = None
     device: str | None = None
     precision: str = "auto"              # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False                # torch.compile the classifier (speed only: same function)
+    compile_mode: str = "default"        # torch.compile mode: default | reduce-overhead | max-autotune ...
     eval: bool = True                    # evaluate zero-shot and fine-tuned accuracy (Val + test) for the metadata
     eval_batch_size: int = 256
     checkpoint_every: int = 0            # optimizer steps between checkpoints (0: none)
@@ -106,11 +110,16 @@ class TrainConfig:
         c.lam = check_finite("--lambda", c.lam, low=0, high=1e6)
         c.lora_alpha = check_finite("--lora-alpha", c.lora_alpha, low=0, high=1e6, low_open=True)
         c.clip_grad = check_finite("--clip-grad", c.clip_grad, low=0)
-        for name in ("eval", "keep_checkpoints"):
+        for name in ("eval", "keep_checkpoints", "compile"):
             if not isinstance(getattr(c, name), bool):
                 raise TVToolError(f"{name} must be true or false, got {getattr(c, name)!r}")
         if c.precision not in ("auto", "fp32", "bf16"):
             raise TVToolError(f"--precision {c.precision!r}: use auto, fp32 or bf16")
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if c.compile_mode not in modes:
+            raise TVToolError(f"--compile-mode {c.compile_mode!r}: use one of {', '.join(modes)}")
+        if c.orthoreg_precision not in ("fp32", "tf32"):
+            raise TVToolError(f"--orthoreg-precision {c.orthoreg_precision!r}: use fp32 or tf32")
         from .orthoreg import ESTIMATORS, FORMS, SCOPES
 
         choices = {"orthoreg_form": FORMS, "orthoreg_scope": SCOPES, "orthoreg_estimator": ESTIMATORS}
@@ -142,7 +151,8 @@ class TrainConfig:
         if self.lam <= 0:
             return None
         return {"lambda": self.lam, "form": self.orthoreg_form, "scope": self.orthoreg_scope,
-                "estimator": self.orthoreg_estimator, "probes": self.orthoreg_probes}
+                "estimator": self.orthoreg_estimator, "probes": self.orthoreg_probes,
+                "precision": self.orthoreg_precision}
 
 
 # ------------------------------------------------------------------------------------------------ small pieces
@@ -213,6 +223,21 @@ def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Genera
     return resized_crop(images, crop_boxes(b, h, w, generator, images.device, scale, ratio), size)
 
 
+@contextlib.contextmanager
+def _matmul_tf32(enabled: bool):
+    """TF32 matrix products inside the block (--orthoreg-precision tf32): a 2-2.5x faster penalty on an H100
+    (benchmarks/gpu_profile.py); TF32 keeps 10 mantissa bits, so roughly 1e-3 relative error is expected."""
+    if not enabled:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def _seed_everything(seed: int) -> None:
     import random
 
@@ -265,8 +290,10 @@ def _config_key(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the run it continues (and that determine its vector)."""
     d = dataclasses.asdict(cfg)
     for k in ("device", "eval", "eval_batch_size", "checkpoint_every", "checkpoint_dir", "log_every", "data_root",
-              "keep_checkpoints"):
+              "keep_checkpoints", "compile", "compile_mode"):
         d.pop(k)
+    if d["orthoreg_precision"] == "fp32":  # the default before the option existed: older digests stay valid
+        d.pop("orthoreg_precision")
     return d
 
 
@@ -458,6 +485,10 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     tuned = variants.prepare(bundle.model, cfg.mode, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
     classifier = heads.ImageClassifier(tuned.module, head).to(device)
     params = dict(tuned.named_trainable())
+    # torch.compile: fewer, fused kernels; on a GPU a ViT-B-32 step is bound by Python launching ~1,100 kernels
+    # (benchmarks/gpu_profile.py). reduce-overhead adds CUDA graphs (each step then marks its start, below).
+    forward = torch.compile(classifier, mode=cfg.compile_mode) if cfg.compile else classifier
+    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
     reg = None
     if cfg.lam > 0:
         reg = OrthoReg.from_tuned(tuned, scope=cfg.orthoreg_scope, form=cfg.orthoreg_form,
@@ -525,14 +556,17 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                 x = resized_crop(x, boxes.index_select(0, pos), size)
                 x = (x - mean) / std
                 y = train_y.index_select(0, idx)
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = classifier(x)
+                    logits = forward(x)
                 task_loss = F.cross_entropy(logits.float(), y)
                 # a step's loss is the mean over the global batch: micro-batches and ranks carry their share
                 loss = task_loss * (idx.numel() * world / n_batch)
                 loss_acc += task_loss.detach() * (idx.numel() * world / n_batch)
             if reg is not None:
-                pen = reg.penalty(generator=gen)  # fp32, every micro-batch, as the protocol prescribes
+                with _matmul_tf32(cfg.orthoreg_precision == "tf32"):
+                    pen = reg.penalty(generator=gen)  # fp32, every micro-batch, as the protocol prescribes
                 loss = loss + cfg.lam * pen / cfg.grad_accum
                 pen_acc += pen.detach() / cfg.grad_accum
             if loss.requires_grad:
