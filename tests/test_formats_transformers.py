@@ -223,3 +223,25 @@ def test_default_clipconfig_matches_transformers():
     with torch.no_grad():
         assert _rel(_features(hf.get_image_features(pixel_values=images)), oc.encode_image(images)) < 1e-5
         assert _rel(_features(hf.get_text_features(input_ids=ids)), oc.encode_text(ids)) < 1e-5
+
+
+def test_convert_refuses_a_task_vector(tmp_path):
+    """A task vector is weight differences: converting it would give a 'model' of deltas. One line, exit 1,
+    nothing written."""
+    import os
+    import shutil
+
+    import numpy as np
+
+    from tvtool import taskvector as tv
+
+    vec = tmp_path / "cars.st"
+    meta = tv.new_meta({"model": "tvtool-mini", "pretrained": "builtin", "fingerprint": "fp1:x"}, tasks=["cars"])
+    tv.write_vector(vec, [("visual.proj", np.ones((4, 4), np.float32))], meta,
+                    specs={"visual.proj": ("F32", (4, 4))})
+    exe = shutil.which("tvtool") or os.path.join(os.path.dirname(sys.executable), "tvtool")
+    for out in ("m.safetensors", "hf-folder"):
+        r = subprocess.run([exe, "convert", str(vec), "-o", str(tmp_path / out)], capture_output=True, text=True)
+        assert r.returncode == 1 and "is a tvtool task vector" in r.stderr and "tvtool apply" in r.stderr, r.stderr
+        assert r.stderr.strip().count("\n") == 0
+        assert not (tmp_path / out).exists()

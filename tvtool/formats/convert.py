@@ -74,6 +74,23 @@ def _open_clip_folder(out: Path, source, force: bool) -> str:
     return f"open_clip folder, architecture {source.describe.get('model') or 'in open_clip_config.json'}"
 
 
+def _refuse_task_vector(path: Path) -> None:
+    """A task vector holds weight differences, not weights: converting it would give a model of deltas."""
+    from ..checkpoints import SafetensorsFile
+    from ..taskvector import META_KEY
+
+    if not (path.is_file() and path.suffix.lower() in (".safetensors", ".st")):
+        return
+    f = SafetensorsFile(path)
+    try:
+        is_vector = META_KEY in (f.metadata or {})
+    finally:
+        f.close()
+    if is_vector:
+        raise TVToolError(f"{path} is a tvtool task vector (weight differences), not model weights; make a model "
+                          f"first with `tvtool apply {path} --pretrained BASE -o model.safetensors`, then convert that")
+
+
 def convert(source: str, output: str | os.PathLike, *, model: str | None = None, vision_only: bool = False,
             trust_pickle: bool = False, force: bool = False) -> str:
     """Convert ``source`` to ``output`` (see module docstring); returns a short description of what was written."""
@@ -83,6 +100,7 @@ def convert(source: str, output: str | os.PathLike, *, model: str | None = None,
     from .arch import infer
 
     src_path, out = Path(source), Path(output)
+    _refuse_task_vector(src_path)
     if src_path.is_file() and src_path.suffix.lower() in PICKLE_SUFFIXES:
         obj = read_pickle(src_path, trust_pickle)
         if tangent.is_linearized(obj):
