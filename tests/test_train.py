@@ -389,3 +389,19 @@ def test_orthoreg_precision_recorded_and_tf32_flag_restored(tmp_path):
     finetune(small(max_steps=2, lam=1.0, orthoreg_precision="tf32"), tmp_path / "v.st")
     assert torch.backends.cuda.matmul.allow_tf32 == before
     assert open_vector(tmp_path / "v.st").meta["orthoreg"]["precision"] == "tf32"
+
+
+def test_compile_failure_is_one_line_with_the_way_out(tmp_path, monkeypatch):
+    """torch.compile fails lazily, at the first forward; that failure reads as one line naming --compile."""
+    import torch
+    from torch._dynamo.exc import TorchDynamoException
+
+    def failing(x):
+        raise TorchDynamoException("CppCompileError: no C++ compiler found\nlong trace ...")
+
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: failing)
+    with pytest.raises(TVToolError, match=r"--compile \(mode default\) failed for --mode full: "
+                                          r"TorchDynamoException: CppCompileError: no C\+\+ compiler found; "
+                                          r"run without --compile$"):
+        finetune(small(max_steps=2, compile=True), tmp_path / "v.st")
+    assert not (tmp_path / "v.st").exists()

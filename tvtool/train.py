@@ -223,6 +223,19 @@ def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Genera
     return resized_crop(images, crop_boxes(b, h, w, generator, images.device, scale, ratio), size)
 
 
+def _compiled_call(forward, x, cfg: TrainConfig):
+    """The compiled model's forward; torch.compile compiles lazily, at the first call, so its failures (no C++
+    compiler, an unsupported op in a mode) surface here: one line with the way out instead of a long trace."""
+    try:
+        return forward(x)
+    except Exception as exc:
+        if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise TVToolError(f"--compile (mode {cfg.compile_mode}) failed for --mode {cfg.mode}: "
+                          f"{type(exc).__name__}: {first}; run without --compile") from None
+
+
 @contextlib.contextmanager
 def _matmul_tf32(enabled: bool):
     """TF32 matrix products inside the block (--orthoreg-precision tf32): a 2-2.5x faster penalty on an H100
@@ -559,7 +572,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = forward(x)
+                    logits = forward(x) if not cfg.compile else _compiled_call(forward, x, cfg)
                 task_loss = F.cross_entropy(logits.float(), y)
                 # a step's loss is the mean over the global batch: micro-batches and ranks carry their share
                 loss = task_loss * (idx.numel() * world / n_batch)
