@@ -7,8 +7,8 @@
 
 Each measurement runs in a fresh subprocess; wall time and that child's peak RSS are reported. Files are written
 once; before every timed run they are read once so each contender starts from a warm page cache, and dirty pages
-are synced so no earlier run's write-back throttles it. Contenders run in interleaved rounds (naive, tvtool, api,
-naive, ...); the best of --repeat runs and the spread and median of the per-round ratios are reported (this VM's
+are synced so no earlier run's write-back throttles it. Contenders run in interleaved rounds (their order rotated
+each round); the best of --repeat runs and the spread and median of the per-round ratios are reported (this VM's
 buffered writes of 1.2 GB vary from 0.2 to 3 s from one minute to the next: benchmarks/bench_write.py). The yardstick is one plain read of every input from the page cache: "I/O fraction" is
 that read's time over the command's wall time (1.0 = as fast as reading the inputs).
 
@@ -155,12 +155,14 @@ def plain_read_time(paths: list[Path]) -> float:
 
 
 def race(contenders: dict[str, list[str]], inputs: list[Path], repeat: int, cleanup: list[Path]) -> dict:
-    """Run the contenders in interleaved rounds (naive, tvtool, api, naive, ...): on a shared, noisy machine a slow
+    """Run the contenders in interleaved rounds, the order rotated each round: on a shared, noisy machine a slow
     spell then hits every contender of a round, and each round gives a paired ratio. Returns, per contender, the best
     (wall, peak RSS) and the list of walls per round."""
     walls: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
-    for _ in range(repeat):
-        for name, cmd in contenders.items():
+    names = list(contenders)
+    for r in range(repeat):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotated: no contender always goes first
+            cmd = contenders[name]
             for p in cleanup:
                 p.unlink(missing_ok=True)
             warm_page_cache(inputs)  # every contender starts from the same warm cache, outside its timing

@@ -287,6 +287,7 @@ class Suite:
     def arm_checks(self) -> None:
         """Each check on its own: one that raises is recorded (null, reason, error) and the others still run."""
         for name, check in (("bf16_matches_fp32", self.check_bf16), ("compiled_matches_eager", self.check_compile),
+                            ("compiled_grads_match_eager", self.check_compiled_grads),
                             ("penalty_same_in_bf16", self.check_penalty), ("ddp_matches_single", self.check_ddp),
                             ("random_resized_crop_matches_torchvision", self.check_crop)):
             try:
@@ -323,6 +324,18 @@ class Suite:
         self.res["checks_detail"]["compiled_vs_eager"] = {"max_logged_loss_diff_rel": diff, "tolerance": tol,
                                                           "logged_points": len(eager)}
         return diff <= tol
+
+    def check_compiled_grads(self) -> bool | None:
+        """The gradients themselves (a loss curve at lr 1e-5 on random weights hardly moves, so it would not see
+        wrong gradients): eager vs compiled with the compile run's mode, on 3 fresh batches, graphs replayed."""
+        why = self.compile_possible()
+        if why is not None:
+            self.skip("checks.compiled_grads_match_eager", why)
+            return None
+        a = self.args
+        d = self.res["checks_detail"]["compiled_grads_vs_eager"] = compiled_grads_vs_eager(
+            a.model, self.device, min(a.batch, 32), a.compile_mode, a.compile_backend)
+        return d["max_grad_rel_diff"] <= d["tolerance"]
 
     def check_penalty(self) -> bool:
         d = self.res["checks_detail"]["penalty_bf16"] = penalty_under_bf16(self.args.model, self.device)
@@ -373,6 +386,46 @@ def flops_per_image(model_name: str, device: str, batch: int) -> float:
     flops = counter.get_total_flops() / batch
     del bundle, clf
     return float(flops)
+
+
+def compiled_grads_vs_eager(model_name: str, device: str, batch: int, mode: str, backend: str,
+                            steps: int = 3) -> dict:
+    """Relative L2 difference of the full gradient, eager vs torch.compile'd classifier (finetune's autocast and
+    CUDA-graph step marking), over ``steps`` fresh batches at the same weights: replays included."""
+    from tvtool import heads, models, variants
+    from tvtool.train import CUDA_GRAPH_MODES
+
+    cuda = device.startswith("cuda")
+    torch.manual_seed(0)
+    bundle = models.load_clip(model_name, "random", device=device)
+    tuned = variants.prepare(bundle.model, "full")
+    clf = heads.ImageClassifier(tuned.module, torch.randn(10, bundle.model.visual.output_dim, device=device))
+    clf = clf.to(device).train()
+    params = [p for _, p in tuned.named_trainable()]
+    if backend == "inductor":
+        compiled, graphs = torch.compile(clf, mode=mode, dynamic=False), mode in CUDA_GRAPH_MODES
+    else:
+        compiled, graphs = torch.compile(clf, backend=backend), False
+    size = bundle.image_size
+    g = torch.Generator(device=device).manual_seed(1)
+    diffs = []
+    for _ in range(steps):
+        x = torch.randn(batch, 3, size, size, device=device, generator=g)
+        y = torch.randint(0, 10, (batch,), device=device, generator=g)
+        grads = []
+        for model in (clf, compiled):
+            for p in params:
+                p.grad = None
+            if model is compiled and graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
+                logits = model(x)
+            F.cross_entropy(logits.float(), y).backward()
+            grads.append(torch.cat([p.grad.double().flatten() for p in params]))
+        diffs.append(float((grads[1] - grads[0]).norm() / grads[0].norm()))
+    # bf16 autocast on CUDA: fused kernels round differently; in fp32 on the CPU only summation order differs
+    return {"max_grad_rel_diff": max(diffs), "per_batch": diffs, "tolerance": 5e-2 if cuda else 1e-4,
+            "batch": batch, "mode": mode if backend == "inductor" else None, "backend": backend}
 
 
 def penalty_under_bf16(model_name: str, device: str) -> dict:

@@ -23,7 +23,7 @@ REQUIRED = {
     "eval.evaluator_s": NUMBER, "eval.rebuild_s": NUMBER,
     "merge.tsv.gpu_s": NUMBER, "merge.tsv.cpu_s": NUMBER, "merge.iso-c.gpu_s": NUMBER, "merge.iso-c.cpu_s": NUMBER,
 }
-CHECKS = ("bf16_matches_fp32", "compiled_matches_eager", "penalty_same_in_bf16",
+CHECKS = ("bf16_matches_fp32", "compiled_matches_eager", "compiled_grads_match_eager", "penalty_same_in_bf16",
           "random_resized_crop_matches_torchvision", "ddp_matches_single")
 
 
@@ -86,6 +86,8 @@ def test_smoke_checks_are_booleans_from_real_comparisons(smoke):
     assert detail["compiled_vs_eager"]["logged_points"] == 3
     assert res["eval"]["accuracies_identical"] is True and res["eval"]["grid_points"] == 21
     assert detail["penalty_bf16"]["fp32"] > 0
+    grads = detail["compiled_grads_vs_eager"]
+    assert len(grads["per_batch"]) == 3 and res["checks"]["compiled_grads_match_eager"] is True, grads
 
 
 def test_smoke_prints_the_markdown_table(smoke):
@@ -110,4 +112,4 @@ def test_profile_smoke_times_every_part_and_the_real_loop(tmp_path):
     assert set(res["loop_images_per_s"]) == {"eager", "eager+penalty"}
     assert all(v > 0 for v in res["loop_images_per_s"].values())
     assert res["profile_loop"]["top_cpu_ops"], "the real loop was not profiled"
-    assert res["penalty_tf32_rel_error"] == 0.0
+    assert res["penalty_tf32_grad_rel_error"] == 0.0

@@ -172,3 +172,51 @@ def test_lora_low_rank_formula_equals_dense(form):
     assert low.item() == pytest.approx(dense.item(), rel=1e-5)
     for g, p in zip(grads, tuned.trainable_parameters()):
         torch.testing.assert_close(g.double(), p.grad.double(), rtol=1e-3, atol=1e-4)
+
+
+def test_tf32_precision_covers_forward_and_backward_products(monkeypatch):
+    """precision="tf32" must hold for both products of the exact penalty: the backward's runs later, inside
+    loss.backward(), outside any block around penalty(). A spy reads the TF32 flag at each product; afterwards the
+    flag is back to what it was, and the value and gradient equal fp32's (TF32 does not exist on the CPU)."""
+    import torch
+
+    from tvtool.orthoreg import OrthoReg
+
+    seen = []
+    real_bmm, real_baddbmm = torch.bmm, torch.baddbmm
+
+    def spy(real, name):
+        def f(*a, **k):
+            seen.append((name, torch.backends.cuda.matmul.allow_tf32))
+            return real(*a, **k)
+        return f
+
+    g = torch.Generator().manual_seed(0)
+    weights = {"visual.transformer.resblocks.0.attn.out_proj.weight": torch.randn(6, 6, generator=g),
+               "visual.transformer.resblocks.0.mlp.c_fc.weight": torch.randn(12, 6, generator=g)}
+    results = {}
+    before = torch.backends.cuda.matmul.allow_tf32
+    for precision in ("fp32", "tf32"):
+        params = {k: v.clone().requires_grad_() for k, v in weights.items()}
+        reg = OrthoReg({k: v.shape for k, v in params.items()}, precision=precision)
+        seen.clear()
+        monkeypatch.setattr(torch, "bmm", spy(real_bmm, "bmm"))
+        monkeypatch.setattr(torch, "baddbmm", spy(real_baddbmm, "baddbmm"))
+        value = reg.penalty(params)
+        value.backward()
+        monkeypatch.undo()
+        results[precision] = (value.item(), [p.grad.clone() for p in params.values()])
+        expected = precision == "tf32"
+        assert {name for name, _ in seen} == {"bmm", "baddbmm"}
+        assert all(flag == expected for _, flag in seen), (precision, seen)
+        assert torch.backends.cuda.matmul.allow_tf32 == before
+    assert results["fp32"][0] == results["tf32"][0]
+    assert all(torch.equal(a, b) for a, b in zip(results["fp32"][1], results["tf32"][1]))
+
+
+def test_unknown_precision_refused():
+    from tvtool.errors import TVToolError
+    from tvtool.orthoreg import OrthoReg
+
+    with pytest.raises(TVToolError, match="unknown OrthoReg precision 'bf16'"):
+        OrthoReg({"w": (4, 4)}, precision="bf16")

@@ -371,14 +371,16 @@ def test_compile_wraps_the_classifier_with_its_mode(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_compile(module, mode=None):
-        calls.append((type(module).__name__, mode))
+    def fake_compile(module, mode=None, dynamic=None):
+        calls.append((type(module).__name__, mode, dynamic))
         return module
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     plain = finetune(small(max_steps=2), tmp_path / "a.st")
-    compiled = finetune(small(max_steps=2, compile=True, compile_mode="max-autotune"), tmp_path / "b.st")
-    assert calls == [("ImageClassifier", "max-autotune")]
+    compiled = finetune(small(max_steps=2, compile=True, compile_mode="max-autotune-no-cudagraphs"),
+                        tmp_path / "b.st")
+    # static shapes: the short last batch of an epoch gets its own graph, later steps keep the full-batch one
+    assert calls == [("ImageClassifier", "max-autotune-no-cudagraphs", False)]
     assert compiled.task_loss == plain.task_loss
 
 
@@ -399,9 +401,58 @@ def test_compile_failure_is_one_line_with_the_way_out(tmp_path, monkeypatch):
     def failing(x):
         raise TorchDynamoException("CppCompileError: no C++ compiler found\nlong trace ...")
 
-    monkeypatch.setattr(torch, "compile", lambda module, mode=None: failing)
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None, dynamic=None: failing)
     with pytest.raises(TVToolError, match=r"--compile \(mode default\) failed for --mode full: "
                                           r"TorchDynamoException: CppCompileError: no C\+\+ compiler found; "
                                           r"run without --compile$"):
         finetune(small(max_steps=2, compile=True), tmp_path / "v.st")
     assert not (tmp_path / "v.st").exists()
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graph_modes_refuse_gradient_accumulation(mode):
+    """CUDA-graph replays overwrite the gradients an earlier micro-batch left (pytorch#169545): refused up front."""
+    with pytest.raises(TVToolError, match=f"--compile-mode {mode} captures CUDA graphs, which cannot accumulate"):
+        small(compile=True, compile_mode=mode, grad_accum=2).resolved()
+    small(compile=True, compile_mode="max-autotune-no-cudagraphs", grad_accum=2).resolved()
+    small(compile=True, compile_mode=mode, grad_accum=1).resolved()
+
+
+def test_compile_failure_in_the_backward_is_one_line_too(tmp_path, monkeypatch):
+    """The backward is compiled at the first loss.backward(); its failure reads like the forward's."""
+    import torch
+    from torch._dynamo.exc import TorchDynamoException
+
+    class FailsBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise TorchDynamoException("InductorError: backward lowering failed")
+
+    def compile_(module, mode=None, dynamic=None):
+        return lambda x: FailsBackward.apply(module(x))
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    with pytest.raises(TVToolError, match=r"failed for --mode full: TorchDynamoException: InductorError: backward "
+                                          r"lowering failed; run without --compile$"):
+        finetune(small(max_steps=2, compile=True), tmp_path / "v.st")
+
+
+def test_compile_mode_alone_turns_compile_on(tmp_path):
+    """`--compile-mode M` without `--compile` compiles (a mode that silently did nothing would mislead)."""
+    code = ("import sys, torch\n"
+            "calls = []\n"
+            "torch.compile = lambda m, mode=None, dynamic=None: calls.append(mode) or m\n"
+            "from tvtool.cli import main\n"
+            "try:\n"
+            f"    main(['finetune', '{TASK}', '--compile-mode', 'max-autotune-no-cudagraphs', '--max-steps', '1',"
+            f" '--no-eval', '--device', 'cpu', '-q', '-o', {str(tmp_path / 'v.st')!r}])\n"
+            "except SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "print(calls)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "['max-autotune-no-cudagraphs']"

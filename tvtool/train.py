@@ -52,7 +52,7 @@ class TrainConfig:
     orthoreg_scope: str = "visual-linear"  # visual-linear (paper) | reference (every trainable 2-D tensor)
     orthoreg_estimator: str = "exact"    # exact | hutchinson (unbiased randomized)
     orthoreg_probes: int = 1
-    orthoreg_precision: str = "fp32"     # fp32 (protocol) | tf32 (TF32 matmuls for the penalty's Gram products)
+    orthoreg_precision: str = "fp32"     # fp32 (protocol) | tf32 (the exact penalty's products in TF32)
     lr: float = 1e-5
     weight_decay: float = 0.1
     warmup_steps: int = 500
@@ -68,7 +68,8 @@ class TrainConfig:
     device: str | None = None
     precision: str = "auto"              # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False                # torch.compile the classifier (speed only: same function)
-    compile_mode: str = "default"        # torch.compile mode: default | reduce-overhead | max-autotune ...
+    compile_mode: str = "default"        # torch.compile mode: default | reduce-overhead | max-autotune ... (CUDA
+                                         # graph modes need grad_accum 1)
     eval: bool = True                    # evaluate zero-shot and fine-tuned accuracy (Val + test) for the metadata
     eval_batch_size: int = 256
     checkpoint_every: int = 0            # optimizer steps between checkpoints (0: none)
@@ -118,6 +119,11 @@ class TrainConfig:
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if c.compile_mode not in modes:
             raise TVToolError(f"--compile-mode {c.compile_mode!r}: use one of {', '.join(modes)}")
+        if c.compile and c.compile_mode in CUDA_GRAPH_MODES and c.grad_accum > 1:
+            # each micro-batch's replay overwrites the graph-owned gradients the previous one left (pytorch#169545)
+            raise TVToolError(f"--compile-mode {c.compile_mode} captures CUDA graphs, which cannot accumulate "
+                              f"gradients over --grad-accum {c.grad_accum} micro-batches; use --compile-mode default "
+                              "or max-autotune-no-cudagraphs")
         if c.orthoreg_precision not in ("fp32", "tf32"):
             raise TVToolError(f"--orthoreg-precision {c.orthoreg_precision!r}: use fp32 or tf32")
         from .orthoreg import ESTIMATORS, FORMS, SCOPES
@@ -223,32 +229,24 @@ def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Genera
     return resized_crop(images, crop_boxes(b, h, w, generator, images.device, scale, ratio), size)
 
 
-def _compiled_call(forward, x, cfg: TrainConfig):
-    """The compiled model's forward; torch.compile compiles lazily, at the first call, so its failures (no C++
-    compiler, an unsupported op in a mode) surface here: one line with the way out instead of a long trace."""
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
+
+
+@contextlib.contextmanager
+def _compile_errors(cfg: TrainConfig):
+    """torch.compile compiles lazily: the forward at the first call, the backward at the first loss.backward(). Its
+    failures there (no C++ compiler, an op a mode cannot handle) read as one line with the way out."""
+    if not cfg.compile:
+        yield
+        return
     try:
-        return forward(x)
+        yield
     except Exception as exc:
         if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise TVToolError(f"--compile (mode {cfg.compile_mode}) failed for --mode {cfg.mode}: "
                           f"{type(exc).__name__}: {first}; run without --compile") from None
-
-
-@contextlib.contextmanager
-def _matmul_tf32(enabled: bool):
-    """TF32 matrix products inside the block (--orthoreg-precision tf32): a 2-2.5x faster penalty on an H100
-    (benchmarks/gpu_profile.py); TF32 keeps 10 mantissa bits, so roughly 1e-3 relative error is expected."""
-    if not enabled:
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _seed_everything(seed: int) -> None:
@@ -500,12 +498,15 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     params = dict(tuned.named_trainable())
     # torch.compile: fewer, fused kernels; on a GPU a ViT-B-32 step is bound by Python launching ~1,100 kernels
     # (benchmarks/gpu_profile.py). reduce-overhead adds CUDA graphs (each step then marks its start, below).
-    forward = torch.compile(classifier, mode=cfg.compile_mode) if cfg.compile else classifier
-    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
+    # dynamic=False: the short last batch of an epoch compiles its own static graph once instead of turning every
+    # later step into a dynamic-shape one.
+    forward = torch.compile(classifier, mode=cfg.compile_mode, dynamic=False) if cfg.compile else classifier
+    graphs = cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES
     reg = None
     if cfg.lam > 0:
         reg = OrthoReg.from_tuned(tuned, scope=cfg.orthoreg_scope, form=cfg.orthoreg_form,
-                                  estimator=cfg.orthoreg_estimator, probes=cfg.orthoreg_probes)
+                                  estimator=cfg.orthoreg_estimator, probes=cfg.orthoreg_probes,
+                                  precision=cfg.orthoreg_precision)
 
     # --- optimizer and schedule
     epochs = cfg.epochs if cfg.epochs is not None else spec.epochs
@@ -572,18 +573,19 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = forward(x) if not cfg.compile else _compiled_call(forward, x, cfg)
+                    with _compile_errors(cfg):
+                        logits = forward(x)
                 task_loss = F.cross_entropy(logits.float(), y)
                 # a step's loss is the mean over the global batch: micro-batches and ranks carry their share
                 loss = task_loss * (idx.numel() * world / n_batch)
                 loss_acc += task_loss.detach() * (idx.numel() * world / n_batch)
             if reg is not None:
-                with _matmul_tf32(cfg.orthoreg_precision == "tf32"):
-                    pen = reg.penalty(generator=gen)  # fp32, every micro-batch, as the protocol prescribes
+                pen = reg.penalty(generator=gen)  # fp32, every micro-batch, as the protocol prescribes
                 loss = loss + cfg.lam * pen / cfg.grad_accum
                 pen_acc += pen.detach() / cfg.grad_accum
             if loss.requires_grad:
-                loss.backward()
+                with _compile_errors(cfg):
+                    loss.backward()
             seen += idx.numel() * world
         _allreduce_grads(list(params.values()), world)
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip_grad if cfg.clip_grad > 0

@@ -32,9 +32,8 @@ def finetune(
                                                                        "layers) | reference (every trainable 2-D tensor)."),
     estimator: str = typer.Option("exact", "--orthoreg-estimator", help="exact | hutchinson (unbiased randomized)."),
     probes: int = typer.Option(1, "--orthoreg-probes", help="Probe vectors per layer for the hutchinson estimator."),
-    orthoreg_precision: str = typer.Option("fp32", "--orthoreg-precision", help="fp32 (protocol) | tf32: TF32 "
-                                           "matrix products for the penalty on CUDA: 2-2.5x faster, roughly 1e-3 "
-                                           "relative error."),
+    orthoreg_precision: str = typer.Option("fp32", "--orthoreg-precision", help="fp32 (protocol) | tf32: the exact "
+                                           "penalty's matrix products in TF32 on CUDA, about 2x faster."),
     lr: float = typer.Option(1e-5, "--lr", help="AdamW learning rate."),
     weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (decoupled)."),
     warmup: int = typer.Option(500, "--warmup-steps", help="Linear warm-up steps before the cosine decay."),
@@ -54,9 +53,9 @@ def finetune(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model: faster steps on a GPU after a "
                                                          "minute of compiling; the same function."),
-    compile_mode: str = typer.Option("default", "--compile-mode", help="With --compile: torch.compile's mode, "
-                                     "default | reduce-overhead (CUDA graphs) | max-autotune | "
-                                     "max-autotune-no-cudagraphs."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile's mode (implies "
+                                               "--compile): default | reduce-overhead (CUDA graphs; needs "
+                                               "--grad-accum 1) | max-autotune | max-autotune-no-cudagraphs."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the zero-shot / fine-tuned accuracy measurements."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="Default: .OUTPUT.ckpt/ beside it."),
@@ -87,7 +86,9 @@ def finetune(
                       orthoreg_precision=orthoreg_precision, lr=lr,
                       weight_decay=weight_decay, warmup_steps=warmup, batch_size=batch_size, grad_accum=grad_accum,
                       epochs=epochs, max_steps=max_steps, lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed,
-                      data_root=data_root, device=device, precision=precision, compile=compile, compile_mode=compile_mode,
+                      data_root=data_root, device=device, precision=precision,
+                      compile=compile or compile_mode is not None,
+                      compile_mode=compile_mode or "default",
                       eval=not no_eval,
                       checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, log_every=log_every,
                       keep_checkpoints=keep_checkpoints)
