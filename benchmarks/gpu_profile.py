@@ -154,6 +154,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--loop-variants", default="", help="e.g. eager,default,reduce-overhead,eager+penalty: "
                     "images/s of the real loop per torch.compile mode (+penalty, +tf32)")
     ap.add_argument("--only-loops", action="store_true", help="skip the part timings and profiles")
+    ap.add_argument("--only-penalty", action="store_true", help="stop after the penalty's timings and TF32 error")
     ap.add_argument("--out", default="gpu-profile")
     ap.add_argument("--smoke", action="store_true", help="tvtool-mini on the CPU, batch 8, no compile (the test)")
     args = ap.parse_args(argv)
@@ -260,6 +261,9 @@ def main(argv=None) -> dict:
     res["penalty_tf32_grad_rel_error"] = float((tf32_grad - fp32_grad).norm() / fp32_grad.norm())
     print(f"# penalty gradient, TF32 vs fp32: {res['penalty_tf32_grad_rel_error']:.2e} relative", flush=True)
     opt.zero_grad(set_to_none=True)
+    if args.only_penalty:
+        save()
+        return res
     ms["clip_and_adamw"] = cuda_ms(clip_and_step, it)
     ms["whole_step_eager"] = cuda_ms(whole_step, it)
 

@@ -286,10 +286,13 @@ class Suite:
 
     def arm_checks(self) -> None:
         """Each check on its own: one that raises is recorded (null, reason, error) and the others still run."""
+        wanted = set(self.args.checks.split(",")) if self.args.checks else None
         for name, check in (("bf16_matches_fp32", self.check_bf16), ("compiled_matches_eager", self.check_compile),
                             ("compiled_grads_match_eager", self.check_compiled_grads),
                             ("penalty_same_in_bf16", self.check_penalty), ("ddp_matches_single", self.check_ddp),
                             ("random_resized_crop_matches_torchvision", self.check_crop)):
+            if wanted is not None and name not in wanted:
+                continue
             try:
                 self.res["checks"][name] = check()
             except Exception as exc:
@@ -688,6 +691,7 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--compile-backend", default=None,
                     help="torch.compile backend of the compile run (default inductor; --smoke: aot_eager)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile run (recorded as skipped)")
+    ap.add_argument("--checks", default=None, help="with the checks arm: only these (comma-separated names)")
     ap.add_argument("--compile-mode", default="reduce-overhead",
                     help="finetune --compile-mode of the compile run (default reduce-overhead: CUDA graphs, the "
                          "fastest on an H100, 2026-11-24; the compiled-vs-eager check then covers it)")
