@@ -12,9 +12,9 @@ candidates, each at several seeds, and runs task addition on every (mode, lambda
    (FT + OrthoReg);
 3. adds the column-orthogonality statistic of `tvtool inspect --ortho` (per 2-D tensor of an update, the mean
    |angle - 90 deg| between pairs of its columns, averaged over the tensors and then over the 8 task vectors;
-   lower = more orthogonal: the property dW^T dW ~ I that OrthoReg enforces) for every seed, and the
-   weight-disentanglement error xi (`tvtool eval disentanglement`, mean over the alpha grid) of one task pair at
-   the lowest seed; both are computed here on first use and stored beside the vectors (ortho.json,
+   lower = more orthogonal: the property dW^T dW ~ I that OrthoReg enforces) and the vectors' mean L2 norm, for
+   every seed, and the weight-disentanglement error xi (`tvtool eval disentanglement`, mean over the alpha grid) of
+   one task pair at the lowest seed; both are computed here on first use and stored beside the vectors (ortho.json,
    disentanglement-A-B.json), recomputed when the vectors change;
 4. says per mode whether OrthoReg's effect exceeds seed noise, by a stated rule: |mean difference| > 2 standard
    errors of the difference, SE = sqrt(s_FT^2 / n_FT + s_OR^2 / n_OR) (Welch's t > 2; with 3 seeds a lenient bar,
@@ -89,22 +89,27 @@ def _stored(path: Path, key: dict, compute: bool) -> dict | None:
     return doc
 
 
-def ortho_figure(recipe, variant, compute: bool) -> float | None:
-    """Mean over the variant's task vectors of `inspect --ortho`'s per-vector mean |angle - 90 deg|."""
+def ortho_figures(recipe, variant, compute: bool) -> tuple[float | None, float | None]:
+    """(mean over the variant's task vectors of `inspect --ortho`'s per-vector mean |angle - 90 deg|, mean L2 norm
+    of the vectors); the norm matters for reading xi, which is measured at fixed alphas."""
     from tvtool.evaluate import write_json
 
     paths = [recipe.output(variant, t) for t in recipe.tasks]
     out = recipe.out_dir / variant.name / "ortho.json"
     key = {"vectors": _fingerprints(paths)} if compute else {}
     doc = _stored(out, key, compute)
+    if doc is not None and compute and "mean_norm" not in doc:  # stored by an earlier version of this script
+        doc = None
     if doc is None and compute:
         from tvtool import inspection
 
-        per_vector = inspection.compare(paths, ortho=True)["ortho_mean_abs_dev_deg"]
+        res = inspection.compare(paths, ortho=True)
+        per_vector = res["ortho_mean_abs_dev_deg"]
         doc = {"key": key, "tasks": recipe.tasks, "mean_abs_dev_deg": per_vector,
-               "mean": sum(per_vector) / len(per_vector)}
+               "mean": sum(per_vector) / len(per_vector), "norms": res["norms"],
+               "mean_norm": sum(res["norms"]) / len(res["norms"])}
         write_json(doc, out, force=True)
-    return None if doc is None else doc["mean"]
+    return (None, None) if doc is None else (doc["mean"], doc.get("mean_norm"))
 
 
 def disentanglement_figure(recipe, variant, pair: tuple[str, str], grid: str, compute: bool) -> float | None:
@@ -162,13 +167,16 @@ def collect(recipe, *, pair=DEFAULT_PAIR, grid=DEFAULT_GRID, compute: bool = Tru
         shown = {"ft": arms[0.0], "orthoreg": chosen}
         for arm in shown.values():
             by_seed = runs[mode][arm["lambda"]]
-            orth = []
+            orth, norms = [], []
             for s in arm["seeds"]:
                 if compute:
                     log(f"{mode} lambda {arm['lambda']:g} seed {s}: column orthogonality")
-                orth.append(ortho_figure(recipe, by_seed[s], compute))
-            arm["ortho_deg_per_seed"] = orth
+                o, n = ortho_figures(recipe, by_seed[s], compute)
+                orth.append(o)
+                norms.append(n)
+            arm["ortho_deg_per_seed"], arm["norm_per_seed"] = orth, norms
             arm["ortho_deg"], arm["ortho_deg_std"] = mean_std([o for o in orth if o is not None])
+            arm["norm"], arm["norm_std"] = mean_std([n for n in norms if n is not None])
             s0 = arm["seeds"][0]
             if compute:
                 log(f"{mode} lambda {arm['lambda']:g} seed {s0}: disentanglement {pair[0]} x {pair[1]}")
@@ -199,14 +207,14 @@ def _pm(m, s, scale=100.0, digits=2) -> str:
 def markdown(table: dict) -> str:
     pair = " x ".join(table["pair"])
     lines = [f"| mode | variant | lambda | single-task FT | Abs.Acc | Norm.Acc | column orthogonality "
-             f"(mean abs(angle - 90 deg)) | xi ({pair}, lowest seed) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"(mean abs(angle - 90 deg)) | mean vector norm | xi ({pair}, lowest seed) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for mode, m in table["modes"].items():
         for label, key in (("FT", "ft"), ("FT + OrthoReg", "orthoreg")):
             a = m[key]
             lines.append(f"| {mode} | {label} | {a['lambda']:g} | {_pm(a['finetuned_acc'], a['finetuned_acc_std'])} | "
                          f"{_pm(a['abs_acc'], a['abs_acc_std'])} | {_pm(a['norm_acc'], a['norm_acc_std'])} | "
-                         f"{_pm(a['ortho_deg'], a['ortho_deg_std'], 1.0)} | "
+                         f"{_pm(a['ortho_deg'], a['ortho_deg_std'], 1.0)} | {_pm(a['norm'], a['norm_std'], 1.0)} | "
                          f"{'-' if a['xi'] is None else format(a['xi'], '.3f')} |")
     lines += ["", "Lambda chosen on Val (mean over seeds of the merged model's Val accuracy at its Val-chosen alpha):",
               "", "| mode | " + " | ".join(["lambda: Val acc (test Abs.Acc)"]) + " | chosen |", "|---|---|---|"]

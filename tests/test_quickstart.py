@@ -92,7 +92,7 @@ def _fabricate(tmp_path, runs: dict) -> Path:
                # the point at the chosen alpha is the selection figure; a better one elsewhere must be ignored
                "curve": [{"alpha": 0.05, "mean_val_acc": 0.999}, {"alpha": 0.1, "mean_val_acc": val}]}
         (folder / "addition.json").write_text(json.dumps(add))
-        (folder / "ortho.json").write_text(json.dumps({"mean": ortho}))
+        (folder / "ortho.json").write_text(json.dumps({"mean": ortho, "mean_norm": 2 * ortho}))
         (folder / "disentanglement-mini-digits-mini-mnist.json").write_text(json.dumps({"mean_error": xi}))
     recipe = tmp_path / "paper.yaml"
     recipe.write_text("\n".join(lines) + "\n")
@@ -141,8 +141,9 @@ def test_mini_paper_table_selects_lambda_on_mean_val_and_computes_mean_std_and_v
     assert lora["verdict"]["abs_acc"] == {"diff": pytest.approx(0.0), "se": pytest.approx(0.1 * math.sqrt(2 / 3)),
                                           "t": pytest.approx(0.0), "exceeds_noise": False}
     text = capsys.readouterr().out
-    assert "| full | FT + OrthoReg | 0.1 | 90.00 +- 0.00 | 67.00 +- 1.00 | 72.00 +- 1.00 | 8.00 +- 0.00 | 0.200 |" \
-        in text
+    assert ft["norm"] == pytest.approx(24.0) and ft["norm_std"] == pytest.approx(4.0)
+    assert "| full | FT + OrthoReg | 0.1 | 90.00 +- 0.00 | 67.00 +- 1.00 | 72.00 +- 1.00 | 8.00 +- 0.00 | " \
+        "16.00 +- 0.00 | 0.200 |" in text
     assert "| full | +5.00 (+3.87) | yes | +0.00 (+0.00) | no |" in text
 
 
