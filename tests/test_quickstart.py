@@ -38,3 +38,119 @@ def test_quickstart_ci_end_to_end(tmp_path, capsys):
         assert fig["tar_acc"] == (None if neg["tar_acc"] is None else 100 * neg["tar_acc"])
         assert fig["con_acc"] == (None if neg["con_acc"] is None else 100 * neg["con_acc"])
         assert -1 <= fig["cosine"] <= 1
+
+
+# ------------------------------------------------------------------ recipes/mini-paper.yaml + its summary script
+import importlib.util  # noqa: E402
+import math  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _table_script():
+    spec = importlib.util.spec_from_file_location("mini_paper_table", ROOT / "scripts" / "mini_paper_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mini_paper_recipe_parses_and_validates_with_every_mode_arm_and_seed():
+    from tvtool.datasets.mini import MINI_TASKS
+    from tvtool.quickstart import MINI_FINETUNE
+    from tvtool.recipes import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "mini-paper.yaml")
+    recipe.validate()
+    assert recipe.tasks == list(MINI_TASKS) and recipe.model == "tvtool-mini"
+    assert recipe.eval == {"addition": {"grid": "0:1:0.05"}}
+    cells = {}
+    for v in recipe.variants:
+        assert {k: v.settings[k] for k in MINI_FINETUNE} == MINI_FINETUNE  # the quickstart's settings
+        cells.setdefault((v.settings["mode"], float(v.settings.get("lam", 0))), set()).add(v.settings["seed"])
+    modes = {m for m, _ in cells}
+    assert modes == {"full", "attn", "lora", "linear"}
+    for mode in modes:
+        lams = {lam for m, lam in cells if m == mode}
+        assert 0.0 in lams and len(lams) >= 2  # both arms
+    assert all(seeds == {0, 1, 2} for seeds in cells.values())
+
+
+def _fabricate(tmp_path, runs: dict) -> Path:
+    """A recipe over `runs` {(mode, lam, seed): (val, abs, norm, ortho, xi)} and the result files it would leave."""
+    lines = ["out_dir: " + str(tmp_path / "runs"), "model: tvtool-mini", "tasks: [mini-digits, mini-mnist]",
+             "variants:"]
+    for (mode, lam, seed), (val, abs_acc, norm, ortho, xi) in runs.items():
+        name = f"{mode}-{lam:g}-{seed}"
+        lines.append(f"  - {{name: {name}, mode: {mode}, lambda: {lam}, seed: {seed}}}")
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        add = {"alpha": 0.1, "abs_acc": abs_acc, "norm_acc": norm, "splits": {"select": "val", "report": "test"},
+               "finetuned_acc": {"val": {}, "test": {"mini-digits": 0.8, "mini-mnist": 0.9 + lam}},
+               # the point at the chosen alpha is the selection figure; a better one elsewhere must be ignored
+               "curve": [{"alpha": 0.05, "mean_val_acc": 0.999}, {"alpha": 0.1, "mean_val_acc": val}]}
+        (folder / "addition.json").write_text(json.dumps(add))
+        (folder / "ortho.json").write_text(json.dumps({"mean": ortho, "mean_norm": 2 * ortho}))
+        (folder / "disentanglement-mini-digits-mini-mnist.json").write_text(json.dumps({"mean_error": xi}))
+    recipe = tmp_path / "paper.yaml"
+    recipe.write_text("\n".join(lines) + "\n")
+    return recipe
+
+
+def test_mini_paper_table_selects_lambda_on_mean_val_and_computes_mean_std_and_verdict(tmp_path, capsys):
+    runs = {
+        # full: lambda 0.01 has the best single-seed Val (0.70) and the best test figures, but lambda 0.1 the best
+        # Val *mean* over seeds (0.60 > 0.5667): 0.1 must be chosen
+        ("full", 0, 0): (0.99, 0.60, 0.70, 10.0, 0.30), ("full", 0, 1): (0.99, 0.62, 0.72, 12.0, 0.99),
+        ("full", 0, 2): (0.99, 0.64, 0.74, 14.0, 0.99),
+        ("full", 0.01, 0): (0.70, 0.90, 0.90, 1.0, 0.0), ("full", 0.01, 1): (0.50, 0.90, 0.90, 1.0, 0.0),
+        ("full", 0.01, 2): (0.50, 0.90, 0.90, 1.0, 0.0),
+        ("full", 0.1, 0): (0.60, 0.66, 0.71, 8.0, 0.20), ("full", 0.1, 1): (0.60, 0.67, 0.73, 8.0, 0.99),
+        ("full", 0.1, 2): (0.60, 0.68, 0.72, 8.0, 0.99),
+        # lora: a Val tie between the candidates goes to the smaller lambda; identical arms: no effect
+        ("lora", 0, 0): (0.5, 0.5, 0.5, 3.0, 0.1), ("lora", 0, 1): (0.5, 0.6, 0.5, 3.0, 0.1),
+        ("lora", 0, 2): (0.5, 0.7, 0.5, 3.0, 0.1),
+        ("lora", 0.01, 0): (0.5, 0.5, 0.5, 3.0, 0.1), ("lora", 0.01, 1): (0.5, 0.6, 0.5, 3.0, 0.1),
+        ("lora", 0.01, 2): (0.5, 0.7, 0.5, 3.0, 0.1),
+        ("lora", 0.1, 0): (0.5, 0.1, 0.5, 3.0, 0.1), ("lora", 0.1, 1): (0.5, 0.1, 0.5, 3.0, 0.1),
+        ("lora", 0.1, 2): (0.5, 0.1, 0.5, 3.0, 0.1),
+    }
+    recipe = _fabricate(tmp_path, runs)
+    out = tmp_path / "table.json"
+    script = _table_script()
+    assert script.main([str(recipe), "--no-compute", "--json-out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    full = table["modes"]["full"]
+    assert full["chosen_lambda"] == 0.1
+    assert full["candidates"]["0.01"]["val_acc"] == pytest.approx(1.7 / 3)
+    ft, orth = full["ft"], full["orthoreg"]
+    assert ft["abs_acc"] == pytest.approx(0.62) and ft["abs_acc_std"] == pytest.approx(0.02)
+    assert orth["abs_acc"] == pytest.approx(0.67) and orth["abs_acc_std"] == pytest.approx(0.01)
+    assert ft["norm_acc"] == pytest.approx(0.72) and orth["norm_acc"] == pytest.approx(0.72)
+    assert ft["finetuned_acc"] == pytest.approx(0.85) and orth["finetuned_acc"] == pytest.approx(0.90)
+    assert ft["ortho_deg"] == pytest.approx(12.0) and ft["ortho_deg_std"] == pytest.approx(2.0)
+    assert ft["xi"] == 0.30 and orth["xi"] == 0.20  # the lowest seed's
+    v = full["verdict"]["abs_acc"]  # diff 0.05, SE sqrt(0.02^2/3 + 0.01^2/3) = 0.012910
+    assert v["diff"] == pytest.approx(0.05) and v["se"] == pytest.approx(math.sqrt(0.0005 / 3))
+    assert v["t"] == pytest.approx(3.8730, abs=1e-4) and v["exceeds_noise"] is True
+    assert full["verdict"]["norm_acc"]["exceeds_noise"] is False  # equal means
+    lora = table["modes"]["lora"]
+    assert lora["chosen_lambda"] == 0.01
+    assert lora["verdict"]["abs_acc"] == {"diff": pytest.approx(0.0), "se": pytest.approx(0.1 * math.sqrt(2 / 3)),
+                                          "t": pytest.approx(0.0), "exceeds_noise": False}
+    text = capsys.readouterr().out
+    assert ft["norm"] == pytest.approx(24.0) and ft["norm_std"] == pytest.approx(4.0)
+    assert "| full | FT + OrthoReg | 0.1 | 90.00 +- 0.00 | 67.00 +- 1.00 | 72.00 +- 1.00 | 8.00 +- 0.00 | " \
+        "16.00 +- 0.00 | 0.200 |" in text
+    assert "| full | +5.00 (+3.87) | yes | +0.00 (+0.00) | no |" in text
+
+
+def test_mini_paper_table_missing_results_is_one_line_error(tmp_path, capsys):
+    recipe = _fabricate(tmp_path, {("full", 0, 0): (0.5,) * 5, ("full", 0.1, 0): (0.5,) * 5})
+    (tmp_path / "runs" / "full-0.1-0" / "addition.json").unlink()
+    assert _table_script().main([str(recipe), "--no-compute"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "addition.json: missing; run `tvtool run" in err
+    assert not (tmp_path / "runs" / "table.json").exists()
