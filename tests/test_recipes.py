@@ -253,3 +253,23 @@ def test_run_validates_everything_before_any_model(tmp_path, monkeypatch):
     doc["tasks"] = ["mini-shapes", "dtd"]
     with pytest.raises(TVToolError, match="dtd: no data root"):
         run_recipe(parse_recipe(doc, "t"), log=lambda m: None, device="cpu")
+
+
+def test_run_table_shows_only_the_steps_the_recipe_ran(capsys):
+    """A recipe without negation (recipes/mini-paper.yaml) gets no Tar.Acc / Con.Acc / 'neg. ok 0/0' columns; one
+    with negation and cosine gets them, and the zero-shot row."""
+    from tvtool.cli.train import _print_results
+
+    addition = {"abs_acc": 0.6642, "norm_acc": 0.7192, "alpha": 0.35}
+    _print_results({"variants": {"ft": {"addition": addition}}})
+    out = capsys.readouterr().out
+    assert "66.42" in out and "71.92" in out and "0.35" in out
+    for absent in ("neg. ok", "Tar.Acc", "Con.Acc", "0/0", "mean cos"):
+        assert absent not in out, absent
+
+    negation = {"tar_acc": 0.2725, "con_acc": 0.944, "qualified": 7, "tasks": 8,
+                "per_task": [{"zeroshot": {"target_test_acc": 0.5386, "control_test_acc": 0.99}}]}
+    _print_results({"variants": {"ft": {"addition": addition, "negation": negation, "cosine": {"mean": 0.0104}}}})
+    out = capsys.readouterr().out
+    for present in ("neg. ok", "Tar.Acc", "27.25", "94.40", "7/8", "0.0104", "zero-shot", "53.86"):
+        assert present in out, present

@@ -223,17 +223,32 @@ def _print_results(results: dict, out_dir: Optional[Path] = None) -> None:
     def pct(x):
         return "-" if x is None else f"{100 * x:.2f}"
 
-    t = Table(title="task arithmetic: test accuracy (%), alpha chosen on Val; Tar.Acc lower is better",
-              caption="neg. ok: tasks whose negation found an alpha keeping control Val accuracy >= threshold "
-                      "(default 0.95) x zero-shot; Tar.Acc and Con.Acc average those tasks. mean cos: mean pairwise cosine of the "
-                      "task vectors.")
+    variants = results["variants"].values()
+    # only the steps the recipe ran: a recipe without negation gets no "neg. ok 0/0" column
+    has_add = any(v.get("addition") for v in variants)
+    has_neg = any(v.get("negation") for v in variants)
+    has_cos = any(v.get("cosine") for v in variants)
+    columns = ([("Abs.Acc", lambda r: pct(r["abs_acc"])), ("Norm.Acc", lambda r: pct(r["norm_acc"])),
+                ("alpha", lambda r: "-" if r["alpha"] is None else f"{r['alpha']:.2f}")] if has_add else [])
+    if has_neg:
+        columns += [("Tar.Acc", lambda r: pct(r["tar_acc"])), ("Con.Acc", lambda r: pct(r["con_acc"])),
+                    ("neg. ok", lambda r: r["negation_qualified"])]
+    if has_cos:
+        columns.append(("mean cos", lambda r: "-" if r["cosine"] is None else f"{r['cosine']:.4f}"))
+    caption = []
+    if has_neg:
+        caption.append("neg. ok: tasks whose negation found an alpha keeping control Val accuracy >= threshold "
+                       "(default 0.95) x zero-shot; Tar.Acc and Con.Acc average those tasks.")
+    if has_cos:
+        caption.append("mean cos: mean pairwise cosine of the task vectors.")
+    t = Table(title="task arithmetic: test accuracy (%), alpha chosen on Val" + ("; Tar.Acc lower is better"
+                                                                                  if has_neg else ""),
+              caption=" ".join(caption) or None)
     t.add_column("variant", no_wrap=True)
-    for col in ("Abs.Acc", "Norm.Acc", "alpha", "Tar.Acc", "Con.Acc", "neg. ok", "mean cos"):
+    for col, _ in columns:
         t.add_column(col, justify="right", no_wrap=True)
     for row in summarize(results):
-        t.add_row(row["variant"], pct(row["abs_acc"]), pct(row["norm_acc"]),
-                  "-" if row["alpha"] is None else f"{row['alpha']:.2f}", pct(row["tar_acc"]), pct(row["con_acc"]),
-                  row["negation_qualified"], "-" if row["cosine"] is None else f"{row['cosine']:.4f}")
+        t.add_row(row["variant"], *(cell(row) for _, cell in columns))
     from rich.console import Console
 
     Console(width=max(110, Console().width)).print(t)
