@@ -173,16 +173,14 @@ def test_vision_only_folder_is_refused_where_heads_need_a_text_tower(tmp_path, h
 
 
 def test_convert_cli_writes_once_and_refuses_to_overwrite(tmp_path, hf_folder):
-    import os
-    import shutil
+    from cli_helpers import run_tvtool
 
     path, _ = hf_folder
-    exe = shutil.which("tvtool") or os.path.join(os.path.dirname(sys.executable), "tvtool")
     out = tmp_path / "oc.safetensors"
-    r = subprocess.run([exe, "convert", str(path), "-o", str(out)], capture_output=True, text=True)
+    r = run_tvtool("convert", str(path), "-o", str(out))
     assert r.returncode == 0 and "open_clip state dict" in r.stdout, r.stderr
     before = out.read_bytes()
-    r = subprocess.run([exe, "convert", str(path), "-o", str(out)], capture_output=True, text=True)
+    r = run_tvtool("convert", str(path), "-o", str(out))
     assert r.returncode == 1 and "already exists" in r.stderr and r.stderr.count("\n") == 1
     assert out.read_bytes() == before
 
@@ -228,10 +226,8 @@ def test_default_clipconfig_matches_transformers():
 def test_convert_refuses_a_task_vector(tmp_path):
     """A task vector is weight differences: converting it would give a 'model' of deltas. One line, exit 1,
     nothing written."""
-    import os
-    import shutil
-
     import numpy as np
+    from cli_helpers import run_tvtool
 
     from tvtool import taskvector as tv
 
@@ -239,9 +235,8 @@ def test_convert_refuses_a_task_vector(tmp_path):
     meta = tv.new_meta({"model": "tvtool-mini", "pretrained": "builtin", "fingerprint": "fp1:x"}, tasks=["cars"])
     tv.write_vector(vec, [("visual.proj", np.ones((4, 4), np.float32))], meta,
                     specs={"visual.proj": ("F32", (4, 4))})
-    exe = shutil.which("tvtool") or os.path.join(os.path.dirname(sys.executable), "tvtool")
     for out in ("m.safetensors", "hf-folder"):
-        r = subprocess.run([exe, "convert", str(vec), "-o", str(tmp_path / out)], capture_output=True, text=True)
+        r = run_tvtool("convert", str(vec), "-o", str(tmp_path / out))
         assert r.returncode == 1 and "is a tvtool task vector" in r.stderr and "tvtool apply" in r.stderr, r.stderr
         assert r.stderr.strip().count("\n") == 0
         assert not (tmp_path / out).exists()

@@ -453,6 +453,8 @@ def test_compile_mode_alone_turns_compile_on(tmp_path):
             "except SystemExit as e:\n"
             "    assert not e.code, e.code\n"
             "print(calls)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    from cli_helpers import run_python
+
+    r = run_python(code, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "['max-autotune-no-cudagraphs']"

@@ -116,19 +116,17 @@ class TrainConfig:
                 raise TVToolError(f"{name} must be true or false, got {getattr(c, name)!r}")
         if c.precision not in ("auto", "fp32", "bf16"):
             raise TVToolError(f"--precision {c.precision!r}: use auto, fp32 or bf16")
-        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-        if c.compile_mode not in modes:
-            raise TVToolError(f"--compile-mode {c.compile_mode!r}: use one of {', '.join(modes)}")
+        if c.compile_mode not in COMPILE_MODES:
+            raise TVToolError(f"--compile-mode {c.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
         if c.compile and c.compile_mode in CUDA_GRAPH_MODES and c.grad_accum > 1:
             # each micro-batch's replay overwrites the graph-owned gradients the previous one left (pytorch#169545)
             raise TVToolError(f"--compile-mode {c.compile_mode} captures CUDA graphs, which cannot accumulate "
                               f"gradients over --grad-accum {c.grad_accum} micro-batches; use --compile-mode default "
                               "or max-autotune-no-cudagraphs")
-        if c.orthoreg_precision not in ("fp32", "tf32"):
-            raise TVToolError(f"--orthoreg-precision {c.orthoreg_precision!r}: use fp32 or tf32")
-        from .orthoreg import ESTIMATORS, FORMS, SCOPES
+        from .orthoreg import ESTIMATORS, FORMS, PRECISIONS, SCOPES
 
-        choices = {"orthoreg_form": FORMS, "orthoreg_scope": SCOPES, "orthoreg_estimator": ESTIMATORS}
+        choices = {"orthoreg_form": FORMS, "orthoreg_scope": SCOPES, "orthoreg_estimator": ESTIMATORS,
+                   "orthoreg_precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(c, name) not in allowed:
                 raise TVToolError(f"--{name.replace('_', '-')} {getattr(c, name)!r}: use one of {', '.join(allowed)}")
@@ -229,7 +227,8 @@ def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Genera
     return resized_crop(images, crop_boxes(b, h, w, generator, images.device, scale, ratio), size)
 
 
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the ones that capture CUDA graphs
 
 
 @contextlib.contextmanager
