@@ -26,8 +26,8 @@ Speed: theta_0 of the selected layers is copied onto the parameters' device once
 call does one stack + subtraction and one ``baddbmm`` (``G - I`` in one kernel) per group instead of a Python loop
 over layers, and the backward is one more batched product (``4 dW M``, hand-derived) where autograd would run two.
 Everything runs in fp32 with autocast disabled (opt-in ``precision="tf32"``: the exact penalty's two products in
-TF32). ``estimator="hutchinson"`` replaces ``||M||_F^2`` by the unbiased ``mean_p ||M z_p||^2`` over Rademacher probes ``z`` with ``M z = dW^T (dW z) - z``: O(probes * m * n) instead of
-O(m * n * k). Unbiased for the squared form only (the square root of an unbiased estimate is biased, so
+TF32). ``estimator="hutchinson"`` replaces ``||M||_F^2`` by the unbiased ``mean_p ||M z_p||^2`` over Rademacher
+probes ``z`` with ``M z = dW^T (dW z) - z``: O(probes * m * n) instead of O(m * n * k). Unbiased for the squared form only (the square root of an unbiased estimate is biased, so
 ``form="plain"`` refuses it). Near dW = 0 its value is almost exact (a Rademacher probe has ||z||^2 = k exactly) but
 its gradient is noisy: relative error about sqrt(k / probes), 28 for ViT-B-32 with one probe (bench_orthoreg.py).
 
