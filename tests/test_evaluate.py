@@ -375,6 +375,42 @@ def test_linearized_evaluator_matches_first_order_formula():
     assert torch.equal(ev.predict("t", "test"), (feats @ head.T).argmax(-1))
 
 
+def test_tangent_sweep_matches_pointwise_evaluation():
+    """The tangent model's grid sweep (features f0 + a * J tau from one jvp per batch) gives the same accuracies as
+    applying theta_0 + a * tau and evaluating each point, with one jvp per batch for the whole grid."""
+    import open_clip
+    import torch
+
+    import tvtool.models  # noqa: F401
+    from tvtool.evaluate import Evaluator
+
+    torch.manual_seed(0)
+    visual = open_clip.create_model("tvtool-mini", pretrained=None).visual
+    heads = {t: torch.nn.functional.normalize(torch.randn(5, 96), dim=-1) * 100 for t in ("a", "b")}
+    inputs = {(t, "val"): (torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 5, (40,)))
+              for t in ("a", "b")}
+    ev = Evaluator.from_parts(visual, heads, inputs, [0.5] * 3, [0.25] * 3, batch_size=16)
+    ev._linearize()
+    tau = {f"visual.{n}": 0.05 * torch.randn_like(p) for n, p in visual.named_parameters() if p.ndim == 2}
+    alphas = [-1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 2.0]
+    expected = []
+    for a in alphas:
+        ev.set_weights(tau, a)
+        expected.append(ev.accuracies(["a", "b"], "val"))
+    passes, real = [], ev.visual.pair
+    ev.visual.pair = lambda *args: passes.append(1) or real(*args)
+    seen = []
+    got = ev.sweep(tau, alphas, ["a", "b"], "val", on_point=lambda i, a, acc: seen.append((i, a)))
+    assert got == expected
+    assert len({round(r["a"], 6) for r in got}) > 2  # the grid really moves the accuracy
+    assert len(passes) == 2 * 3  # 2 tasks x ceil(40 / 16) batches, not x 7 alphas
+    assert seen == list(enumerate(alphas))
+    assert all(torch.equal(p, ev._theta0[k]) for k, p in ev._params.items())  # left at theta_0
+    bad = {"visual.conv1.weight": torch.zeros(3)}
+    with pytest.raises(TVToolError, match="has shape"):
+        ev.sweep(bad, [1.0], ["a"], "val")
+
+
 def test_zero_shot_counts_are_computed_once():
     import open_clip
     import torch

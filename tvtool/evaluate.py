@@ -4,7 +4,8 @@ the weight-disentanglement error map.
 Everything that does not depend on alpha is built once by :class:`Evaluator`: the zero-shot head of each task, the
 uint8 inputs of each (task, split) on the device, and theta_0 of the image tower on the device. A grid point then costs
 one in-place weight update (``p.copy_(theta0).add_(tau, alpha=a)``) plus the forward passes; correct counts stay on
-the device and are read once per (task, split).
+the device and are read once per (task, split). On the tangent model (linearized vectors) a whole grid costs one jvp
+per batch (:meth:`Evaluator.sweep`): its features are affine in alpha.
 
 The searches themselves (:func:`search_addition`, :func:`search_negation`) are pure functions of an accuracy
 callback, so their selection rules can be tested without a model.
@@ -327,6 +328,68 @@ class Evaluator:
         counts = torch.stack([self.correct(t, split) for t in tasks]).tolist()
         return {t: c / self.inputs(t, split)[1].numel() for t, c in zip(tasks, counts)}
 
+    def sweep(self, direction: Mapping[str, torch.Tensor], alphas: Sequence[float], tasks: Sequence[str],
+              split: str, on_point: Callable[[int, float, dict[str, float]], None] | None = None
+              ) -> list[dict[str, float]]:
+        """Accuracy on each task of theta_0 + a * direction for every a in ``alphas`` (a list aligned with them).
+
+        The tangent model is affine in a: its features are f(x; theta_0) + a * J(x) direction, so one jvp per batch
+        serves the whole grid (a 21-point search costs one pass instead of 21). Other models take a pass per point.
+        ``on_point(i, a, acc)`` is called as each point is known. Leaves the tower at theta_0."""
+        alphas = [float(a) for a in alphas]
+        results: list[dict[str, float]] = []
+        if not self.linearized:
+            for i, a in enumerate(alphas):
+                self.set_weights(direction, a)
+                results.append(self.accuracies(tasks, split))
+                if on_point is not None:
+                    on_point(i, a, results[-1])
+            self.reset()
+            return results
+        self.reset()
+        tangents = self._tangents(direction)
+        coef = torch.tensor(alphas, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        counts = torch.stack([self._swept_correct(t, split, tangents, coef) for t in tasks], dim=1)  # [A, T]
+        totals = [self.inputs(t, split)[1].numel() for t in tasks]
+        for i, (a, row) in enumerate(zip(alphas, counts.tolist())):  # one host sync for the whole grid
+            results.append({t: c / n for t, c, n in zip(tasks, row, totals)})
+            if on_point is not None:
+                on_point(i, a, results[-1])
+        return results
+
+    def _tangents(self, direction: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``direction`` as a jvp tangent of the linearized tower: one tensor per parameter, zeros where absent."""
+        unknown = sorted(k for k in direction if k not in self._params)
+        if unknown:
+            raise TVToolError(f"task vector key {unknown[0]} is not a parameter of this image tower "
+                              f"({len(unknown)} such keys); was it taken against another architecture?")
+        tangents = []
+        for name in self.visual.names:
+            p0 = self._theta0[VISUAL + name]
+            d = direction.get(VISUAL + name)
+            if d is not None and d.shape != p0.shape:
+                raise TVToolError(f"task vector tensor {VISUAL + name} has shape {tuple(d.shape)}, the model "
+                                  f"{tuple(p0.shape)}; was it taken against another architecture?")
+            tangents.append(torch.zeros_like(p0) if d is None else d.to(p0.device, p0.dtype))
+        return tuple(tangents)
+
+    @torch.inference_mode()
+    def _swept_correct(self, task: str, split: str, tangents, coef: torch.Tensor) -> torch.Tensor:
+        """Correct counts [len(coef)] of the tangent model at theta_0 + a * v for each a in ``coef`` [A, 1, 1]."""
+        head = self.head(task)
+        x, y = self.inputs(task, split)
+        counts = torch.zeros(coef.shape[0], dtype=torch.int64, device=self.device)
+        for i in range(0, x.shape[0], self.batch_size):
+            xb = torch.addcmul(self._shift, x[i:i + self.batch_size].float(), self._scale)
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+                out, jout = self.visual.pair(xb, tangents)
+            if isinstance(out, tuple):
+                out, jout = out[0], jout[0]
+            feats = out.float().unsqueeze(0) + coef * jout.float().unsqueeze(0)  # [A, B, D]
+            preds = (F.normalize(feats, dim=-1) @ head.T).argmax(-1)
+            counts += preds.eq(y[i:i + self.batch_size]).sum(-1)
+        return counts
+
     def provenance(self) -> dict:
         b = self.bundle
         return {"model": b.name if b else None, "pretrained": b.pretrained if b else None,
@@ -474,16 +537,12 @@ def addition(ev: Evaluator, vectors, grid: Sequence[float] = DEFAULT_GRID, *, va
                               "vectors it was made from")
     total = load_deltas([merged] if merged is not None else vectors, ev.device)
 
-    points = sorted(grid)
-
-    def val_acc(a: float) -> dict[str, float]:
-        ev.set_weights(total, a)
-        acc = ev.accuracies(tasks, val_split)
-        _say(progress, f"addition: alpha {a:g} ({points.index(a) + 1}/{len(points)}) mean {val_split} acc "
-                       f"{_mean(acc.values()):.4f}")
-        return acc
-
-    alpha, curve = search_addition(grid, tasks, val_acc, ft[val_split])
+    points = sorted(set(grid))
+    if ev.linearized:
+        _say(progress, f"addition: {len(points)} alphas of the tangent model in one pass per {val_split} batch")
+    swept = ev.sweep(total, points, tasks, val_split, on_point=lambda i, a, acc: _say(
+        progress, f"addition: alpha {a:g} ({i + 1}/{len(points)}) mean {val_split} acc {_mean(acc.values()):.4f}"))
+    alpha, curve = search_addition(grid, tasks, dict(zip(points, swept)).__getitem__, ft[val_split])
     _say(progress, f"addition: alpha {alpha:g} chosen; {test_split} accuracy")
     ev.set_weights(total, alpha)
     test = ev.accuracies(tasks, test_split)
@@ -521,16 +580,12 @@ def negation(ev: Evaluator, vector, control: str | None = None, grid: Sequence[f
     _say(progress, f"negation {target}: zero-shot accuracy (control {control})")
     zs_val = ev.accuracies([target, control], val_split)
     zs_test = ev.accuracies([target, control], test_split)
-    points = sorted(grid)
-
-    def val_acc(a: float) -> tuple[float, float]:
-        ev.set_weights(tau, -a)
-        acc = ev.accuracies([target, control], val_split)
-        _say(progress, f"negation {target}: alpha {a:g} ({points.index(a) + 1}/{len(points)}) target "
-                       f"{acc[target]:.4f} control {acc[control]:.4f}")
-        return acc[target], acc[control]
-
-    alpha, curve = search_negation(grid, val_acc, zs_val[control], threshold)
+    points = sorted(set(grid))
+    swept = ev.sweep(tau, [-a for a in points], [target, control], val_split, on_point=lambda i, a, acc: _say(
+        progress, f"negation {target}: alpha {-a:g} ({i + 1}/{len(points)}) target {acc[target]:.4f} control "
+                  f"{acc[control]:.4f}"))
+    by_alpha = {a: (acc[target], acc[control]) for a, acc in zip(points, swept)}
+    alpha, curve = search_negation(grid, by_alpha.__getitem__, zs_val[control], threshold)
     result = {
         "kind": "negation", **ev.provenance(), "vectors": describe_vectors([vector]), "grid": list(grid),
         "splits": {"select": val_split, "report": test_split}, "target": target, "control": control,

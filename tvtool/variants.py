@@ -78,7 +78,13 @@ class LinearizedVisual(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         primals = tuple(p.detach() for p in self.theta0())
-        tangents = tuple(t - p0 for t, p0 in zip(self.theta, primals))
+        out, jout = self.pair(images, tuple(t - p0 for t, p0 in zip(self.theta, primals)))
+        return out + jout
+
+    def pair(self, images: torch.Tensor, tangents: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f(x; theta_0), J(x) v) for the tangent v (one tensor per parameter, in ``self.names`` order): the
+        tangent model at theta_0 + a v is ``out + a * jout`` for every a, from this one pass."""
+        primals = tuple(p.detach() for p in self.theta0())
 
         def f(*params):
             return functional_call(self.visual, dict(zip(self.names, params)), (images,))
@@ -91,10 +97,9 @@ class LinearizedVisual(nn.Module):
             with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]), warnings.catch_warnings():
                 # torch's own forward-AD set-up scripts its decompositions once and warns about jit.script: not ours
                 warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-                out, jout = jvp(f, primals, tangents)
+                return jvp(f, primals, tuple(tangents))
         finally:
             torch.backends.mha.set_fastpath_enabled(fast)
-        return out + jout
 
 
 class Tuned:
