@@ -211,7 +211,7 @@ def test_registered_offline_and_loadable(monkeypatch):
         spec = get_dataset(task)
         assert spec.kind == "mini" and not spec.needs_data_root
         # the quickstart's measured budget (docs/MINI_WORLD.md): every task >= 80% fine-tuned in under 3 minutes
-        assert spec.epochs == {"mini-digits": 8, "mini-mnist": 3}.get(task, 2)
+        assert spec.epochs == {"mini-digits": 9, "mini-mnist": 3}.get(task, 2)
         assert spec.control == (task == mini.MINI_CONTROL)
         assert spec.loader.__module__ == mini.__name__  # so the cache key follows the generator's source
     train, ytrain = load_split("mini-colors", "train", None, 32)

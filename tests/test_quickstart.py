@@ -74,17 +74,19 @@ def test_mini_paper_recipe_parses_and_validates_with_every_mode_arm_and_seed():
     assert modes == {"full", "attn", "lora", "linear"}
     for mode in modes:
         lams = {lam for m, lam in cells if m == mode}
-        assert 0.0 in lams and len(lams) >= 2  # both arms
-    assert all(seeds == {0, 1, 2} for seeds in cells.values())
+        assert 0.0 in lams and len(lams) >= 3  # lambda 0 and at least two OrthoReg candidates to choose from
+    assert all(seeds == {0} for seeds in cells.values())  # stage 1; the script adds seeds 1 and 2 of two arms
 
 
-def _fabricate(tmp_path, runs: dict) -> Path:
-    """A recipe over `runs` {(mode, lam, seed): (val, abs, norm, ortho, xi)} and the result files it would leave."""
+def _fabricate(tmp_path, runs: dict, in_recipe=None) -> Path:
+    """A recipe over `runs` {(mode, lam, seed): (val, abs, norm, ortho, xi)} (only those `in_recipe` selects) and
+    the result files each run would leave, in the folders the script names its further seeds by."""
     lines = ["out_dir: " + str(tmp_path / "runs"), "model: tvtool-mini", "tasks: [mini-digits, mini-mnist]",
-             "variants:"]
+             "finetune: {lr: 0.001, batch_size: 64}", "variants:"]
     for (mode, lam, seed), (val, abs_acc, norm, ortho, xi) in runs.items():
-        name = f"{mode}-{lam:g}-{seed}"
-        lines.append(f"  - {{name: {name}, mode: {mode}, lambda: {lam}, seed: {seed}}}")
+        name = f"{mode}-lam{lam:g}-s{seed}"
+        if in_recipe is None or in_recipe((mode, lam, seed)):
+            lines.append(f"  - {{name: {name}, mode: {mode}, lambda: {lam}, seed: {seed}}}")
         folder = tmp_path / "runs" / name
         folder.mkdir(parents=True)
         add = {"alpha": 0.1, "abs_acc": abs_acc, "norm_acc": norm, "splits": {"select": "val", "report": "test"},
@@ -149,8 +151,65 @@ def test_mini_paper_table_selects_lambda_on_mean_val_and_computes_mean_std_and_v
 
 def test_mini_paper_table_missing_results_is_one_line_error(tmp_path, capsys):
     recipe = _fabricate(tmp_path, {("full", 0, 0): (0.5,) * 5, ("full", 0.1, 0): (0.5,) * 5})
-    (tmp_path / "runs" / "full-0.1-0" / "addition.json").unlink()
+    (tmp_path / "runs" / "full-lam0.1-s0" / "addition.json").unlink()
     assert _table_script().main([str(recipe), "--no-compute"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "addition.json: missing; run `tvtool run" in err
     assert not (tmp_path / "runs" / "table.json").exists()
+
+
+def test_mini_paper_two_stages_choose_on_seed0_then_run_the_chosen_arms_further_seeds(tmp_path, capsys, monkeypatch):
+    """Stage 1 (the recipe) runs every candidate at seed 0; the script chooses lambda per mode on seed 0's Val, writes
+    seeds 1-2 of lambda 0 and the chosen lambda as a recipe that `tvtool run` reads, and reports 3 seeds per arm."""
+    from tvtool.recipes import load_recipe
+
+    runs = {}
+    for seed in (0, 1, 2):
+        runs[("full", 0, seed)] = (0.5, 0.60 + 0.01 * seed, 0.7, 10.0, 0.3)
+        runs[("full", 0.01, seed)] = (0.70 if seed == 0 else 0.1, 0.70 + 0.01 * seed, 0.8, 5.0, 0.4)
+        runs[("full", 0.1, seed)] = (0.60, 0.99, 0.99, 1.0, 0.5)  # best test figures, but not the best Val at seed 0
+        runs[("lora", 0, seed)] = (0.5, 0.5, 0.5, 3.0, 0.1)
+        runs[("lora", 0.01, seed)] = (0.50, 0.9, 0.9, 3.0, 0.1)
+        runs[("lora", 0.1, seed)] = (0.55, 0.4 + 0.1 * seed, 0.5, 2.0, 0.2)
+    recipe_path = _fabricate(tmp_path, runs, in_recipe=lambda key: key[2] == 0)
+    script = _table_script()
+    recipe = load_recipe(recipe_path)
+    chosen = script.choose_lambdas(recipe, "run it")
+    assert chosen == {"full": 0.01, "lora": 0.1}
+    planned = script.plan_seeds(recipe, chosen, [1, 2])
+    assert sorted(v.name for v in planned) == sorted(f"{m}-lam{lam:g}-s{s}" for m, lam in
+                                                     (("full", 0), ("full", 0.01), ("lora", 0), ("lora", 0.1))
+                                                     for s in (1, 2))
+    # the written recipe reads back with the same settings as the hand-written runs at those seeds would have
+    ran = []
+    monkeypatch.setattr("tvtool.recipes.run_recipe", lambda r, **kw: ran.append(r))
+    seeds_path = script.run_seeds(recipe, planned, log=lambda line: None)
+    again = load_recipe(seeds_path)
+    assert ran and [v.name for v in ran[0].variants] == [v.name for v in planned]
+    by_name = {v.name: v for v in recipe.variants}
+    for v in again.variants:
+        mode, lam, seed = v.name.split("-")
+        first = by_name[f"{mode}-{lam}-s0"]
+        assert again.train_config(v, "mini-digits").settings_digest() == recipe.train_config(
+            first, "mini-digits", seed=int(seed[1:])).settings_digest()
+        assert v.settings["seed"] == int(seed[1:]) and again.out_dir == (tmp_path / "runs").resolve()
+    assert again.eval == recipe.eval and again.tasks == recipe.tasks
+    # the table over both stages: lambda chosen on seed 0 only, 3 seeds per reported arm
+    out = tmp_path / "table.json"
+    assert script.main([str(recipe_path), "--no-compute", "--json-out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    full = table["modes"]["full"]
+    assert full["chosen_lambda"] == 0.01 and full["candidates"]["0.01"]["seeds"] == [0]
+    assert full["candidates"]["0.01"]["val_acc"] == pytest.approx(0.70)
+    assert full["orthoreg"]["seeds"] == [0, 1, 2] and full["ft"]["seeds"] == [0, 1, 2]
+    assert full["orthoreg"]["abs_acc"] == pytest.approx(0.71) and full["ft"]["abs_acc"] == pytest.approx(0.61)
+    assert table["modes"]["lora"]["chosen_lambda"] == 0.1
+    assert table["modes"]["lora"]["orthoreg"]["abs_acc_std"] == pytest.approx(0.1)
+    assert "| full | 0 | 0.01: 70.00 (70.00), 0.1: 60.00 (99.00) | 0.01 |" in capsys.readouterr().out
+    # a further seed not yet run, with nothing to be computed: one line naming the way to run it
+    (tmp_path / "runs" / "lora-lam0.1-s2" / "addition.json").unlink()
+    assert script.main([str(recipe_path), "--no-compute"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lora-lam0.1-s2/addition.json: missing" in err and "without --no-compute" in err
+    assert script.main([str(recipe_path), "--no-compute", "--seeds", "x"]) == 1
+    assert "--seeds 'x'" in capsys.readouterr().err

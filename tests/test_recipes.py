@@ -222,6 +222,17 @@ def test_run_reruns_outputs_whose_settings_changed(tmp_path, monkeypatch):
     logs.clear()
     run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
     assert sum(m.startswith("skip") for m in logs) == 2 and not any(m.startswith(("rerun", "wrote")) for m in logs)
+    # the same settings as given, but the dataset's epoch table changed (a new tvtool): not the run it would make
+    from tvtool.datasets import get_dataset
+
+    monkeypatch.setattr(get_dataset("mini-shapes"), "epochs", get_dataset("mini-shapes").epochs + 1)
+    logs.clear()
+    run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
+    assert any(m.startswith(f"rerun {out}: it was trained for") for m in logs), logs
+    assert open_vector(out).meta["train"]["epochs"] == get_dataset("mini-shapes").epochs
+    logs.clear()
+    run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
+    assert sum(m.startswith("skip") for m in logs) == 2
     # the case: lambda 10 -> 0.5 and max_steps 2 -> 3 must not print the old table
     doc["variants"][0]["lambda"] = 0.5
     doc["finetune"]["max_steps"] = 3

@@ -373,15 +373,17 @@ def _check_type(key: str, value: Any, annotation: str, fail: Callable[[str], Non
         fail(f"expected {ann.split('|')[0].strip()}, got {value!r}")
 
 
-def _recorded_digest(path: Path) -> str | None:
-    """The settings digest an existing task vector records (None: none recorded, or not readable)."""
+def _recorded(path: Path) -> tuple[str | None, int | None]:
+    """(settings digest, epochs trained) an existing task vector records (None where absent or not readable)."""
     from .taskvector import open_vector
 
     try:
-        digest = open_vector(path).meta.get("settings_digest")
+        meta = open_vector(path).meta
     except (TVToolError, OSError, ValueError):
-        return None
-    return digest if isinstance(digest, str) else None
+        return None, None
+    digest, epochs = meta.get("settings_digest"), (meta.get("train") or {}).get("epochs")
+    return (digest if isinstance(digest, str) else None,
+            epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None)
 
 
 def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, log: Callable[[str], None] = print,
@@ -401,12 +403,15 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
             cfg = recipe.train_config(variant, task, **({"device": device} if device else {}))
             rerun = False
             if out.exists():
-                recorded, wanted = _recorded_digest(out), cfg.settings_digest()
-                if recorded == wanted:
+                (recorded, trained_epochs), wanted = _recorded(out), cfg.settings_digest()
+                epochs = cfg.effective_epochs()
+                if recorded == wanted and trained_epochs in (None, epochs):
                     log(f"skip {out} (exists, same settings)")
                     continue
-                # the recipe owns its outputs: one made with other settings (or unknown ones) is redone
-                why = "records no settings" if recorded is None else f"was made with other settings ({recorded})"
+                # the recipe owns its outputs: one made with other settings (or unknown ones) is redone; the digest
+                # holds the settings as given, so a changed default epoch table is caught by the epochs trained
+                why = ("records no settings" if recorded is None else f"was made with other settings ({recorded})"
+                       if recorded != wanted else f"was trained for {trained_epochs} epochs, the run now has {epochs}")
                 log(f"rerun {out}: it {why}; now {wanted}")
                 rerun = True
             if progress_factory is not None:

@@ -145,6 +145,14 @@ class TrainConfig:
         check_weights_spec(c.model, c.pretrained)
         return c
 
+    def effective_epochs(self) -> int:
+        """The epochs a run of this config trains: ``epochs``, else the dataset's epoch table."""
+        if self.epochs is not None:
+            return self.epochs
+        from .datasets import get_dataset
+
+        return get_dataset(self.task).epochs
+
     def settings_digest(self) -> str:
         """Canonical digest of the settings that determine the trained vector (the resolved config): a recipe
         reruns an output whose recorded digest differs."""
@@ -508,7 +516,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                                   precision=cfg.orthoreg_precision)
 
     # --- optimizer and schedule
-    epochs = cfg.epochs if cfg.epochs is not None else spec.epochs
+    epochs = cfg.effective_epochs()
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = epochs * steps_per_epoch
     if cfg.max_steps is not None:

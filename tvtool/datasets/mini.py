@@ -53,7 +53,7 @@ SIZE = 32
 SPLITS = ("train", "test")
 _PROCEDURAL_SIZES = {"train": 2000, "test": 500}
 # Few epochs: the mini-world must fine-tune in seconds on a CPU (cf. the protocol's ~2,000 steps per task).
-EPOCHS = {name: 2 for name in MINI_ALL} | {"mini-mnist": 3, "mini-digits": 8}  # digits: smallest train split
+EPOCHS = {name: 2 for name in MINI_ALL} | {"mini-mnist": 3, "mini-digits": 9}  # digits: smallest train split
 _TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "data" / "templates"
 
 
