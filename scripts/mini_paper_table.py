@@ -1,26 +1,30 @@
-"""The paper's Table 1 in miniature, from the results of recipes/mini-paper.yaml.
+"""The paper's Table 1 in miniature, from recipes/mini-paper.yaml: lambda per mode, the further seeds, the table.
 
     tvtool run recipes/mini-paper.yaml && python scripts/mini_paper_table.py [recipes/mini-paper.yaml]
 
-The recipe fine-tunes the 8 mini tasks in each mode (full, attn, lora, linear) with lambda 0 and with OrthoReg
-candidates, each at several seeds, and runs task addition on every (mode, lambda, seed). This script then
+The recipe fine-tunes the 8 mini tasks in each mode (full, attn, lora, linear) with lambda 0 and with the OrthoReg
+candidates at seed 0 and runs task addition on each. This script then
 
-1. chooses lambda per mode on Val only: the candidate (lambda > 0) whose merged model has the highest mean Val
-   accuracy at its Val-chosen alpha, averaged over the seeds (the rule of scripts/choose_mini_lambda.py; test
-   figures play no part);
-2. reports test Abs.Acc and Norm.Acc, mean +- sample std over the seeds, for lambda 0 (FT) and the chosen lambda
-   (FT + OrthoReg);
-3. adds the column-orthogonality statistic of `tvtool inspect --ortho` (per 2-D tensor of an update, the mean
+1. chooses lambda per mode on Val only: the candidate (lambda > 0) whose merged model has the highest Val accuracy at
+   its Val-chosen alpha, averaged over the seeds at which every candidate ran (the recipe's seed 0; the rule of
+   scripts/choose_mini_lambda.py; test figures play no part);
+2. trains and evaluates the further seeds (``--seeds``, default 1,2) of lambda 0 (FT) and of the chosen lambda
+   (FT + OrthoReg): it writes them as a recipe, OUT_DIR/seeds.yaml, and runs it (outputs already made with the same
+   settings are kept, as in `tvtool run`);
+3. reports test Abs.Acc and Norm.Acc, mean +- sample std over the seeds, for FT and FT + OrthoReg;
+4. adds the column-orthogonality statistic of `tvtool inspect --ortho` (per 2-D tensor of an update, the mean
    |angle - 90 deg| between pairs of its columns, averaged over the tensors and then over the 8 task vectors;
    lower = more orthogonal: the property dW^T dW ~ I that OrthoReg enforces) and the vectors' mean L2 norm, for
    every seed, and the weight-disentanglement error xi (`tvtool eval disentanglement`, mean over the alpha grid) of
    one task pair at the lowest seed; both are computed here on first use and stored beside the vectors (ortho.json,
    disentanglement-A-B.json), recomputed when the vectors change;
-4. says per mode whether OrthoReg's effect exceeds seed noise, by a stated rule: |mean difference| > 2 standard
+5. says per mode whether OrthoReg's effect exceeds seed noise, by a stated rule: |mean difference| > 2 standard
    errors of the difference, SE = sqrt(s_FT^2 / n_FT + s_OR^2 / n_OR) (Welch's t > 2; with 3 seeds a lenient bar,
    two-sided p about 0.1).
 
-Prints the markdown table; writes the same figures as JSON (default OUT_DIR/table.json, replaced each run).
+A recipe that already runs every seed of every candidate needs no second stage: lambda is then chosen on the mean
+over all seeds. Prints the markdown table; writes the same figures as JSON (default OUT_DIR/table.json, replaced
+each run).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from pathlib import Path
 DEFAULT_PAIR = ("mini-digits", "mini-mnist")
 DEFAULT_GRID = "0:1:0.5"  # the addition range; `tvtool eval disentanglement`'s -2:2:0.5 (81 points) costs ~1 min a pair
 NOISE_SE = 2.0  # the verdict's bar, in standard errors of the difference
+DEFAULT_SEEDS = "1,2"  # with the recipe's seed 0: 3 seeds per reported arm
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -134,36 +139,110 @@ def disentanglement_figure(recipe, variant, pair: tuple[str, str], grid: str, co
     return None if doc is None else doc["mean_error"]
 
 
-def collect(recipe, *, pair=DEFAULT_PAIR, grid=DEFAULT_GRID, compute: bool = True, log=print) -> dict:
-    """Everything the table shows, as a JSON-ready dict (accuracies as fractions, as in the result files)."""
+def group_runs(recipe) -> dict:
+    """mode -> lambda -> seed -> variant, with both arms present in every mode."""
     from tvtool.errors import TVToolError
 
-    runs: dict = {}  # mode -> lambda -> seed -> variant
+    runs: dict = {}
     for v in recipe.variants:
         mode, lam = v.settings.get("mode", "full"), float(v.settings.get("lam", 0.0))
         seed = int(v.settings.get("seed", recipe.seed))
         if seed in runs.setdefault(mode, {}).setdefault(lam, {}):
             raise TVToolError(f"{recipe.path}: two variants for mode {mode}, lambda {lam:g}, seed {seed}")
         runs[mode][lam][seed] = v
-    modes = {}
     for mode, by_lam in runs.items():
         if 0.0 not in by_lam or len(by_lam) < 2:
             raise TVToolError(f"{recipe.path}: mode {mode} needs a lambda-0 arm and at least one lambda > 0")
-        arms = {}
-        for lam, by_seed in sorted(by_lam.items()):
-            seeds = sorted(by_seed)
-            figs = []
-            for s in seeds:
-                path = recipe.out_dir / by_seed[s].name / "addition.json"
-                if not path.is_file():
-                    raise TVToolError(f"{path}: missing; run `tvtool run {recipe.path}` first")
-                figs.append(addition_figures(path))
-            arm = {"lambda": lam, "seeds": seeds, "variants": [by_seed[s].name for s in seeds], "per_seed": figs}
-            for k in ("val_acc", "abs_acc", "norm_acc", "finetuned_acc"):
-                arm[k], arm[f"{k}_std"] = mean_std([f[k] for f in figs])
-            arms[lam] = arm
-        candidates = [a for lam, a in arms.items() if lam > 0]
-        chosen = max(candidates, key=lambda a: a["val_acc"])  # ties: the smallest lambda (sorted order)
+    return runs
+
+
+def _arm(recipe, lam: float, by_seed: dict, hint: str) -> dict:
+    from tvtool.errors import TVToolError
+
+    seeds = sorted(by_seed)
+    figs = []
+    for s in seeds:
+        path = recipe.out_dir / by_seed[s].name / "addition.json"
+        if not path.is_file():
+            raise TVToolError(f"{path}: missing; {hint}")
+        figs.append(addition_figures(path))
+    arm = {"lambda": lam, "seeds": seeds, "variants": [by_seed[s].name for s in seeds], "per_seed": figs}
+    for k in ("val_acc", "abs_acc", "norm_acc", "finetuned_acc"):
+        arm[k], arm[f"{k}_std"] = mean_std([f[k] for f in figs])
+    return arm
+
+
+def select_lambda(arms: dict) -> tuple[dict, list[int], dict]:
+    """The rule: among the lambda > 0 arms, the highest mean Val accuracy over the seeds every candidate ran
+    (ties: the smallest lambda). Returns (the chosen arm, those seeds, lambda -> its selection figures)."""
+    from tvtool.errors import TVToolError
+
+    candidates = {lam: a for lam, a in sorted(arms.items()) if lam > 0}
+    common = sorted(set.intersection(*(set(a["seeds"]) for a in candidates.values())))
+    if not common:
+        raise TVToolError(f"no seed at which every lambda candidate ran ({sorted(candidates)}); run them at one "
+                          "shared seed")
+    scores = {}
+    for lam, a in candidates.items():
+        at = [f for s, f in zip(a["seeds"], a["per_seed"]) if s in common]
+        scores[lam] = {"val_acc": mean_std([f["val_acc"] for f in at]), "abs_acc": mean_std([f["abs_acc"] for f in at])}
+    best = max(candidates, key=lambda lam: scores[lam]["val_acc"][0])  # max keeps the first of equals: smallest
+    return candidates[best], common, scores
+
+
+def choose_lambdas(recipe, hint: str) -> dict[str, float]:
+    """The chosen lambda per mode from the recipe's own runs (stage 1)."""
+    runs = group_runs(recipe)
+    return {mode: select_lambda({lam: _arm(recipe, lam, by_seed, hint) for lam, by_seed in by_lam.items()})[0]
+            ["lambda"] for mode, by_lam in runs.items()}
+
+
+def plan_seeds(recipe, chosen: dict[str, float], seeds: list[int]) -> list:
+    """Variants for the seeds of lambda 0 and of each mode's chosen lambda that the recipe does not run yet: the
+    settings of that arm's first run with another seed."""
+    from tvtool.recipes import Variant
+
+    runs = group_runs(recipe)
+    names = {v.name for v in recipe.variants}
+    planned = []
+    for mode, by_lam in runs.items():
+        for lam in (0.0, chosen[mode]):
+            first = by_lam[lam][min(by_lam[lam])]
+            for seed in seeds:
+                if seed in by_lam[lam]:
+                    continue
+                name = f"{mode}-lam{lam:g}-s{seed}"
+                while name in names:
+                    name += "-seed"
+                names.add(name)
+                planned.append(Variant(name, {**first.settings, "seed": seed}))
+    return planned
+
+
+def seeds_recipe_yaml(recipe, variants: list) -> str:
+    """The planned variants as a recipe that `tvtool run` reads (same model, tasks, evaluation; absolute out_dir)."""
+    import yaml
+
+    doc = {"name": f"{recipe.name or 'recipe'}: further seeds", "model": recipe.model, "pretrained": recipe.pretrained,
+           "out_dir": str(recipe.out_dir.resolve()), "data_root": recipe.data_root, "tasks": list(recipe.tasks),
+           "seed": recipe.seed,
+           "variants": [{"name": v.name, **{("lambda" if k == "lam" else k): val for k, val in v.settings.items()}}
+                        for v in variants],
+           "eval": recipe.eval}
+    doc = {k: val for k, val in doc.items() if val is not None}
+    return (f"# Written by scripts/mini_paper_table.py from {recipe.path}: the further seeds of lambda 0 and of each "
+            "mode's lambda chosen on Val.\n" + yaml.safe_dump(doc, sort_keys=False, width=120))
+
+
+def collect(recipe, *, pair=DEFAULT_PAIR, grid=DEFAULT_GRID, compute: bool = True, log=print,
+            hint: str | None = None) -> dict:
+    """Everything the table shows, as a JSON-ready dict (accuracies as fractions, as in the result files)."""
+    runs = group_runs(recipe)
+    hint = hint or f"run `tvtool run {recipe.path}` first"
+    modes = {}
+    for mode, by_lam in runs.items():
+        arms = {lam: _arm(recipe, lam, by_seed, hint) for lam, by_seed in sorted(by_lam.items())}
+        chosen, selection_seeds, scores = select_lambda(arms)
         shown = {"ft": arms[0.0], "orthoreg": chosen}
         for arm in shown.values():
             by_seed = runs[mode][arm["lambda"]]
@@ -183,16 +262,17 @@ def collect(recipe, *, pair=DEFAULT_PAIR, grid=DEFAULT_GRID, compute: bool = Tru
             arm["xi_seed"] = s0
             arm["xi"] = disentanglement_figure(recipe, by_seed[s0], pair, grid, compute)
         modes[mode] = {
-            "candidates": {f"{lam:g}": {"val_acc": a["val_acc"], "val_acc_std": a["val_acc_std"],
-                                        "abs_acc": a["abs_acc"], "seeds": a["seeds"]} for lam, a in arms.items()},
+            "candidates": {f"{lam:g}": {"val_acc": sc["val_acc"][0], "val_acc_std": sc["val_acc"][1],
+                                        "abs_acc": sc["abs_acc"][0], "seeds": selection_seeds}
+                           for lam, sc in scores.items()},
             "chosen_lambda": chosen["lambda"], "ft": shown["ft"], "orthoreg": shown["orthoreg"],
             "verdict": {k: noise_verdict([f[k] for f in shown["ft"]["per_seed"]],
                                          [f[k] for f in shown["orthoreg"]["per_seed"]])
                         for k in ("abs_acc", "norm_acc")},
         }
     return {"recipe": recipe.path, "tasks": recipe.tasks, "pair": list(pair), "grid": grid,
-            "rule": {"lambda": "per mode, the lambda > 0 with the highest mean (over seeds) Val accuracy of the merged "
-                               "model at its Val-chosen alpha",
+            "rule": {"lambda": "per mode, the lambda > 0 with the highest Val accuracy of the merged model at its "
+                               "Val-chosen alpha, mean over the seeds at which every candidate ran",
                      "noise": f"|mean(FT+OrthoReg) - mean(FT)| > {NOISE_SE:g} * sqrt(s1^2/n1 + s2^2/n2) "
                               "(sample std over seeds)"},
             "modes": modes}
@@ -216,12 +296,14 @@ def markdown(table: dict) -> str:
                          f"{_pm(a['abs_acc'], a['abs_acc_std'])} | {_pm(a['norm_acc'], a['norm_acc_std'])} | "
                          f"{_pm(a['ortho_deg'], a['ortho_deg_std'], 1.0)} | {_pm(a['norm'], a['norm_std'], 1.0)} | "
                          f"{'-' if a['xi'] is None else format(a['xi'], '.3f')} |")
-    lines += ["", "Lambda chosen on Val (mean over seeds of the merged model's Val accuracy at its Val-chosen alpha):",
-              "", "| mode | " + " | ".join(["lambda: Val acc (test Abs.Acc)"]) + " | chosen |", "|---|---|---|"]
+    lines += ["", "Lambda chosen on Val (the merged model's Val accuracy at its Val-chosen alpha, mean over the seeds at "
+                  "which every candidate ran):",
+              "", "| mode | seeds | lambda: Val acc (test Abs.Acc) | chosen |", "|---|---|---|---|"]
     for mode, m in table["modes"].items():
         cells = ", ".join(f"{lam}: {_pm(c['val_acc'], c['val_acc_std'])} ({_pm(c['abs_acc'], None)})"
                           for lam, c in m["candidates"].items())
-        lines.append(f"| {mode} | {cells} | {m['chosen_lambda']:g} |")
+        seeds = ", ".join(map(str, next(iter(m["candidates"].values()))["seeds"]))
+        lines.append(f"| {mode} | {seeds} | {cells} | {m['chosen_lambda']:g} |")
     lines += ["", f"Does OrthoReg's effect exceed seed noise? Rule: {table['rule']['noise']}.", "",
               "| mode | Abs.Acc diff (t) | exceeds noise | Norm.Acc diff (t) | exceeds noise |", "|---|---|---|---|---|"]
 
@@ -237,25 +319,58 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def run_seeds(recipe, planned: list, log) -> Path:
+    """Write the planned variants as OUT_DIR/seeds.yaml and run it like `tvtool run` (finished outputs kept)."""
+    from tvtool.fileio import atomic_path
+    from tvtool.recipes import load_recipe, run_recipe
+
+    path = recipe.out_dir / "seeds.yaml"
+    recipe.out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, force=True) as tmp:  # the script owns this file: rewritten from the current choice
+        tmp.write_text(seeds_recipe_yaml(recipe, planned))
+    log(f"{len(planned)} further runs: {path}")
+    run_recipe(load_recipe(path), quiet=True, log=log)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     from tvtool.errors import TVToolError
     from tvtool.recipes import load_recipe
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", nargs="?", default="recipes/mini-paper.yaml")
+    p.add_argument("--seeds", default=DEFAULT_SEEDS,
+                   help="the further seeds of lambda 0 and of the chosen lambda, comma-separated ('' for none)")
     p.add_argument("--json-out", type=Path, help="where the JSON goes (default OUT_DIR/table.json)")
     p.add_argument("--pair", default=",".join(DEFAULT_PAIR), help="the disentanglement pair, TASK1,TASK2")
     p.add_argument("--grid", default=DEFAULT_GRID, help="the disentanglement alpha grid (START:STOP:STEP)")
     p.add_argument("--no-compute", action="store_true",
-                   help="only read stored results (orthogonality / disentanglement figures not stored show as -)")
+                   help="train and compute nothing, only read stored results (orthogonality / disentanglement "
+                        "figures not stored show as -)")
     args = p.parse_args(argv)
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     try:
         recipe = load_recipe(args.recipe)
         pair = tuple(args.pair.split(","))
         if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(recipe.tasks):
             raise TVToolError(f"--pair {args.pair}: give two different tasks of the recipe, TASK1,TASK2")
-        table = collect(recipe, pair=pair, grid=args.grid, compute=not args.no_compute,
-                        log=lambda line: print(line, file=sys.stderr))
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            seeds = [-1]
+        if any(x < 0 for x in seeds):
+            raise TVToolError(f"--seeds {args.seeds!r}: give whole numbers >= 0, comma-separated (e.g. 1,2)")
+        planned = plan_seeds(recipe, choose_lambdas(recipe, f"run `tvtool run {recipe.path}` first"), seeds)
+        hint = f"run `tvtool run {recipe.path}` first"
+        if planned:
+            if args.no_compute:
+                hint = f"run `python scripts/mini_paper_table.py {recipe.path}` without --no-compute to train it"
+            else:
+                run_seeds(recipe, planned, log)
+        import dataclasses
+
+        table = collect(dataclasses.replace(recipe, variants=recipe.variants + planned), pair=pair, grid=args.grid,
+                        compute=not args.no_compute, log=log, hint=hint)
         out = args.json_out or recipe.out_dir / "table.json"
         from tvtool.evaluate import write_json
 
