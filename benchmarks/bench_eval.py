@@ -4,12 +4,17 @@ re-building everything per grid point (fresh load_clip + zero-shot heads + input
     python benchmarks/bench_eval.py                       # tvtool-mini, 2 mini tasks, Val splits, CPU
     python benchmarks/bench_eval.py --tasks mini-shapes,mini-colors,mini-glyphs --threads 2
     python benchmarks/bench_eval.py --model ViT-B-32 --max-examples 32   # a real-size tower, mini data at 224
+    python benchmarks/bench_eval.py --linearized          # tangent model: point by point vs Evaluator.sweep
 
 The base model is a randomly initialised architecture saved once to a temporary safetensors file (so every
 re-build loads the same weights from disk, like a real checkpoint); the task vectors are random (their accuracies
 do not matter for timing) and carry metrics so no fine-tuned accuracy is computed. Both paths evaluate the same
 (task, Val) inputs, batched identically, and must give identical accuracies: the script checks that. Datasets are
 decoded into the uint8 cache before timing starts, so the re-build path pays a cache read, not JPEG/generation.
+
+With --linearized both paths are the Evaluator on the tangent model (the model linear-mode vectors are evaluated
+on): one jvp pass per grid point against ``Evaluator.sweep``, whose features f0 + alpha * J tau serve the whole grid
+from one jvp per batch. Both must give identical accuracies.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--max-examples", type=int, default=None, help="first N Val examples per task (big models)")
+    ap.add_argument("--linearized", action="store_true",
+                    help="tangent model: a jvp pass per point against Evaluator.sweep (one pass for the grid)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,6 +69,8 @@ def main() -> None:
         n_val = {t: datasets.load_split(t, "val", args.data_root, bundle.image_size)[1][:args.max_examples].numel()
                  for t in tasks}
         del bundle
+        if args.linearized:
+            return tangent_sweep(args, tasks, grid, weights, paths, sum(n_val.values()))
 
         # ---- the Evaluator: everything alpha-independent built once, one in-place update per point
         t0 = time.perf_counter()
@@ -123,6 +132,36 @@ def main() -> None:
           f"re-build (load + heads + inputs + apply) {1000 * t_rebuild / len(grid):.1f} ms "
           f"({t_rebuild / max(t_update, 1e-9):.0f}x)")
     print(f"speed-up  : {t_slow / t_fast:6.2f}x   identical accuracies: {same}")
+    if not same:
+        raise SystemExit("the two paths disagree: a bug")
+
+
+def tangent_sweep(args, tasks, grid, weights, paths, n_img) -> None:
+    from tvtool import evaluate as ev
+    from tvtool.models import load_clip
+    from tvtool.taskvector import open_vector
+
+    bundle = load_clip(args.model, str(weights), device=args.device)
+    evaluator = ev.Evaluator(bundle, tasks, args.data_root, ("val",), args.device, args.batch_size,
+                             max_examples=args.max_examples, linearized=True)
+    total = ev.load_deltas([open_vector(p) for p in paths], evaluator.device)
+    evaluator.accuracies(tasks, "val")  # heads and inputs built outside both timings
+    t0 = time.perf_counter()
+    pointwise = []
+    for a in grid:
+        evaluator.set_weights(total, a)
+        pointwise.append(evaluator.accuracies(tasks, "val"))
+    t_point = time.perf_counter() - t0
+    evaluator.reset()
+    t0 = time.perf_counter()
+    swept = evaluator.sweep(total, grid, tasks, "val")
+    t_sweep = time.perf_counter() - t0
+    same = pointwise == swept
+    print(f"model {args.model} (tangent) on {args.device}, {torch.get_num_threads()} thread(s), tasks "
+          f"{','.join(tasks)} (Val: {n_img} images in all), {len(grid)} grid points")
+    print(f"a jvp pass per point : {t_point:7.2f} s  ({t_point / len(grid):.3f} s/point)")
+    print(f"Evaluator.sweep      : {t_sweep:7.2f} s")
+    print(f"speed-up  : {t_point / t_sweep:6.2f}x   identical accuracies: {same}")
     if not same:
         raise SystemExit("the two paths disagree: a bug")
 

@@ -231,7 +231,7 @@ def seeds_recipe_yaml(recipe, variants: list) -> str:
            "eval": recipe.eval}
     doc = {k: val for k, val in doc.items() if val is not None}
     return (f"# Written by scripts/mini_paper_table.py from {recipe.path}: the further seeds of lambda 0 and of each "
-            "mode's lambda chosen on Val.\n" + yaml.safe_dump(doc, sort_keys=False, width=120))
+            "mode's lambda chosen on Val.\n" + yaml.safe_dump(doc, sort_keys=False, width=120, default_flow_style=None))
 
 
 def collect(recipe, *, pair=DEFAULT_PAIR, grid=DEFAULT_GRID, compute: bool = True, log=print,

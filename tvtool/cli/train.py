@@ -185,7 +185,7 @@ def quickstart(
     """The built-in offline job: the 8 mini-world tasks fine-tuned with and without OrthoReg, then task addition,
     negation and cosine in a paper-style table (zero-shot row first).
 
-    Runs on the bundled tiny CLIP: measured 2 min 36 s on a quiet 2-core VM (BENCHMARKS.md), longer on a busy one;
+    Runs on the bundled tiny CLIP: measured 2 min 46 s on a quiet 2-core VM (BENCHMARKS.md), longer on a busy one;
     --modes all takes several times longer. Reruns skip finished work made with the same settings. Vectors and JSON results go to --out-dir.
     It is the recipe recipes/mini.yaml.
 
