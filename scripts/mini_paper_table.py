@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -223,8 +224,12 @@ def seeds_recipe_yaml(recipe, variants: list) -> str:
     """The planned variants as a recipe that `tvtool run` reads (same model, tasks, evaluation; absolute out_dir)."""
     import yaml
 
-    doc = {"name": f"{recipe.name or 'recipe'}: further seeds", "model": recipe.model, "pretrained": recipe.pretrained,
-           "out_dir": str(recipe.out_dir.resolve()), "data_root": recipe.data_root, "tasks": list(recipe.tasks),
+    def absolute(path):  # the written recipe runs from any folder: paths that exist here are made absolute
+        return os.path.abspath(path) if path is not None and os.path.exists(path) else path
+
+    doc = {"name": f"{recipe.name or 'recipe'}: further seeds", "model": recipe.model,
+           "pretrained": absolute(recipe.pretrained), "out_dir": str(recipe.out_dir.resolve()),
+           "data_root": absolute(recipe.data_root), "tasks": list(recipe.tasks),
            "seed": recipe.seed,
            "variants": [{"name": v.name, **{("lambda" if k == "lam" else k): val for k, val in v.settings.items()}}
                         for v in variants],
@@ -355,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(recipe.tasks):
             raise TVToolError(f"--pair {args.pair}: give two different tasks of the recipe, TASK1,TASK2")
         try:
-            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+            seeds = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
         except ValueError:
             seeds = [-1]
         if any(x < 0 for x in seeds):

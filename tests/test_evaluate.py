@@ -375,7 +375,7 @@ def test_linearized_evaluator_matches_first_order_formula():
     assert torch.equal(ev.predict("t", "test"), (feats @ head.T).argmax(-1))
 
 
-def test_tangent_sweep_matches_pointwise_evaluation():
+def test_tangent_sweep_matches_pointwise_evaluation(monkeypatch):
     """The tangent model's grid sweep (features f0 + a * J tau from one jvp per batch) gives the same accuracies as
     applying theta_0 + a * tau and evaluating each point, with one jvp per batch for the whole grid."""
     import open_clip
@@ -399,6 +399,7 @@ def test_tangent_sweep_matches_pointwise_evaluation():
         expected.append(ev.accuracies(["a", "b"], "val"))
     passes, real = [], ev.visual.pair
     ev.visual.pair = lambda *args: passes.append(1) or real(*args)
+    monkeypatch.setattr("tvtool.evaluate.SWEEP_CHUNK", 3)  # 7 points in chunks of 3, 3 and 1
     seen = []
     got = ev.sweep(tau, alphas, ["a", "b"], "val", on_point=lambda i, a, acc: seen.append((i, a)))
     assert got == expected

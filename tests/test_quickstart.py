@@ -206,6 +206,9 @@ def test_mini_paper_two_stages_choose_on_seed0_then_run_the_chosen_arms_further_
     assert table["modes"]["lora"]["chosen_lambda"] == 0.1
     assert table["modes"]["lora"]["orthoreg"]["abs_acc_std"] == pytest.approx(0.1)
     assert "| full | 0 | 0.01: 70.00 (70.00), 0.1: 60.00 (99.00) | 0.01 |" in capsys.readouterr().out
+    assert script.main([str(recipe_path), "--no-compute", "--json-out", str(out), "--seeds", "2,1,1"]) == 0
+    assert json.loads(out.read_text())["modes"]["full"]["orthoreg"]["seeds"] == [0, 1, 2]  # a repeated seed: once
+    capsys.readouterr()
     # a further seed not yet run, with nothing to be computed: one line naming the way to run it
     (tmp_path / "runs" / "lora-lam0.1-s2" / "addition.json").unlink()
     assert script.main([str(recipe_path), "--no-compute"]) == 1

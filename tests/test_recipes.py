@@ -222,17 +222,15 @@ def test_run_reruns_outputs_whose_settings_changed(tmp_path, monkeypatch):
     logs.clear()
     run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
     assert sum(m.startswith("skip") for m in logs) == 2 and not any(m.startswith(("rerun", "wrote")) for m in logs)
-    # the same settings as given, but the dataset's epoch table changed (a new tvtool): not the run it would make
+    # the same settings as given, but the dataset's epoch table grew (a new tvtool): a run capped by max_steps
+    # trains the same steps either way, so it is kept
     from tvtool.datasets import get_dataset
 
-    monkeypatch.setattr(get_dataset("mini-shapes"), "epochs", get_dataset("mini-shapes").epochs + 1)
+    spec = get_dataset("mini-shapes")
+    monkeypatch.setattr(spec, "epochs", spec.epochs + 1)
     logs.clear()
     run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
-    assert any(m.startswith(f"rerun {out}: it was trained for") for m in logs), logs
-    assert open_vector(out).meta["train"]["epochs"] == get_dataset("mini-shapes").epochs
-    logs.clear()
-    run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
-    assert sum(m.startswith("skip") for m in logs) == 2
+    assert sum(m.startswith("skip") for m in logs) == 2 and not any(m.startswith(("rerun", "wrote")) for m in logs)
     # the case: lambda 10 -> 0.5 and max_steps 2 -> 3 must not print the old table
     doc["variants"][0]["lambda"] = 0.5
     doc["finetune"]["max_steps"] = 3
@@ -244,6 +242,19 @@ def test_run_reruns_outputs_whose_settings_changed(tmp_path, monkeypatch):
     assert not any(m.startswith("skip") for m in logs)
     added = json.loads((tmp_path / "runs" / "ft" / "addition.json").read_text())
     assert added["vectors"][0]["fingerprint"] == open_vector(out).fingerprint
+    # an uncapped run (2 steps an epoch): when the epoch table changes under it, it is not the run the recipe
+    # would make now, though its settings as given are the same
+    del doc["finetune"]["max_steps"]
+    doc["finetune"]["batch_size"] = 1000
+    run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
+    trained = open_vector(out).meta["train"]
+    assert trained["epochs"] == spec.epochs and trained["steps"] == 2 * spec.epochs
+    monkeypatch.setattr(spec, "epochs", spec.epochs - 1)
+    logs.clear()
+    run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
+    assert any(m.startswith(f"rerun {out}: it was trained for {spec.epochs + 1} epochs, the run now has "
+                            f"{spec.epochs}") for m in logs), logs
+    assert open_vector(out).meta["train"]["steps"] == 2 * spec.epochs
 
 
 def test_run_validates_everything_before_any_model(tmp_path, monkeypatch):

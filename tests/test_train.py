@@ -130,6 +130,22 @@ def test_resume_with_other_settings_refused(tmp_path):
                  resume=True)
 
 
+def test_resume_onto_another_schedule_refused(tmp_path, monkeypatch):
+    """The config key holds epochs as given (None: the dataset's table); a changed table means another cosine
+    schedule, so the checkpoint records the run's length and a resume of another length is refused."""
+    from tvtool.datasets import get_dataset
+
+    spec = get_dataset(TASK)
+    monkeypatch.setattr(spec, "epochs", 1)
+    cfg = small(max_steps=None, batch_size=1000, checkpoint_every=1, checkpoint_dir=str(tmp_path / "ck"))
+    finetune(cfg, tmp_path / "v.st", stop_after=1)
+    monkeypatch.setattr(spec, "epochs", 2)
+    with pytest.raises(TVToolError, match=r"--resume: .* belongs to a run of (\d+) steps, this one has (\d+) "
+                                          r"\(the dataset's epoch table"):
+        finetune(cfg, tmp_path / "v.st", resume=True)
+    assert not (tmp_path / "v.st").exists()
+
+
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     real = train.F.cross_entropy
     calls = {"n": 0}

@@ -373,17 +373,31 @@ def _check_type(key: str, value: Any, annotation: str, fail: Callable[[str], Non
         fail(f"expected {ann.split('|')[0].strip()}, got {value!r}")
 
 
-def _recorded(path: Path) -> tuple[str | None, int | None]:
-    """(settings digest, epochs trained) an existing task vector records (None where absent or not readable)."""
+def _recorded(path: Path) -> tuple[str | None, int | None, int | None]:
+    """(settings digest, epochs, steps) an existing task vector records (None where absent or not readable)."""
     from .taskvector import open_vector
 
     try:
         meta = open_vector(path).meta
     except (TVToolError, OSError, ValueError):
-        return None, None
-    digest, epochs = meta.get("settings_digest"), (meta.get("train") or {}).get("epochs")
-    return (digest if isinstance(digest, str) else None,
-            epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None)
+        return None, None, None
+    train = meta.get("train") if isinstance(meta.get("train"), dict) else {}
+
+    def whole(v):
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    digest = meta.get("settings_digest")
+    return digest if isinstance(digest, str) else None, whole(train.get("epochs")), whole(train.get("steps"))
+
+
+def _same_schedule(cfg, trained_epochs: int | None, trained_steps: int | None) -> bool:
+    """Would this config train for as long as the recorded run? The digest holds ``epochs`` as given (None = the
+    dataset's epoch table), so a changed table is caught here: same epochs, or a run capped by ``max_steps`` at the
+    same step count that more epochs would cap too."""
+    epochs = cfg.effective_epochs()
+    if trained_epochs is None or trained_epochs == epochs:
+        return True
+    return cfg.max_steps is not None and trained_steps == cfg.max_steps and epochs > trained_epochs
 
 
 def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, log: Callable[[str], None] = print,
@@ -403,15 +417,15 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
             cfg = recipe.train_config(variant, task, **({"device": device} if device else {}))
             rerun = False
             if out.exists():
-                (recorded, trained_epochs), wanted = _recorded(out), cfg.settings_digest()
-                epochs = cfg.effective_epochs()
-                if recorded == wanted and trained_epochs in (None, epochs):
+                (recorded, trained_epochs, trained_steps), wanted = _recorded(out), cfg.settings_digest()
+                same_schedule = _same_schedule(cfg, trained_epochs, trained_steps)
+                if recorded == wanted and same_schedule:
                     log(f"skip {out} (exists, same settings)")
                     continue
-                # the recipe owns its outputs: one made with other settings (or unknown ones) is redone; the digest
-                # holds the settings as given, so a changed default epoch table is caught by the epochs trained
+                # the recipe owns its outputs: one made with other settings (or unknown ones) is redone
                 why = ("records no settings" if recorded is None else f"was made with other settings ({recorded})"
-                       if recorded != wanted else f"was trained for {trained_epochs} epochs, the run now has {epochs}")
+                       if recorded != wanted else f"was trained for {trained_epochs} epochs, the run now has "
+                       f"{cfg.effective_epochs()}")
                 log(f"rerun {out}: it {why}; now {wanted}")
                 rerun = True
             if progress_factory is not None:

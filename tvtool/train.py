@@ -346,13 +346,16 @@ _CHECKPOINT_KEYS = {"step": int, "trainable": dict, "optimizer": dict, "config":
 
 
 def save_checkpoint(path: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, cfg: TrainConfig,
-                    metrics: dict, output: Path | None = None) -> None:
+                    metrics: dict, output: Path | None = None, total_steps: int | None = None) -> None:
     from .taskvector import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
              "optimizer": optimizer.state_dict(), "config": json.dumps(_config_key(cfg)),
              "metrics": json.dumps(metrics), "tvtool": __version__,
+             # the schedule's length: the config key holds `epochs` as given (None = the dataset's table), so a
+             # changed epoch table or train split would otherwise resume onto another cosine schedule
+             "total_steps": total_steps,
              # the output this run writes: a resume may replace that file, and no other, without --force
              "output": str(Path(output).resolve()) if output is not None else ""}
     with atomic_path(path, force=True) as tmp:
@@ -535,6 +538,10 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                               "--resume") from None
         step = int(state["step"])
         metrics = json.loads(state["metrics"])
+        if isinstance(state.get("total_steps"), int) and state["total_steps"] != total_steps:
+            raise TVToolError(f"--resume: {ckpt} belongs to a run of {state['total_steps']} steps, this one has "
+                              f"{total_steps} (the dataset's epoch table or train split changed); delete "
+                              f"{ckpt.parent} and start without --resume")
 
     # --- the loop
     log_file = open(log_path, "a") if log_path and rank == 0 else None
@@ -626,7 +633,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             if at_ckpt and rank == 0:
-                save_checkpoint(ckpt, step, params, optimizer, cfg, metrics, output=out)
+                save_checkpoint(ckpt, step, params, optimizer, cfg, metrics, output=out, total_steps=total_steps)
         if stop_after is not None and step >= stop_after:
             if log_file:
                 log_file.close()
