@@ -20,10 +20,12 @@ def entry_point() -> str:
     return which
 
 
-def run_tvtool(*args: str, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_tvtool(*args, cwd=None, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``tvtool ARGS`` (paths are turned into text) with this checkout first on the path; ``env`` adds variables."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "COLUMNS": "120", "NO_COLOR": "1"}
-    return subprocess.run([entry_point(), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+           "COLUMNS": "120", "NO_COLOR": "1", **(env or {})}
+    return subprocess.run([entry_point(), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout)
 
 
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -2,10 +2,8 @@
 protocol splits, the cited class/template counts, and the ta8/ta14/ta20 suites in the CLI and in recipes."""
 import gzip
 import json
-import os
 import pickle
 import struct
-import subprocess
 import sys
 import textwrap
 
@@ -15,7 +13,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from tvtool.datasets import SUITES, get_dataset, load_split, protocol_val_split, resolve_tasks
+from cli_helpers import run_tvtool
+from tvtool.datasets import SUITES, get_dataset, load_split, resolve_tasks
 from tvtool.errors import TVToolError
 
 NEW = ["flowers102", "pcam", "fer2013", "oxfordiiitpet", "stl10", "cifar100",
@@ -107,19 +106,13 @@ def test_resolve_tasks_errors(bad, says):
         assert "ta14" in str(e.value) and "cifar100" in str(e.value)
 
 
-def _tvtool(*args, env_extra=None):
-    env = dict(os.environ, **(env_extra or {}))
-    exe = os.path.join(os.path.dirname(sys.executable), "tvtool")
-    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_eval_accepts_a_suite(tmp_path):
     # Without the data the run stops at the first task of the expanded suite (sun397), not at the name 'ta14'.
-    r = _tvtool("eval", "accuracy", "--tasks", "ta14", "--model", "tvtool-mini", "--data-root", str(tmp_path),
-                env_extra={"TVTOOL_CACHE": str(tmp_path / "cache")})
+    r = run_tvtool("eval", "accuracy", "--tasks", "ta14", "--model", "tvtool-mini", "--data-root", str(tmp_path),
+                env={"TVTOOL_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "sun397" in r.stderr and "ta14" not in r.stderr and "Traceback" not in r.stderr
-    r = _tvtool("eval", "accuracy", "--tasks", "ta14,bogus", "--model", "tvtool-mini", "--data-root", str(tmp_path))
+    r = run_tvtool("eval", "accuracy", "--tasks", "ta14,bogus", "--model", "tvtool-mini", "--data-root", str(tmp_path))
     assert r.returncode == 1 and "unknown dataset 'bogus'" in r.stderr and "ta20" in r.stderr
 
 

@@ -1,6 +1,5 @@
 """Issue 10: a vector taken against a local file records the architecture and an absolute path."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -9,16 +8,12 @@ import open_clip
 import pytest
 import torch
 
+from cli_helpers import run_tvtool
 from tvtool import models
-from tvtool.checkpoints import SafetensorsFile, open_weights
+from tvtool.checkpoints import open_weights
 from tvtool.errors import TVToolError
 from tvtool.formats.arch import infer
 from tvtool.taskvector import extract, open_vector, write_safetensors
-
-
-def _tvtool(*args, cwd=None):
-    exe = shutil.which("tvtool") or os.path.join(os.path.dirname(sys.executable), "tvtool")
-    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 def _meta_shapes(arch):
@@ -57,7 +52,7 @@ def _local_pair(tmp_path):
 
 def test_extract_from_a_relative_local_file_records_architecture_and_absolute_path(tmp_path):
     base = _local_pair(tmp_path)
-    r = _tvtool("extract", "--base", "base.safetensors", "--finetuned", "ft.safetensors", "-o", "tv.safetensors",
+    r = run_tvtool("extract", "--base", "base.safetensors", "--finetuned", "ft.safetensors", "-o", "tv.safetensors",
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     meta = open_vector(tmp_path / "tv.safetensors").meta["base"]
@@ -80,7 +75,7 @@ def test_extract_model_overrides_and_is_checked(tmp_path):
 
 
 def test_hf_hub_spec_offline_is_one_line(tmp_path):
-    r = _tvtool("extract", "--base", "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "--finetuned",
+    r = run_tvtool("extract", "--base", "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "--finetuned",
                 "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "-o", tmp_path / "tv.safetensors")
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert "offline" in r.stderr and "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in r.stderr

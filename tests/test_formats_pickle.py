@@ -1,6 +1,5 @@
 """Whole-module pickles (task_vectors / TTA / OrthoReg checkpoints) read without the code that made them."""
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -10,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from cli_helpers import run_tvtool
 from tiny_clip import register_tiny
 from tvtool.checkpoints import fingerprint, open_weights
 from tvtool.errors import TVToolError
@@ -17,11 +17,6 @@ from tvtool.formats.convert import convert
 from tvtool.taskvector import open_vector
 
 TINY = register_tiny("tiny-pickle")
-
-
-def _tvtool(*args, cwd=None):
-    exe = shutil.which("tvtool") or os.path.join(os.path.dirname(sys.executable), "tvtool")
-    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 def _clip(seed=0):
@@ -147,7 +142,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, kind):
     with pytest.raises(TVToolError, match="malicious"):
         open_weights(path, trust_pickle=True)  # code-running modules are refused even when trusted
     assert not marker.exists()
-    r = _tvtool("extract", "--base", path, "--finetuned", path, "-o", tmp_path / "tv.safetensors")
+    r = run_tvtool("extract", "--base", path, "--finetuned", path, "-o", tmp_path / "tv.safetensors")
     assert r.returncode == 1 and not marker.exists()
     assert r.stderr.count("\n") == 1 and "refused" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "tv.safetensors").exists()
@@ -198,7 +193,7 @@ def test_legacy_format_whole_module_is_read_safely(tmp_path, temp_src_module):
     assert sorted(src.keys()) == sorted(expected)
     assert all(torch.equal(src.get(k), v) for k, v in expected.items())
     out = tmp_path / "tv.safetensors"
-    r = _tvtool("extract", "--base", legacy, "--finetuned", legacy, "-o", out, "--all")
+    r = run_tvtool("extract", "--base", legacy, "--finetuned", legacy, "-o", out, "--all")
     assert r.returncode == 0 and "fully unpickling" not in r.stderr, r.stderr
 
 
@@ -239,7 +234,7 @@ def test_tangent_checkpoint_of_another_architecture_says_why(tmp_path):
     ckpt, _ = _linearized(_clip(6), model_name="tvtool-mini")
     path = tmp_path / "lin.pt"
     torch.save(ckpt, path)
-    r = _tvtool("convert", path, "-o", tmp_path / "tau.safetensors")
+    r = run_tvtool("convert", path, "-o", tmp_path / "tau.safetensors")
     assert r.returncode == 1 and "tvtool-mini" in r.stderr and "--model" in r.stderr
     assert not (tmp_path / "tau.safetensors").exists()
 
