@@ -412,6 +412,34 @@ def test_tangent_sweep_matches_pointwise_evaluation(monkeypatch):
         ev.sweep(bad, [1.0], ["a"], "val")
 
 
+def test_tangent_disentanglement_map_matches_pointwise_evaluation(tmp_path):
+    """On the tangent model the error map comes from one jvp pass per vector and batch (features affine in
+    (a1, a2)); the same tower evaluated point by point gives the same map."""
+    import open_clip
+
+    import tvtool.models  # noqa: F401
+
+    torch.manual_seed(1)
+    visual = open_clip.create_model("tvtool-mini", pretrained=None).visual
+    heads = {t: torch.nn.functional.normalize(torch.randn(4, 96), dim=-1) * 100 for t in ("t1", "t2")}
+    inputs = {(t, "test"): (torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 4, (30,)))
+              for t in ("t1", "t2")}
+    e = ev.Evaluator.from_parts(visual, heads, inputs, [0.5] * 3, [0.25] * 3, batch_size=16)
+    e._linearize()
+    taus = [{f"visual.{n}": 0.05 * torch.randn_like(p) for n, p in visual.named_parameters() if p.ndim == 2}
+            for _ in range(2)]
+    a, b = _write(tmp_path / "a.st", taus[0], "t1"), _write(tmp_path / "b.st", taus[1], "t2")
+    grid = [-1.0, 0.0, 0.5, 1.5]
+    passes, real = [], e.visual.pair
+    e.visual.pair = lambda *args: passes.append(1) or real(*args)
+    fast = ev.disentanglement(e, a, b, grid)
+    assert len(passes) == 2 * 2 * 2  # 2 tasks x 2 batches x 2 vectors, for all 16 points
+    e.linearized = False  # the same tangent tower, one evaluation per point
+    slow = ev.disentanglement(e, a, b, grid)
+    assert fast["error"] == slow["error"] and fast["error_task1"] == slow["error_task1"]
+    assert max(map(max, fast["error"])) > 0.1 and fast["error"][1][1] == 0.0  # (0, 0) is theta_0 for both
+
+
 def test_zero_shot_counts_are_computed_once():
     import open_clip
     import torch

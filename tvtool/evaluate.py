@@ -349,10 +349,10 @@ class Evaluator:
                     on_point(i, a, results[-1])
             self.reset()
             return results
-        self.reset()
-        tangents = self._tangents(direction)
-        coef = torch.tensor(alphas, dtype=torch.float32, device=self.device).view(-1, 1, 1)
-        counts = torch.stack([self._swept_correct(t, split, tangents, coef) for t in tasks], dim=1)  # [A, T]
+        tangents = [self._tangents(direction)]
+        coefs = [[a] for a in alphas]
+        counts = torch.stack([self.tangent_predictions(t, split, tangents, coefs).eq(self.inputs(t, split)[1]).sum(-1)
+                              for t in tasks], dim=1)  # [A, T]
         totals = [self.inputs(t, split)[1].numel() for t in tasks]
         for i, (a, row) in enumerate(zip(alphas, counts.tolist())):  # one host sync for the whole grid
             results.append({t: c / n for t, c, n in zip(tasks, row, totals)})
@@ -377,23 +377,32 @@ class Evaluator:
         return tuple(tangents)
 
     @torch.inference_mode()
-    def _swept_correct(self, task: str, split: str, tangents, coef: torch.Tensor) -> torch.Tensor:
-        """Correct counts [len(coef)] of the tangent model at theta_0 + a * v for each a in ``coef`` [A, 1, 1]."""
+    def tangent_predictions(self, task: str, split: str, tangents: Sequence[tuple[torch.Tensor, ...]],
+                            coefs: Sequence[Sequence[float]]) -> torch.Tensor:
+        """Predicted classes [P, N] of the tangent model at theta_0 + sum_k coefs[p][k] * v_k for every point p, where
+        ``tangents[k]`` is v_k as :meth:`_tangents` returns it: one jvp per batch and direction serves every point,
+        since the features are f(x; theta_0) + sum_k c_k J(x) v_k."""
+        self.reset()
         head = self.head(task)
-        x, y = self.inputs(task, split)
-        counts = torch.zeros(coef.shape[0], dtype=torch.int64, device=self.device)
+        x, _ = self.inputs(task, split)
+        coef = torch.tensor(coefs, dtype=torch.float32, device=self.device).view(len(coefs), len(tangents), 1, 1)
+        preds = []
         for i in range(0, x.shape[0], self.batch_size):
             xb = torch.addcmul(self._shift, x[i:i + self.batch_size].float(), self._scale)
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-                out, jout = self.visual.pair(xb, tangents)
-            if isinstance(out, tuple):
-                out, jout = out[0], jout[0]
-            out, jout, yb = out.float(), jout.float(), y[i:i + self.batch_size]
+            jouts = []
+            for tangent in tangents:
+                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+                    out, jout = self.visual.pair(xb, tangent)
+                if isinstance(out, tuple):
+                    out, jout = out[0], jout[0]
+                jouts.append(jout.float())
+            out, jouts = out.float(), torch.stack(jouts)  # [B, D], [K, B, D]
+            batch = []
             for j in range(0, coef.shape[0], SWEEP_CHUNK):  # [chunk, B, D] at a time: a fine grid stays small
-                feats = out + coef[j:j + SWEEP_CHUNK] * jout
-                preds = (F.normalize(feats, dim=-1) @ head.T).argmax(-1)
-                counts[j:j + SWEEP_CHUNK] += preds.eq(yb).sum(-1)
-        return counts
+                feats = out + (coef[j:j + SWEEP_CHUNK] * jouts).sum(1)
+                batch.append((F.normalize(feats, dim=-1) @ head.T).argmax(-1))
+            preds.append(torch.cat(batch))
+        return torch.cat(preds, dim=1)
 
     def provenance(self) -> dict:
         b = self.bundle
@@ -617,7 +626,8 @@ def disentanglement(ev: Evaluator, a, b, grid: Sequence[float] = DEFAULT_DISENTA
     """xi(a1, a2) = sum_t E_{x~D_t} 1[pred(theta0 + a_t tau_t) != pred(theta0 + a1 tau1 + a2 tau2)] (Ortiz-Jimenez).
 
     ``error[i][j]`` is xi(grid[i], grid_b[j]). Single-task predictions are computed once per alpha; mismatch counts
-    stay on the device until the end (one host sync for the whole map).
+    stay on the device until the end (one host sync for the whole map). On the tangent model every point comes from
+    one jvp pass per vector and batch (:meth:`Evaluator.tangent_predictions`).
     """
     t1, t2 = vector_task(a), vector_task(b)
     if t1 == t2:
@@ -626,6 +636,15 @@ def disentanglement(ev: Evaluator, a, b, grid: Sequence[float] = DEFAULT_DISENTA
     tau1 = load_deltas([a], ev.device)
     tau2 = load_deltas([b], ev.device)
     n1, n2 = ev.inputs(t1, split)[1].numel(), ev.inputs(t2, split)[1].numel()
+    if ev.linearized:  # features affine in (a1, a2): two jvp passes per batch and task serve the whole map
+        _say(progress, f"disentanglement: tangent model, {len(g1)} x {len(g2)} points from one pass per vector")
+        both = [ev._tangents(tau1), ev._tangents(tau2)]
+        points = [(a1, a2) for a1 in g1 for a2 in g2]
+        p1 = ev.tangent_predictions(t1, split, both, [(a1, 0.0) for a1 in g1] + points)
+        p2 = ev.tangent_predictions(t2, split, both, [(0.0, a2) for a2 in g2] + points)
+        m1 = p1[len(g1):].view(len(g1), len(g2), -1).ne(p1[:len(g1), None, :]).sum(-1)
+        m2 = p2[len(g2):].view(len(g1), len(g2), -1).ne(p2[None, :len(g2), :]).sum(-1)
+        return _disentanglement_result(ev, a, b, t1, t2, split, g1, g2, m1, m2, n1, n2)
     single1, single2 = [], []
     for a1 in g1:
         ev.set_weights(tau1, a1)
@@ -642,6 +661,10 @@ def disentanglement(ev: Evaluator, a, b, grid: Sequence[float] = DEFAULT_DISENTA
             m1[i, j] = ev.predict(t1, split).ne(single1[i]).sum()
             m2[i, j] = ev.predict(t2, split).ne(single2[j]).sum()
     ev.reset()
+    return _disentanglement_result(ev, a, b, t1, t2, split, g1, g2, m1, m2, n1, n2)
+
+
+def _disentanglement_result(ev, a, b, t1, t2, split, g1, g2, m1, m2, n1, n2) -> dict:
     e1 = (m1.double() / n1).cpu()
     e2 = (m2.double() / n2).cpu()
     err = e1 + e2
