@@ -440,6 +440,23 @@ def test_tangent_disentanglement_map_matches_pointwise_evaluation(tmp_path):
     assert max(map(max, fast["error"])) > 0.1 and fast["error"][1][1] == 0.0  # (0, 0) is theta_0 for both
 
 
+def test_a_misshapen_vector_is_refused_before_any_weight_moves():
+    visual, heads, inputs, taus = _random_parts()
+    e = ev.Evaluator.from_parts(visual, heads, inputs, [0.0] * 3, [1.0] * 3)
+    good = taus["t1"]
+    e.set_weights(good, 0.5)
+    before = {k: p.detach().clone() for k, p in e._params.items()}
+    bad = dict(taus["t2"])
+    last = sorted(bad)[-1]
+    bad[last] = torch.zeros(3)
+    with pytest.raises(TVToolError, match=f"task vector tensor {last} has shape"):
+        e.set_combination([(good, 1.0), (bad, 1.0)])
+    assert all(torch.equal(e._params[k], before[k]) for k in before)  # still theta_0 + 0.5 tau_1
+    assert not all(torch.equal(e._params[k], e._theta0[k]) for k in before)
+    e.reset()  # and it still knows what to restore
+    assert all(torch.equal(e._params[k], e._theta0[k]) for k in before)
+
+
 def test_zero_shot_counts_are_computed_once():
     import open_clip
     import torch

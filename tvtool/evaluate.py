@@ -237,11 +237,9 @@ class Evaluator:
     def set_combination(self, terms: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> None:
         """Image tower := theta_0 + sum of coef * tau over ``terms``, in place (only touched tensors move)."""
         terms = [(tau, float(c)) for tau, c in terms]
+        for tau, _ in terms:  # all checked before any tensor moves: a bad vector leaves the tower as it was
+            self._check_vector(tau)
         keys = set().union(*(tau.keys() for tau, _ in terms)) if terms else set()
-        unknown = sorted(k for k in keys if k not in self._params)
-        if unknown:
-            raise TVToolError(f"task vector key {unknown[0]} is not a parameter of this image tower "
-                              f"({len(unknown)} such keys); was it taken against another architecture?")
         with torch.no_grad():
             for k in self._dirty - keys:  # restore what the previous setting touched
                 self._params[k].copy_(self._theta0[k])
@@ -250,12 +248,20 @@ class Evaluator:
                 p.copy_(self._theta0[k])
                 for tau, c in terms:
                     if k in tau and c != 0.0:
-                        if tau[k].shape != p.shape:
-                            raise TVToolError(f"task vector tensor {k} has shape {tuple(tau[k].shape)}, the model "
-                                              f"{tuple(p.shape)}; was it taken against another architecture?")
                         p.add_(tau[k], alpha=c)
         # theta_0 again when no nonzero coefficient was applied (alpha = 0 grid points reuse zero-shot counts)
         self._dirty = keys if any(c != 0.0 for _, c in terms) else set()
+
+    def _check_vector(self, tau: Mapping[str, torch.Tensor]) -> None:
+        """Every key of ``tau`` is a parameter of this tower, with its shape."""
+        unknown = sorted(k for k in tau if k not in self._params)
+        if unknown:
+            raise TVToolError(f"task vector key {unknown[0]} is not a parameter of this image tower "
+                              f"({len(unknown)} such keys); was it taken against another architecture?")
+        for k, t in tau.items():
+            if t.shape != self._params[k].shape:
+                raise TVToolError(f"task vector tensor {k} has shape {tuple(t.shape)}, the model "
+                                  f"{tuple(self._params[k].shape)}; was it taken against another architecture?")
 
     def set_weights(self, vectors_sum: Mapping[str, torch.Tensor], alpha: float) -> None:
         """Image tower := theta_0 + alpha * vectors_sum, in place."""
@@ -362,17 +368,10 @@ class Evaluator:
 
     def _tangents(self, direction: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """``direction`` as a jvp tangent of the linearized tower: one tensor per parameter, zeros where absent."""
-        unknown = sorted(k for k in direction if k not in self._params)
-        if unknown:
-            raise TVToolError(f"task vector key {unknown[0]} is not a parameter of this image tower "
-                              f"({len(unknown)} such keys); was it taken against another architecture?")
+        self._check_vector(direction)
         tangents = []
         for name in self.visual.names:
-            p0 = self._theta0[VISUAL + name]
-            d = direction.get(VISUAL + name)
-            if d is not None and d.shape != p0.shape:
-                raise TVToolError(f"task vector tensor {VISUAL + name} has shape {tuple(d.shape)}, the model "
-                                  f"{tuple(p0.shape)}; was it taken against another architecture?")
+            p0, d = self._theta0[VISUAL + name], direction.get(VISUAL + name)
             tangents.append(torch.zeros_like(p0) if d is None else d.to(p0.device, p0.dtype))
         return tuple(tangents)
 
