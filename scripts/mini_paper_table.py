@@ -29,6 +29,7 @@ each run).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -361,19 +362,17 @@ def main(argv: list[str] | None = None) -> int:
             raise TVToolError(f"--pair {args.pair}: give two different tasks of the recipe, TASK1,TASK2")
         try:
             seeds = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
+            if any(x < 0 for x in seeds):
+                raise ValueError
         except ValueError:
-            seeds = [-1]
-        if any(x < 0 for x in seeds):
-            raise TVToolError(f"--seeds {args.seeds!r}: give whole numbers >= 0, comma-separated (e.g. 1,2)")
-        planned = plan_seeds(recipe, choose_lambdas(recipe, f"run `tvtool run {recipe.path}` first"), seeds)
+            raise TVToolError(f"--seeds {args.seeds!r}: give whole numbers >= 0, comma-separated (e.g. 1,2)") from None
         hint = f"run `tvtool run {recipe.path}` first"
+        planned = plan_seeds(recipe, choose_lambdas(recipe, hint), seeds)
         if planned:
             if args.no_compute:
                 hint = f"run `python scripts/mini_paper_table.py {recipe.path}` without --no-compute to train it"
             else:
                 run_seeds(recipe, planned, log)
-        import dataclasses
-
         table = collect(dataclasses.replace(recipe, variants=recipe.variants + planned), pair=pair, grid=args.grid,
                         compute=not args.no_compute, log=log, hint=hint)
         out = args.json_out or recipe.out_dir / "table.json"
