@@ -46,10 +46,8 @@ from torch import nn
 
 from .errors import TVToolError
 
-FORMS = ("squared", "plain")
-PRECISIONS = ("fp32", "tf32")
-SCOPES = ("visual-linear", "reference")
-ESTIMATORS = ("exact", "hutchinson")
+# the options' choices are declared with TrainConfig (torch-free: the CLI checks them before importing torch)
+from .trainconfig import ESTIMATORS, FORMS, PRECISIONS, SCOPES  # noqa: E402,F401
 
 _VISUAL_LINEAR = re.compile(
     r"^visual\.transformer\.resblocks\.\d+\.(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight"
