@@ -104,6 +104,10 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
+        from .suites import canonical_task  # FusionBench's / TALL masks' spellings of the same task
+
+        if canonical_task(name) in _REGISTRY:
+            return _REGISTRY[canonical_task(name)]
         known = ", ".join(sorted(_REGISTRY)) or "none registered"
         raise TVToolError(f"unknown dataset {name!r}; known datasets: {known}") from None
 
@@ -156,7 +160,8 @@ def resolve_data_root(data_root=None, *, name: str = "") -> Path:
     root = data_root if data_root is not None else os.environ.get("TVTOOL_DATA")
     if not root:
         what = f"{name}: " if name else ""
-        raise TVToolError(f"{what}no data root; pass --data-root DIR or set TVTOOL_DATA (see `tvtool data check`)")
+        raise TVToolError(f"{what}no data root; pass --data-root DIR or set TVTOOL_DATA to the folder that holds (or "
+                          "will hold) the datasets (`tvtool data prepare NAME --data-root DIR` downloads one)")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise TVToolError(f"data root {root} is not a folder; pass an existing --data-root or fix TVTOOL_DATA")
