@@ -45,9 +45,14 @@ def test_light_commands_never_import_torch(argv):
 
 def test_heavy_modules_are_imported_by_commands_that_need_them(tmp_path):
     """The check above can fail: a command that builds a model (apply onto an open_clip ARCH:TAG) imports torch."""
+    import numpy as np
+
+    from tvtool.taskvector import new_meta, write_vector
+
+    write_vector(tmp_path / "v.st", {"visual.nosuch": np.ones(2, np.float32)}, new_meta({"model": "tvtool-mini"}))
     code = ("import sys\nfrom tvtool.cli import main\n"
-            f"main(['apply', {str(tmp_path / 'missing.st')!r}, '--pretrained', 'tvtool-mini:builtin', "
-            f"'-o', {str(tmp_path / 'o.st')!r}])\n"
+            f"assert main(['apply', {str(tmp_path / 'v.st')!r}, '--pretrained', 'tvtool-mini:builtin', "
+            f"'-o', {str(tmp_path / 'o.st')!r}]) == 1\n"
             "assert 'torch' in sys.modules\n")
     r = run_python(code)
     assert r.returncode == 0, r.stderr[-2000:]

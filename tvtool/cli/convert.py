@@ -7,16 +7,20 @@ from typing import Optional
 import typer
 
 from ._app import app
+from ._output import STDOUT, destination, stem, wrote
 
 
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="A transformers CLIP folder, an open_clip state dict / folder / ARCH:TAG, "
                                            "a torch pickle, or a tangent_task_arithmetic linearized checkpoint."),
-    output: Path = typer.Option(..., "-o", "--output",
-                                help="FILE.safetensors: an open_clip state dict (or, from a linearized checkpoint, a "
-                                     "linear-mode task vector); a folder: a transformers CLIP folder, or an open_clip "
-                                     "folder when SOURCE is a transformers folder."),
+    output: Optional[str] = typer.Option(
+        None, "-o", "--output",
+        help="FILE.safetensors: an open_clip state dict (or, from a linearized checkpoint, a linear-mode task "
+             "vector); a folder: a transformers CLIP folder, or an open_clip folder when SOURCE is a transformers "
+             "folder. Default, in the current directory: NAME.safetensors from a transformers folder or a pickle "
+             "(NAME.st from a linearized one), the transformers folder NAME-hf from anything else. '-o -' writes a "
+             "file output to stdout (not to a terminal)."),
     model: Optional[str] = typer.Option(None, "--model", help="open_clip architecture of SOURCE when it cannot be "
                                                               "read from it (e.g. ViT-B-32-quickgelu)."),
     vision_only: bool = typer.Option(False, "--vision-only", help="Write a transformers CLIPVisionModel (image "
@@ -27,11 +31,29 @@ def convert(
 ):
     """Convert between open_clip (tvtool's naming) and the community's checkpoint formats, without running code.
 
-    Examples: tvtool convert clip-vit-base-patch32/ -o vitb32.safetensors;
+    Examples: tvtool convert clip-vit-base-patch32/   (writes clip-vit-base-patch32.safetensors);
     tvtool convert finetuned.pt -o cars.safetensors; tvtool convert vitb32.safetensors --model ViT-B-32-quickgelu -o hf/
     """
     from ..formats import convert as conv
 
-    what = conv.convert(source, output, model=model, vision_only=vision_only, trust_pickle=trust_pickle, force=force)
-    typer.echo(f"wrote {output} ({what})")
+    name = _default_name(source, trust_pickle) if output is None or output == STDOUT else ""
+    with destination(output, name, directory=bool(name) and not name.endswith((".safetensors", ".st"))) as target:
+        what = conv.convert(source, target.path, model=model, vision_only=vision_only, trust_pickle=trust_pickle,
+                            force=force)
+    wrote(target, what)
+
+
+def _default_name(source: str, trust_pickle: bool) -> str:
+    """NAME.safetensors (open_clip state dict) from a transformers folder or a pickle, NAME.st from a linearized
+    pickle (a task vector), the transformers folder NAME-hf from an open_clip state dict, folder or ARCH:TAG."""
+    from ..checkpoints import PICKLE_SUFFIXES, read_pickle
+    from ..formats import tangent, transformers_clip
+
+    path = Path(source)
+    if path.is_dir() and transformers_clip.folder_model_type(path) is not None:
+        return f"{stem(path)}.safetensors"
+    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+        return f"{stem(path)}.st" if tangent.is_linearized(read_pickle(path, trust_pickle)) else \
+            f"{stem(path)}.safetensors"
+    return f"{stem(path)}-hf"
 
