@@ -460,3 +460,30 @@ def test_python_api_names_parameters_the_cli_names_flags(tmp_path, mini):
     assert "--force" not in r.stdout and "--lr" not in r.stdout
     cli = run_tvtool("add", "a.st", "-o", "b.st", cwd=d)
     assert "pass --force to overwrite" in cli.stderr
+
+
+def test_finetune_defaults_are_trainconfigs():
+    """Issue 20: each `tvtool finetune` default is TrainConfig's (declared once), and every field the CLI sets
+    has its option."""
+    import typer
+
+    from tvtool.cli import app
+    from tvtool.trainconfig import default_values
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["finetune"].params}
+    renamed = {"form": "orthoreg_form", "scope": "orthoreg_scope", "estimator": "orthoreg_estimator",
+               "probes": "orthoreg_probes", "warmup": "warmup_steps"}
+    fields = default_values()
+    checked = set()
+    for name, p in params.items():
+        field = renamed.get(name, name)
+        if field == "compile_mode":  # None: not given (giving it implies --compile); then TrainConfig's default
+            assert p.default is None and fields[field] == "default"
+            checked.add(field)
+        elif field in fields:
+            assert p.default == fields[field], (name, p.default, fields[field])
+            checked.add(field)
+        elif name == "no_eval":
+            assert p.default is (not fields["eval"])
+            checked.add("eval")
+    assert set(fields) - checked == {"clip_grad", "eval_batch_size"}  # Python / recipe settings only

@@ -33,8 +33,9 @@ MAX_JOINED = 80  # characters of joined input names before the name says "+N mor
 def output_option(what: str = "the result", default: str = ""):
     return typer.Option(
         None, "-o", "--output",
-        help=f"Where to write {what} (refused if it exists, see --force). Default: {default or 'a name derived from the inputs'}"
-             " in the current directory. '-o -' writes the finished file to stdout (not to a terminal).")
+        help=f"Where to write {what}; refused if it exists (see --force). Without -o: "
+             f"{default or 'a name derived from the inputs'}, in the current directory. '-o -': the finished file on "
+             "stdout (never a terminal).")
 
 
 # ------------------------------------------------------------------------------------------------ default names

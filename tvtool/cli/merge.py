@@ -61,7 +61,7 @@ def merge(
     method: Optional[str] = typer.Option(None, "--method", "-m", help="Merging method (see --list)."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", metavar="KEY=VALUE",
                                                help="A method option, repeatable: --option k=20."),
-    output: Optional[str] = output_option("the merged vector", "METHOD-A+B.st, with -alphaX unless alpha is 1"),
+    output: Optional[str] = output_option("the merged vector", "METHOD-A+B-alphaX.st (METHOD-A+B.st when alpha is 1)"),
     alpha: float = typer.Option(1.0, "--alpha", help="Scaling coefficient applied to the merged vector."),
     seed: int = typer.Option(0, "--seed", help="Seed of random methods (dare, dare-ties); recorded in the history."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: fp32, bf16 or fp16 (default: the "

@@ -71,6 +71,10 @@ def extract(
     from .. import taskvector
 
     base = _pretrained_spec(ctx, pretrained, base)
+    if task:
+        from ..datasets.suites import canonical_task
+
+        task = canonical_task(task)  # FusionBench's stanford-cars is recorded as tvtool's cars
     with destination(output, extract_name(finetuned, task)) as target:
         fp = taskvector.extract(base, finetuned, target.path, keep_all=keep_all, trust_pickle=trust_pickle,
                                 dtype=dtype, tasks=[task] if task else [], mode=mode,
@@ -85,7 +89,7 @@ def extract(
 @app.command()
 def add(
     vectors: List[Path] = typer.Argument(..., help="Task-vector files to add."),
-    output: Optional[str] = output_option("the sum", "A+B.st, with -alphaX (or -weightsX_Y) unless alpha is 1"),
+    output: Optional[str] = output_option("the sum", "A+B-alphaX.st (A+B.st when alpha is 1; A+B-weightsX_Y.st with --weights)"),
     alpha: float = typer.Option(1.0, "--alpha", help="Scaling coefficient applied to the sum."),
     weights: Optional[str] = typer.Option(None, "--weights", help="One coefficient per input instead of --alpha, "
                                                                   "e.g. 0.3,0.5."),
@@ -109,7 +113,7 @@ def add(
 @app.command()
 def negate(
     vector: Path = typer.Argument(..., help="Task-vector file to negate."),
-    output: Optional[str] = output_option("the negated vector", "not_A.st, with -alphaX unless alpha is 1"),
+    output: Optional[str] = output_option("the negated vector", "not_A-alphaX.st (not_A.st when alpha is 1)"),
     alpha: float = typer.Option(1.0, "--alpha", help="Output = -alpha * input."),
     dtype: Optional[str] = dtype_opt,
     force: bool = force_opt,
@@ -132,8 +136,8 @@ def apply(
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help=PRETRAINED_HELP + " Default: the base the "
                                              "vectors record, else the tasks' default model (tvtool-mini:builtin "
                                              "for mini tasks, ViT-B-32:openai otherwise)."),
-    output: Optional[str] = output_option("the model", "A+B-model.safetensors (with -alphaX unless alpha is 1); "
-                                          "a folder A+B-model onto a transformers base"),
+    output: Optional[str] = output_option("the model", "A+B-alphaX-model.safetensors (A+B-model.safetensors when "
+                                          "alpha is 1; a folder A+B-alphaX-model onto a transformers base)"),
     alpha: float = typer.Option(1.0, "--alpha", help="Model = pretrained + alpha * sum(vectors)."),
     check_base: bool = typer.Option(True, "--check-base/--no-check-base",
                                     help="Refuse vectors whose recorded base fingerprint differs from --pretrained."),
