@@ -102,3 +102,22 @@ def test_file_commands_on_safetensors_never_import_torch(tmp_path):
     )
     r = run_python(code)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.benchmark
+def test_finetune_refusals_answer_like_light_commands(tmp_path):
+    """Issue 26: `finetune` refuses an existing output or a bad option before importing torch, in <= 0.25 x a bare
+    `import torch`, like `add` (median of 5 runs each)."""
+    (tmp_path / "a.st").write_bytes(b"x")
+    torch_s = _median_seconds([sys.executable, "-c", "import torch"])
+    for argv in (["finetune", "mini-shapes", "-o", str(tmp_path / "a.st")],
+                 ["finetune", "mini-shapes", "--lr", "nan", "-o", str(tmp_path / "b.st")]):
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            r = subprocess.run([entry_point(), *argv], capture_output=True)
+            times.append(time.perf_counter() - t)
+            assert r.returncode == 1
+        s = statistics.median(times)
+        print(f"tvtool {' '.join(argv[:2])} refusal: {s:.3f} s = {s / torch_s:.2f} x import torch ({torch_s:.3f} s)")
+        assert s <= 0.25 * torch_s
