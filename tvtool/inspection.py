@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .checkpoints import FLOAT_CODES, to_float32, torch  # torch: imported on first use (compare, plots)
 from .errors import TVToolError
+from .safetensors_io import FLOAT_CODES, to_float32, torch  # torch: imported on first use (compare, plots)
 from .taskvector import BLOCK, TaskVectorFile, check_compatible, open_vector
 
 # safetensors codes -> the dtype names summary reports (torch's names, without importing torch)
