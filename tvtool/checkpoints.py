@@ -6,8 +6,8 @@ of each kind: safetensors files memory-mapped tensor by tensor (``tvtool.safeten
 transformers CLIP folders converted to open_clip names on the fly (``formats.transformers_clip``), and specs that
 name an open_clip architecture (``ARCH:TAG``, ``hf-hub:``) built by open_clip (``tvtool.models``).
 
-The readers that need torch are imported when a spec of their kind is opened, so that the file commands on
-safetensors (extract, add, apply, inspect) start without it.
+The readers that need torch (pickles, transformers folders, open_clip) are imported when a spec of their kind is
+opened, so that the file commands on safetensors (extract, add, apply, inspect) start without it.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from .errors import TVToolError
+from .formats import sharded
 from .safetensors_io import META_KEY
 from .weight_source import WeightSource
 from .weights_spec import WeightsSpec, folder_weights, looks_like_path, parse_weights
@@ -35,8 +36,6 @@ def _open_file(path: Path, kind: str, trust_pickle: bool) -> WeightSource:
     # Absolute, so that a vector's recorded base resolves from any working directory.
     describe = {"model": None, "pretrained": str(path.resolve())}
     if kind == "index":
-        from .formats import sharded
-
         return sharded.open_index(path, describe)
     if kind == "pickle":
         from .formats import safe_pickle
