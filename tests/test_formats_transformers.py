@@ -240,3 +240,11 @@ def test_convert_refuses_a_task_vector(tmp_path):
         assert r.returncode == 1 and "is a tvtool task vector" in r.stderr and "tvtool apply" in r.stderr, r.stderr
         assert r.stderr.strip().count("\n") == 0
         assert not (tmp_path / out).exists()
+    # a model written by `apply` carries a tvtool document too (format tvtool.model): it is weights, and converts
+    from tvtool.safetensors_io import write_safetensors
+
+    model = tmp_path / "applied.safetensors"
+    write_safetensors(model, [("visual.proj", np.ones((4, 4), np.float32))], {"visual.proj": ("F32", (4, 4))},
+                      {tv.META_KEY: json.dumps({"format": "tvtool.model", "base": {"model": None}})})
+    r = run_tvtool("convert", str(model), "-o", str(tmp_path / "m.safetensors"))
+    assert r.returncode == 0 and (tmp_path / "m.safetensors").is_file(), r.stderr

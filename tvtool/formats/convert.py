@@ -17,8 +17,8 @@ from ..checkpoints import open_weights
 from ..errors import TVToolError
 from ..fileio import atomic_path
 from ..safetensors_io import META_KEY, SafetensorsFile, fingerprint, write_safetensors
-from ..taskvector import history_entry, new_meta, write_vector
-from ..weights_spec import folder_weights, parse_weights
+from ..taskvector import FORMAT, history_entry, new_meta, write_vector
+from ..weights_spec import WeightsSpec, folder_weights, parse_weights
 from .arch import infer, register_builtin
 
 
@@ -71,15 +71,18 @@ def _open_clip_folder(out: Path, source, force: bool) -> str:
     return f"open_clip folder, architecture {source.describe.get('model') or 'in open_clip_config.json'}"
 
 
-def _refuse_task_vector(path: Path) -> None:
-    """A task vector holds weight differences, not weights: converting it would give a model of deltas."""
-    if not (path.is_file() and path.suffix.lower() in (".safetensors", ".st")):
+def _refuse_task_vector(spec: WeightsSpec) -> None:
+    """A task vector holds weight differences, not weights: converting it would give a model of deltas. (A model
+    written by `apply` records its own tvtool document, of another format: it converts.)"""
+    if spec.kind != "safetensors" or spec.builds_model:
         return
-    f = SafetensorsFile(path)
+    path = spec.path
+    with SafetensorsFile(path) as f:
+        doc = (f.metadata or {}).get(META_KEY)
     try:
-        is_vector = META_KEY in (f.metadata or {})
-    finally:
-        f.close()
+        is_vector = doc is not None and json.loads(doc).get("format") == FORMAT
+    except (ValueError, AttributeError):
+        is_vector = False
     if is_vector:
         raise TVToolError(f"{path} is a tvtool task vector (weight differences), not model weights; make a model "
                           f"first with `tvtool apply {path} --pretrained BASE -o model.safetensors`, then convert that")
@@ -89,8 +92,8 @@ def convert(source: str, output: str | os.PathLike, *, model: str | None = None,
             trust_pickle: bool = False, force: bool = False) -> str:
     """Convert ``source`` to ``output`` (see module docstring); returns a short description of what was written."""
     src_path, out = Path(source), Path(output)
-    _refuse_task_vector(src_path)
     spec = parse_weights(source)
+    _refuse_task_vector(spec)
     if spec.kind == "pickle" and not spec.builds_model:
         from . import safe_pickle, tangent  # torch
 
