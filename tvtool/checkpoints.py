@@ -27,32 +27,42 @@ def open_weights(spec: str | os.PathLike, *, trust_pickle: bool = False, device:
     parsed = parse_weights(spec)
     if parsed.builds_model:
         return _built_model(parsed, trust_pickle, device)
-    if parsed.kind == "folder":
-        return _open_folder(parsed.path, trust_pickle)
-    return _open_file(parsed.path, parsed.kind, trust_pickle)
+    return OPENERS[parsed.kind](parsed.path, trust_pickle)
 
 
-def _open_file(path: Path, kind: str, trust_pickle: bool) -> WeightSource:
+def _describe(path: Path) -> dict:
     # Absolute, so that a vector's recorded base resolves from any working directory.
-    describe = {"model": None, "pretrained": str(path.resolve())}
-    if kind == "index":
-        return sharded.open_index(path, describe)
-    if kind == "pickle":
-        from .formats import safe_pickle
+    return {"model": None, "pretrained": str(path.resolve())}
 
-        return safe_pickle.open_pickle(path, trust_pickle, describe)
+
+def _open_safetensors(path: Path, trust_pickle: bool) -> WeightSource:
+    describe = _describe(path)
     source = WeightSource.from_safetensors(path, describe)
     describe["model"] = recorded_arch(source.metadata)
     return source
 
 
+def _open_index(path: Path, trust_pickle: bool) -> WeightSource:
+    return sharded.open_index(path, _describe(path))
+
+
+def _open_pickle(path: Path, trust_pickle: bool) -> WeightSource:
+    from .formats import safe_pickle  # torch
+
+    return safe_pickle.open_pickle(path, trust_pickle, _describe(path))
+
+
 def _open_folder(path: Path, trust_pickle: bool) -> WeightSource:
     chosen = folder_weights(path)
     if chosen.kind == "transformers":
-        from .formats import transformers_clip
+        from .formats import transformers_clip  # torch
 
         return transformers_clip.open_folder(path, trust_pickle=trust_pickle)
-    return _open_file(chosen.file, chosen.file_kind, trust_pickle)
+    return OPENERS[chosen.file_kind](chosen.file, trust_pickle)
+
+
+# The reader of each kind of spec that names weights on disk (``WeightsSpec.kind`` -> opener(path, trust_pickle)).
+OPENERS = {"safetensors": _open_safetensors, "index": _open_index, "pickle": _open_pickle, "folder": _open_folder}
 
 
 def _built_model(spec: WeightsSpec, trust_pickle: bool, device: str) -> WeightSource:

@@ -15,7 +15,9 @@ Where a command takes ``--model`` and ``--pretrained`` apart, :func:`parse_pretr
 
 Parsing only looks at the text and the file system (no torch, no open_clip); whether an architecture or tag exists is
 checked where the spec is opened (``tvtool.checkpoints.open_weights`` for weight sources, ``tvtool.models.load_clip``
-for built models). A new kind of spec is one recognizer in :data:`RECOGNIZERS` plus one opener there.
+for built models). A new kind of spec (a hub id ``ORG/NAME``, an adapter folder) is one recognizer in
+:data:`RECOGNIZERS`, placed before the ones it must win over, plus its reader in ``tvtool.checkpoints.OPENERS`` (and
+its case in ``load_clip`` if models are built from it).
 """
 from __future__ import annotations
 
