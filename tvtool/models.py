@@ -27,7 +27,9 @@ from .formats import sharded, transformers_clip
 from .formats.arch import register_builtin, register_config
 from .formats.safe_pickle import load_pickle
 from .safetensors_io import fingerprint
-from .weights_spec import MINI_NAME, folder_weights, looks_like_path, parse_pretrained
+from .weights_spec import (
+    HF_HUB_PREFIX, MINI_NAME, FolderWeights, WeightsSpec, folder_weights, looks_like_path, parse_pretrained,
+)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MINI_WEIGHTS = DATA_DIR / f"{MINI_NAME}.safetensors"
@@ -195,47 +197,21 @@ def load_clip(model_name: str, pretrained: str | os.PathLike | None = None, devi
     spec = parse_pretrained(model_name, pretrained)
     folder = folder_weights(spec.path) if spec.kind == "folder" else None
     create = {"pretrained": None, "device": "cpu"}
-    ckpt: str | Path | dict | None = None  # loaded after creation: a file, or a state dict tvtool converted
-    label = spec.pretrained or "random"
-    if folder is not None and folder.kind == "transformers":
-        model_name, ckpt = _transformers_weights(spec.path, trust_pickle)
-        label = str(spec.path.resolve())
+    converted = folder is not None and folder.kind == "transformers"
+    if converted:  # the folder's config.json names the architecture
+        model_name, state = _transformers_weights(spec.path, trust_pickle)
     arch = model_name  # what open_clip builds
-    if spec.kind == "hf-hub":
+    if model_name.startswith(HF_HUB_PREFIX):  # open_clip reads the config (and maybe weights) from the hub
         _check_hub_reachable(model_name)
     elif folder is not None and folder.kind == "open_clip" and folder.open_clip_config:
         arch = "local-dir:" + str(spec.path)  # the folder's own config describes its weights
         create["load_weights"] = False
     elif model_name not in open_clip.list_models():
         raise _unknown_model(model_name)
-
-    if ckpt is not None:
-        pass
-    elif spec.kind == "hf-hub":
-        create["load_weights"] = True  # open_clip fetches the hub model's own weights
-        label = model_name
-    elif spec.kind == "default":  # a real architecture never silently evaluates or trains a random initialisation
-        raise _no_weights(open_clip, model_name)
-    elif spec.kind == "random":
-        label = "random"
-    elif spec.kind == "builtin":
-        if not MINI_WEIGHTS.is_file():
-            raise TVToolError(f"{MINI_WEIGHTS} is missing; rebuild it with `python scripts/pretrain_mini.py`")
-        ckpt = MINI_WEIGHTS
-    elif folder is not None:
-        ckpt = _weights_file(folder.file, folder.file_kind, trust_pickle)
-    elif spec.path is not None:
-        ckpt = _weights_file(spec.path, spec.kind, trust_pickle)
-        if spec.kind == "pickle":
-            label = str(spec.path.resolve())
-    else:  # a registry tag
-        cfg = _pretrained_cfg(open_clip, model_name, spec.pretrained)
-        ckpt = _cached_tag_file(cfg, cache_dir) or _download_tag(model_name, spec.pretrained, cfg, cache_dir)
-        # The tag knows how its weights were trained: QuickGELU (OpenAI) and the normalisation statistics.
-        create["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
-        pp = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
-        if pp:
-            create["force_preprocess_cfg"] = pp
+    if converted:
+        ckpt, label = state, str(spec.path.resolve())
+    else:
+        ckpt, label = _weights(open_clip, spec, folder, create, cache_dir, trust_pickle)
 
     try:
         with _quiet_random_init_warning():
@@ -257,6 +233,38 @@ def load_clip(model_name: str, pretrained: str | os.PathLike | None = None, devi
         std=tuple(float(x) for x in pp.get("std", open_clip.OPENAI_DATASET_STD)),
         name=model_name, pretrained=label, fingerprint=fingerprint(model.state_dict()),
     )
+
+
+def _weights(open_clip, spec: WeightsSpec, folder: FolderWeights | None, create: dict, cache_dir: str | None,
+             trust_pickle: bool) -> tuple[str | Path | dict | None, str]:
+    """(what to load into the created model, the label recorded as its pretrained weights) of a spec; ``create``
+    (open_clip.create_model's keywords) is completed where the weights need it."""
+    model_name = spec.arch
+    if spec.kind == "hf-hub":
+        create["load_weights"] = True  # open_clip fetches the hub model's own weights
+        return None, model_name
+    if spec.kind == "default":  # a real architecture never silently evaluates or trains a random initialisation
+        raise _no_weights(open_clip, model_name)
+    if spec.kind == "random":
+        return None, "random"
+    if spec.kind == "builtin":
+        if not MINI_WEIGHTS.is_file():
+            raise TVToolError(f"{MINI_WEIGHTS} is missing; rebuild it with `python scripts/pretrain_mini.py`")
+        return MINI_WEIGHTS, spec.pretrained
+    if folder is not None:
+        return _weights_file(folder.file, folder.file_kind, trust_pickle), spec.pretrained
+    if spec.path is not None:
+        label = str(spec.path.resolve()) if spec.kind == "pickle" else spec.pretrained
+        return _weights_file(spec.path, spec.kind, trust_pickle), label
+    # a registry tag
+    cfg = _pretrained_cfg(open_clip, model_name, spec.pretrained)
+    ckpt = _cached_tag_file(cfg, cache_dir) or _download_tag(model_name, spec.pretrained, cfg, cache_dir)
+    # The tag knows how its weights were trained: QuickGELU (OpenAI) and the normalisation statistics.
+    create["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
+    pp = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    if pp:
+        create["force_preprocess_cfg"] = pp
+    return ckpt, spec.pretrained
 
 
 def _no_weights(open_clip, model_name: str) -> TVToolError:
