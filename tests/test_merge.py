@@ -89,15 +89,42 @@ def ref_tsv(vs, fraction=None):
 # --------------------------------------------------------------------------------------------------- registry
 def test_registry_lists_every_method_with_options_and_citation():
     names = [m.name for m in mg.list_methods()]
-    assert names == ["sum", "mean", "ties", "dare", "dare-ties", "breadcrumbs", "tsv", "iso-c", "consensus"]
+    assert names == ["sum", "mean", "ties", "dare", "dare-ties", "breadcrumbs", "breadcrumbs-ties", "della", "tsv",
+                     "iso-c", "iso-cts", "consensus", "wudi", "lines"]
     for m in mg.list_methods():
-        assert any(str(y) in m.doc for y in (2022, 2023, 2024, 2025)), m.name  # paper cited
+        assert any(str(y) in m.doc and str(y) in m.paper for y in (2022, 2023, 2024, 2025)), m.name  # paper cited
+        assert m.url.startswith("https://arxiv.org/abs/") and m.code and m.alpha_source, m.name
+        assert m.kind in mg.KINDS
+        grid = mg.alpha_grid(m)  # every default search parses, and is the paper's
+        assert grid and all(0 < a <= 3 for a in grid if a), m.name
     assert mg.get_method("tsv").per_layer and mg.get_method("iso-c").per_layer
     assert mg.get_method("dare").random and not mg.get_method("ties").random
+    # the papers' alphas: TSV-M merges at 1, WUDI and LiNeS rescale nothing, Iso-C/CTS search above 1
+    assert mg.alpha_grid("tsv") == [1.0] and mg.alpha_grid("wudi") == [1.0] and mg.alpha_grid("lines") == [1.0]
+    iso = mg.alpha_grid("iso-c")
+    assert iso == mg.alpha_grid("iso-cts") and min(iso) == 0.1 and max(iso) == 3.0 and 1.5 in iso
+    assert mg.alpha_grid("sum") == [round(0.05 * i, 10) for i in range(21)]
+
+
+def test_options_have_one_default_each():
+    """Issue 20: a default lives in the Option only; the function cannot carry a second, disagreeing one."""
+    import inspect
+    for m in mg.list_methods():
+        params = inspect.signature(m.fn).parameters
+        for name in m.options:
+            assert params[name].default is inspect.Parameter.empty, (m.name, name)
+    assert mg.resolve_options("ties")["scope"] == "global"
+    with pytest.raises(ValueError, match="repeat their option's default"):
+        @mg.register("x-test", kind="arithmetic", paper="p", url="u", code="c", alpha_grid="1", alpha_source="s",
+                     options={"k": mg.Option(float, 1.0, "k")})
+        def _bad(tensors, key, *, k=2.0):
+            return tensors[0]
+    assert "x-test" not in mg.REGISTRY
 
 
 def test_options_are_typed_defaulted_and_checked():
-    assert mg.resolve_options("ties", {"k": "35"}) == {"k": 35.0, "sign": "mass", "scope": "global"}
+    assert mg.resolve_options("ties", {"k": "35"}) == {"k": 35.0, "sign": "mass", "scope": "global",
+                                                       "disjoint": "mean"}
     assert mg.parse_option_strings(["k=5", "sign=count"]) == {"k": "5", "sign": "count"}
     for bad, msg in [({"kk": 1}, "unknown option 'kk'"), ({"k": "abc"}, "not a valid float"),
                      ({"k": 101}, "out of range"), ({"sign": "vote"}, "must be one of")]:
@@ -246,14 +273,15 @@ def test_iso_c_flattens_the_spectrum_of_the_sum():
     np.testing.assert_allclose(np.linalg.svd(out, compute_uv=False), s_mean, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["tsv", "iso-c"])
+@pytest.mark.parametrize("name", ["tsv", "iso-c", "iso-cts", "wudi"])
 def test_per_layer_methods_fall_back_on_non_matrices(name):
+    # the authors' code (TSV-M, Iso-C/CTS, FusionBench's WUDI) averages biases, norms and the class token
     for shape in [(7,), (2, 3, 4), ()]:
         vs = [_t(_randn(*shape, seed=s)) for s in range(3)]
-        np.testing.assert_allclose(mg.merge_tensor(name, vs).numpy(), np.sum([v.numpy() for v in vs], 0),
-                                   rtol=1e-6)
-        np.testing.assert_allclose(mg.merge_tensor(name, vs, options={"fallback": "mean"}).numpy(),
-                                   np.mean([v.numpy() for v in vs], 0), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(mg.merge_tensor(name, vs).numpy(), np.mean([v.numpy() for v in vs], 0),
+                                   rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(mg.merge_tensor(name, vs, options={"fallback": "sum"}).numpy(),
+                                   np.sum([v.numpy() for v in vs], 0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("k,lam", [(0, 0.4), (1, 0.4), (2, 0.4), (2, 1.0), (3, 0.2)])
@@ -325,7 +353,7 @@ def test_merge_files_match_in_memory_and_record_provenance(files, tmp_path, caps
     assert all(torch.equal(got[k], expect[k]) for k in expect)
     entry = meta["history"][-1]
     assert entry["op"] == "merge" and entry["method"] == "dare-ties" and entry["seed"] == 11
-    assert entry["options"] == {"p": 0.5, "sign": "count"} and entry["alpha"] == 0.5
+    assert entry["options"] == {"p": 0.5, "sign": "count", "disjoint": "mean"} and entry["alpha"] == 0.5
     assert [i["fingerprint"] for i in entry["inputs"]] == [_load(p)[1]["fingerprint"] for p in files]
     json.dumps(meta)  # provenance is plain JSON
     # global TIES through files: the prepass streams from the memory-mapped inputs
