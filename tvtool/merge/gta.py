@@ -87,8 +87,9 @@ def outliers(beta: float, gamma: float) -> Sparsifier:
 
 def magprune(p: float, eps: float, shape: Sequence[int], generator: torch.Generator) -> Sparsifier:
     """DELLA's MagPrune: per row of each vector's tensor (the last dimensions flattened; a 1-D tensor is one row),
-    rank the entries by magnitude and keep entry i with probability q_i = (1-p-eps) + 2 eps (rank_i-1)/(n-1),
-    the largest most likely; survivors are divided by their q_i. Draws on the CPU."""
+    rank the entries by magnitude and drop entry i with probability p_i = p + eps - 2 eps (rank_i-1)/(n-1), the
+    largest least likely; survivors are divided by their keep probability 1 - p_i. Draws on the CPU, exactly as
+    ``random_drop`` does, so eps = 0 is DARE."""
     rows = int(shape[0]) if len(shape) >= 2 else 1
 
     def apply(x: Tensor) -> Tensor:
@@ -98,9 +99,9 @@ def magprune(p: float, eps: float, shape: Sequence[int], generator: torch.Genera
         order = torch.argsort(v.abs(), dim=-1, stable=True)  # stable: the same ranks on every device
         ranks = torch.argsort(order, dim=-1, stable=True).to(x.dtype)  # 0 = smallest
         rel = ranks / (n - 1) if n > 1 else torch.full_like(v, 0.5)
-        q = ((1.0 - p - eps) + rel * (2.0 * eps)).reshape(t_count, numel)
-        keep = torch.rand(x.shape, generator=generator, dtype=torch.float32).to(x.device) < q
-        return torch.where(keep, x / q, zero(x))
+        drop = ((p + eps) - rel * (2.0 * eps)).reshape(t_count, numel)
+        keep = torch.rand(x.shape, generator=generator, dtype=torch.float32).to(x.device) >= drop
+        return torch.where(keep, x / (1.0 - drop), zero(x))
 
     return apply
 

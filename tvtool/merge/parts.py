@@ -49,9 +49,14 @@ def kth_largest_abs(x: Tensor, n: int) -> Tensor:
     return x.abs().kthvalue(x.shape[1] - n + 1, dim=1, keepdim=True).values
 
 
+def work_dtype(x: Tensor) -> torch.dtype:
+    """float32 for every input the driver gives (fp32, bf16, fp16); float64 kept when a caller asks for it."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def svd(x: Tensor):
     """Thin SVD on the GPU when there is one (the expensive step of the per-layer methods)."""
-    return torch.linalg.svd(x.to(compute_device(), torch.float32), full_matrices=False)
+    return torch.linalg.svd(x.to(compute_device(), work_dtype(x)), full_matrices=False)
 
 
 def rank_mask(s: Tensor, shape: Sequence[int], rtol: float | None) -> Tensor:

@@ -210,7 +210,12 @@ def resolve_options(method: Method | str, options: Mapping[str, Any] | None = No
     out = {k: o.parse(m.name, k, options.get(k, o.default)) for k, o in m.options.items()}
     if m.nested:
         inner = get_method(out[m.nested])
-        inner_opts = resolve_options(inner, nested_options(options, m.nested))
+        given = nested_options(options, m.nested)
+        stray = sorted(set(given) - set(inner.options))
+        if stray:
+            raise TVToolError(f"{m.name}: unknown option '{prefix}{stray[0]}'; the {inner.name} method's options "
+                              f"are: {', '.join(inner.options) or 'none'}")
+        inner_opts = resolve_options(inner, given)
         out.update({prefix + k: v for k, v in inner_opts.items()})
     return out
 

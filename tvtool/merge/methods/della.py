@@ -32,6 +32,7 @@ def della(tensors, key, *, p, eps, sign, disjoint, generator):
 
     Within each row of each vector's tensor, entries are ranked by magnitude and kept with probability rising
     linearly from 1-p-eps (smallest) to 1-p+eps (largest); each survivor is divided by its own keep probability.
-    Then TIES' sign election and the disjoint mean, as the authors' merge method "della".
+    Then TIES' sign election and the disjoint mean, as the authors' merge method "della". With eps=0 it is
+    dare-ties (the same draws for the same seed).
     """
     return combine(tensors, sparsify=magprune(p, eps, tensors[0].shape, generator), elect=sign, how=disjoint)

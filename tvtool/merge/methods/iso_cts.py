@@ -1,7 +1,7 @@
 """Iso-CTS: Iso-C's common subspace, with its weakest directions replaced by task-specific ones."""
 from __future__ import annotations
 
-from ..parts import FALLBACK, RTOL, compute_device, fallback as fall_back, polar, rank_mask, svd, torch
+from ..parts import FALLBACK, RTOL, compute_device, fallback as fall_back, polar, rank_mask, svd, torch, work_dtype
 from ..registry import Option, register
 from .iso_c import ISO_CODE, ISO_GRID, ISO_GRID_SOURCE, ISO_PAPER
 
@@ -41,7 +41,7 @@ def iso_cts(tensors, key, *, fraction, fallback, rtol):
     m, n = tensors[0].shape
     q = min(m, n)
     common, per_task = subspace_sizes(q, t_count, fraction)
-    x = torch.stack(tensors).to(compute_device(), torch.float32)
+    x = torch.stack(tensors).to(compute_device(), work_dtype(tensors[0]))
     u, s, vh = svd(x.sum(0))
     uc = u[:, :common]
     u_ts, s_ts, vh_ts = svd(x - uc @ (uc.T @ x))  # each task without the common column space, batched
