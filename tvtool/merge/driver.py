@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from ..errors import TVToolError
 from .parts import get, release, torch
-from .registry import Method, get_method, resolve_options
+from .registry import REGISTRY, Method, get_method, resolve_options
 
 Tensor = "torch.Tensor"
 
@@ -35,6 +35,15 @@ def alpha_grid(method: Method | str) -> list[float]:
 
     m = get_method(method) if isinstance(method, str) else method
     return parse_grid(m.alpha_grid)
+
+
+def merged_method(meta: Mapping) -> str | None:
+    """The registered method a vector was made with, when its last history entry is a `tvtool merge`."""
+    history = meta.get("history") or []
+    last = history[-1] if history else None
+    if isinstance(last, dict) and last.get("op") == "merge" and last.get("method") in REGISTRY:
+        return last["method"]
+    return None
 
 
 def _call(m: Method, tensors: list[Tensor], key: str, opts: Mapping[str, Any], alpha: float, seed: int,
