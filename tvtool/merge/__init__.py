@@ -14,12 +14,12 @@ from __future__ import annotations
 from . import methods  # noqa: F401  registers every method
 from .driver import (alpha_grid, check_inputs, key_generator, merge_files, merge_stream, merge_tensor, merge_tensors,
                      merged_method)
-from .parts import compute_device
+from .parts import compute_device, on_device
 from .registry import (KINDS, REGISTRY, Method, Option, describe_method, get_method, list_methods, nested_options,
                        parse_option_strings, register, resolve_options)
 from .thresholds import global_magnitude_thresholds
 
 __all__ = ["KINDS", "REGISTRY", "Method", "Option", "alpha_grid", "check_inputs", "compute_device",
            "describe_method", "get_method", "global_magnitude_thresholds", "key_generator", "list_methods",
-           "merge_files", "merge_stream", "merge_tensor", "merge_tensors", "merged_method", "nested_options", "parse_option_strings",
-           "register", "resolve_options"]
+           "merge_files", "merge_stream", "merge_tensor", "merge_tensors", "merged_method", "nested_options", "on_device",
+           "parse_option_strings", "register", "resolve_options"]

@@ -2,6 +2,7 @@
 options several methods share, declared once."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Sequence
 
 from .._lazy import lazy_module
@@ -18,8 +19,25 @@ RTOL = Option(float, None, "singular values <= rtol x the largest count as zero 
               "stored in bf16)", lo=0.0, hi=1.0)
 
 
+_PINNED: list = []  # devices pinned by `on_device`, innermost last
+
+
 def compute_device() -> torch.device:
+    """Where the per-layer methods compute: the GPU when there is one, unless `on_device` pins another."""
+    if _PINNED:
+        return torch.device(_PINNED[-1])
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def on_device(device):
+    """Run the methods' heavy steps (SVDs, WUDI's optimization) on ``device`` inside the block (benchmarks compare
+    GPU and CPU this way)."""
+    _PINNED.append(device)
+    try:
+        yield
+    finally:
+        _PINNED.pop()
 
 
 def zero(x: Tensor) -> Tensor:
