@@ -635,3 +635,46 @@ def test_lines_through_files_records_base_options_and_seed(files, tmp_path):
     assert all(torch.equal(got[k], expect[k]) for k in expect)
     entry = meta["history"][-1]
     assert entry["options"]["base"] == "dare" and entry["options"]["base.p"] == 0.5 and entry["seed"] == 3
+
+
+def test_on_device_pins_where_the_heavy_steps_run():
+    default = mg.compute_device()
+    with mg.on_device("cpu"):
+        assert mg.compute_device() == torch.device("cpu")
+        with mg.on_device("meta"):
+            assert mg.compute_device() == torch.device("meta")
+        assert mg.compute_device() == torch.device("cpu")
+    assert mg.compute_device() == default
+
+
+def test_every_method_merges_a_vit_shaped_vector_through_files(tmp_path):
+    """All methods at their defaults on the tensors a ViT image tower holds (conv, class token, positional
+    embedding, 2 blocks, projection), streamed from files: finite, right shapes, and each method's own result."""
+    from tvtool import taskvector as tv
+
+    w = 16
+    shapes = {"visual.class_embedding": (w,), "visual.positional_embedding": (5, w), "visual.conv1.weight": (w, 3, 2, 2),
+              "visual.proj": (w, 8), "visual.ln_post.weight": (w,)}
+    for i in range(2):
+        p = f"visual.transformer.resblocks.{i}."
+        shapes.update({p + "attn.in_proj_weight": (3 * w, w), p + "attn.in_proj_bias": (3 * w,),
+                       p + "attn.out_proj.weight": (w, w), p + "mlp.c_fc.weight": (4 * w, w),
+                       p + "mlp.c_proj.weight": (w, 4 * w)})
+    gen = torch.Generator().manual_seed(11)
+    paths = []
+    for t in range(3):
+        p = tmp_path / f"v{t}.st"
+        tv.write_vector(p, {k: torch.randn(s, generator=gen) * 1e-3 for k, s in shapes.items()},
+                        tv.new_meta(BASE, tasks=[f"task{t}"], mode="full"))
+        paths.append(p)
+    inputs = [_load(p)[0] for p in paths]
+    for name in mg.REGISTRY:
+        out = tmp_path / f"{name}.st"
+        mg.merge_files(name, paths, out, seed=1)
+        got, meta = _load(out)
+        assert meta["history"][-1]["method"] == name
+        for k, s in shapes.items():
+            assert tuple(got[k].shape) == s and bool(torch.isfinite(got[k]).all()), (name, k)
+        expect = mg.merge_tensors(name, inputs, seed=1)
+        assert all(torch.equal(got[k], expect[k]) for k in shapes), name
+        assert any(bool(got[k].any()) for k in shapes), name
