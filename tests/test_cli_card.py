@@ -36,7 +36,8 @@ def run_to(stdout_path: Path, *args, cwd=None) -> subprocess.CompletedProcess:
 
 def _mini_vector(path: Path, task: str, seed: int, mode: str = "full", scale: float = 0.02) -> dict:
     """A small random vector against the bundled tvtool-mini, recorded like a fine-tuned one."""
-    from tvtool.checkpoints import fingerprint, open_weights
+    from tvtool.checkpoints import open_weights
+    from tvtool.safetensors_io import fingerprint
     from tvtool.taskvector import history_entry, new_meta, write_vector
 
     base = open_weights(MINI_BASE)

@@ -1,7 +1,6 @@
 """`tvtool convert`: published checkpoints in and out (transformers CLIP folders, pickles, TTA linearized files)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -46,14 +45,15 @@ def convert(
 def _default_name(source: str, trust_pickle: bool) -> str:
     """NAME.safetensors (open_clip state dict) from a transformers folder or a pickle, NAME.st from a linearized
     pickle (a task vector), the transformers folder NAME-hf from an open_clip state dict, folder or ARCH:TAG."""
-    from ..checkpoints import PICKLE_SUFFIXES, read_pickle
-    from ..formats import tangent, transformers_clip
+    from ..weights_spec import folder_weights, parse_weights
 
-    path = Path(source)
-    if path.is_dir() and transformers_clip.folder_model_type(path) is not None:
-        return f"{stem(path)}.safetensors"
-    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
-        return f"{stem(path)}.st" if tangent.is_linearized(read_pickle(path, trust_pickle)) else \
-            f"{stem(path)}.safetensors"
-    return f"{stem(path)}-hf"
+    spec = parse_weights(source)
+    name = stem(spec.path) if spec.path is not None else stem(source.replace(":", "_"))
+    if spec.kind == "pickle" and not spec.builds_model:
+        from ..formats import safe_pickle, tangent
 
+        linearized = tangent.is_linearized(safe_pickle.read_pickle(spec.path, trust_pickle))
+        return f"{name}.st" if linearized else f"{name}.safetensors"
+    if spec.kind == "folder" and not spec.builds_model and folder_weights(spec.path).kind == "transformers":
+        return f"{name}.safetensors"
+    return f"{name}-hf"

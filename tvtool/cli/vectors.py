@@ -172,7 +172,7 @@ def apply(
             spec, how = ":".join(default_weights([t for v in vecs for t in v.tasks])), "the tasks' default model"
         typer.echo(f"base: {spec} ({how}; --pretrained chooses another)", err=True)
     base_src = open_weights(spec, trust_pickle=trust_pickle)
-    folder = getattr(base_src, "hf_config", None) is not None
+    folder = base_src.config.transformers is not None  # onto a transformers base: a transformers folder
     with destination(output, apply_name(vectors, alpha, folder), directory=folder) as target:
         taskvector.apply(base_src, vectors, target.path, alpha=alpha, trust_pickle=trust_pickle,
                          check_base=check_base, force=force, dtype=dtype, nonlinear=nonlinear)
