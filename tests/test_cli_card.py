@@ -31,7 +31,7 @@ def run_to(stdout_path: Path, *args, cwd=None) -> subprocess.CompletedProcess:
     """`tvtool ARGS > stdout_path` (binary stdout into a file, as a shell redirect does)."""
     with open(stdout_path, "wb") as f:
         return subprocess.run([entry_point(), *map(str, args)], stdout=f, stderr=subprocess.PIPE, cwd=cwd,
-                              env=_env(), timeout=300, text=False)
+                              env=_env(), timeout=600, text=False)
 
 
 def _mini_vector(path: Path, task: str, seed: int, mode: str = "full", scale: float = 0.02) -> dict:
@@ -106,7 +106,7 @@ def test_o_dash_refuses_a_terminal(tmp_path, mini):
     leader, follower = pty.openpty()
     try:
         r = subprocess.run([entry_point(), "negate", "a.st", "-o", "-"], stdout=follower, stderr=subprocess.PIPE,
-                           cwd=d, env=_env(), timeout=120)
+                           cwd=d, env=_env(), timeout=300)
     finally:
         os.close(follower)
         os.set_blocking(leader, False)
@@ -183,7 +183,7 @@ def test_inspect_cosine_without_files_compares_the_vectors_here_in_order(tmp_pat
 
 def test_card_finetune_line_offline_without_data_is_one_line_exit_1(tmp_path):
     r = subprocess.run([entry_point(), "finetune", "cars", "--lambda", "1e-4"], capture_output=True, text=True,
-                       cwd=tmp_path, env=_env(), timeout=120)
+                       cwd=tmp_path, env=_env(), timeout=300)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: cars: no data root")
     assert "see `tvtool data check`" not in r.stderr and not list(tmp_path.iterdir())
 
@@ -191,7 +191,7 @@ def test_card_finetune_line_offline_without_data_is_one_line_exit_1(tmp_path):
 @pytest.mark.parametrize("spelled", ["stanford-cars", "CarsVal", "StanfordCars"])
 def test_fusionbench_and_tall_masks_task_names_are_aliases(tmp_path, spelled):
     r = subprocess.run([entry_point(), "finetune", spelled], capture_output=True, text=True, cwd=tmp_path,
-                       env=_env(), timeout=120)
+                       env=_env(), timeout=300)
     assert r.returncode == 1 and r.stderr.startswith("error: cars: no data root"), r.stderr
 
 
@@ -222,7 +222,7 @@ def test_tensorboard_log_holds_the_json_lines_figures(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     r = run_tvtool("finetune", "mini-shapes", "--lambda", "0.1", "--max-steps", "3", "--log-every", "1",
-                   "--no-eval", "--log", "log.jsonl", "--log-dir", "tb", "--device", "cpu", cwd=tmp_path, timeout=300)
+                   "--no-eval", "--log", "log.jsonl", "--log-dir", "tb", "--device", "cpu", cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr
     assert "writing mini-shapes-lambda0.1.st (default name" in r.stderr
     assert (tmp_path / "mini-shapes-lambda0.1.st").is_file()
@@ -328,7 +328,7 @@ def test_mini_tasks_default_to_the_quickstart_settings_and_a_useless_schedule_is
     from tvtool.taskvector import open_vector
 
     r = run_tvtool("finetune", "mini-shapes", "--max-steps", "12", "--no-eval", "--device", "cpu", "-o", "d.st",
-                   cwd=tmp_path, timeout=300)
+                   cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr
     train = open_vector(tmp_path / "d.st").meta["train"]
     shipped = load_recipe(REPO / "recipes" / "mini.yaml").variants[0].settings  # what the quickstart runs
@@ -337,7 +337,7 @@ def test_mini_tasks_default_to_the_quickstart_settings_and_a_useless_schedule_is
     assert "warning" not in r.stderr
     # the protocol's schedule on a mini task: ends inside its warm-up, and the vector hardly moves
     bad = run_tvtool("finetune", "mini-shapes", "--lr", "1e-5", "--warmup-steps", "500", "--max-steps", "3",
-                     "--device", "cpu", "-o", "bad.st", cwd=tmp_path, timeout=300)
+                     "--device", "cpu", "-o", "bad.st", cwd=tmp_path, timeout=900)
     assert bad.returncode == 0, bad.stderr
     assert "warning: mini-shapes: the run's 3 steps end inside its 500 warm-up steps" in bad.stderr
     assert "warning: mini-shapes: the task vector barely moved" in bad.stderr
@@ -362,7 +362,7 @@ def test_broken_torchvision_is_named_once_not_read_as_bad_images(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
     r = subprocess.run([entry_point(), "eval", "accuracy", "--tasks", "mini-shapes", "--max-examples", "4"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600,
                        env=_env(PYTHONPATH=f"{tmp_path / 'fake'}{os.pathsep}{REPO}"))
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     from importlib import metadata
@@ -391,7 +391,7 @@ def test_run_logs_are_never_wrapped_and_say_run_k_of_n_with_an_eta(tmp_path):
     recipe.write_text(yaml.safe_dump({"model": "tvtool-mini", "pretrained": "builtin", "out_dir": str(out),
                                       "tasks": ["mini-shapes", "mini-colors"], "variants": [{"name": "ft"}],
                                       "finetune": {"max_steps": 2, "eval": False, "device": "cpu"}}))
-    r = run_tvtool("run", str(recipe), cwd=tmp_path, env={"COLUMNS": "40"}, timeout=300)
+    r = run_tvtool("run", str(recipe), cwd=tmp_path, env={"COLUMNS": "40"}, timeout=600)
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
     assert f"wrote {out / 'ft' / 'mini-shapes.st'} (run 1 of 2; about " in r.stderr
@@ -402,7 +402,7 @@ def test_run_logs_are_never_wrapped_and_say_run_k_of_n_with_an_eta(tmp_path):
 
 def test_evaluation_progress_in_percent_and_the_negation_table_says_val(tmp_path, mini):
     d = _fresh(tmp_path, mini)
-    r = run_tvtool("eval", "negation", "a.st", "--grid", "0,0.5", "--max-examples", "16", cwd=d, timeout=300)
+    r = run_tvtool("eval", "negation", "a.st", "--grid", "0,0.5", "--max-examples", "16", cwd=d, timeout=600)
     assert r.returncode == 0, r.stderr
     progress = [line for line in r.stderr.splitlines() if "alpha" in line]
     assert progress and all("%" in line for line in progress), progress
@@ -412,7 +412,7 @@ def test_evaluation_progress_in_percent_and_the_negation_table_says_val(tmp_path
 
 def test_eval_accuracy_without_vectors_defaults_to_the_task_family_model(tmp_path):
     r = run_tvtool("eval", "accuracy", "--tasks", "mini-shapes", "--max-examples", "8", "--json", cwd=tmp_path,
-                   timeout=300)
+                   timeout=600)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["model"] == "tvtool-mini" and result["pretrained"] == "builtin"

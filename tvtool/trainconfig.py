@@ -103,7 +103,7 @@ class TrainConfig:
         c = copy.copy(self)
         if not isinstance(c.task, str) or not c.task:
             raise TVToolError(f"task must be a dataset name, got {c.task!r}")
-        from .datasets.suites import canonical_task
+        from .datasets.base import canonical_task
 
         c.task = canonical_task(c.task)  # FusionBench's and TALL masks' spellings (stanford-cars, CarsVal) too
         if c.mode not in MODES:

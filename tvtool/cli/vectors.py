@@ -72,7 +72,7 @@ def extract(
 
     base = _pretrained_spec(ctx, pretrained, base)
     if task:
-        from ..datasets.suites import canonical_task
+        from ..datasets.base import canonical_task
 
         task = canonical_task(task)  # FusionBench's stanford-cars is recorded as tvtool's cars
     with destination(output, extract_name(finetuned, task)) as target:

@@ -104,12 +104,30 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        from .suites import canonical_task  # FusionBench's / TALL masks' spellings of the same task
-
-        if canonical_task(name) in _REGISTRY:
+        if canonical_task(name) in _REGISTRY:  # FusionBench's / TALL masks' spelling of a task
             return _REGISTRY[canonical_task(name)]
         known = ", ".join(sorted(_REGISTRY)) or "none registered"
         raise TVToolError(f"unknown dataset {name!r}; known datasets: {known}") from None
+
+
+def canonical_task(name: str) -> str:
+    """tvtool's name of a task given in tvtool's, FusionBench's or the TALL-masks code's spelling (``stanford-cars``,
+    ``CarsVal``, ``oxford-iiit-pet`` -> ``cars``, ``cars``, ``oxfordiiitpet``; ``aliases.py``); an unknown name
+    comes back as is."""
+    from . import aliases
+
+    if name in _REGISTRY:
+        return name
+    k = aliases.key(name)
+    if k in aliases.NOT_ALIASES:
+        raise TVToolError(f"{name}: {aliases.NOT_ALIASES[k]}; there is no tvtool task for it")
+    by_key = {aliases.key(n): n for n in _REGISTRY}
+    for candidate in (k, k[:-3] if k.endswith("val") else None):
+        if candidate in by_key:
+            return by_key[candidate]
+        if candidate in aliases.TASK_ALIASES:
+            return aliases.TASK_ALIASES[candidate]
+    return name
 
 
 def list_datasets(kind: str | None = None) -> list[str]:

@@ -1,5 +1,5 @@
 """The named task suites of the merging literature: ``ta8``, ``ta14``, ``ta20`` (also spelled ``TA8``, ``TALL14``,
-``TALL20`` as FusionBench does), and the other codes' spellings of the task names.
+``TALL20`` as FusionBench does).
 
 Order and membership: FusionBench's ``config/dataset/image_classification/test/TALL20.yaml`` (tanganke/fusion_bench;
 the 8 tasks of Ilharco et al., then the 6 added by Wang et al. 2024 'Localizing Task Information for Improved Model
@@ -21,52 +21,14 @@ SUITES: dict[str, tuple[str, ...]] = {"ta8": _TA20[:8], "ta14": _TA20[:14], "ta2
 # FusionBench's names of the same suites (TALL-masks' DATASETS_14 / DATASETS_20 hold the same tasks in another order)
 SUITE_ALIASES = {"tall14": "ta14", "tall20": "ta20"}
 
-# Task names as FusionBench (stanford-cars, oxford_flowers102, ...) and the task_vectors / TALL-masks code (Cars,
-# OxfordIIITPet, ..., "CarsVal" for the split fine-tuned on) spell them. Matched after lowercasing and dropping
-# "-", "_" and a trailing "val"; spellings that match a registered name that way need no entry here.
-TASK_ALIASES = {"stanfordcars": "cars", "oxfordflowers102": "flowers102", "oxfordpets": "oxfordiiitpet",
-                "sst2": "renderedsst2"}
-# Same family name, another dataset: refused rather than silently read as tvtool's task.
-NOT_ALIASES = {
-    "emnistletters": "FusionBench's emnist_letters is EMNIST's letters split; tvtool's emnist is the digits split "
-                     "that TALL masks fine-tuned",
-    "emnistmnist": "FusionBench's emnist_mnist is EMNIST's mnist split; tvtool's emnist is the digits split that "
-                   "TALL masks fine-tuned",
-}
-
-
-def _key(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch not in "-_ ")
-
-
-def canonical_task(name: str) -> str:
-    """tvtool's name of a task given in tvtool's, FusionBench's or the TALL-masks code's spelling (``stanford-cars``,
-    ``CarsVal``, ``oxford-iiit-pet`` -> ``cars``, ``cars``, ``oxfordiiitpet``); an unknown name comes back as is."""
-    from .base import _REGISTRY
-
-    if name in _REGISTRY:
-        return name
-    key = _key(name)
-    if key in NOT_ALIASES:
-        raise TVToolError(f"{name}: {NOT_ALIASES[key]}; there is no tvtool task for it")
-    by_key = {_key(n): n for n in _REGISTRY}
-    for k in (key, key[:-3] if key.endswith("val") else None):
-        if k is None:
-            continue
-        if k in by_key:
-            return by_key[k]
-        if k in TASK_ALIASES:
-            return TASK_ALIASES[k]
-    return name
-
 
 def resolve_tasks(names_or_suite: str | Iterable[str]) -> list[str]:
     """Task names with suites expanded: ``"ta14"``, ``"ta8,imagenet"``, ``"TALL20"`` or ``["ta8", "cifar10"]``.
 
-    Every name must be a registered dataset (in any spelling :func:`canonical_task` knows); duplicates (e.g. a task also inside a suite) are kept once, first
-    occurrence wins.
+    Every name must be a registered dataset (in any spelling ``base.canonical_task`` knows); duplicates (e.g. a task
+    also inside a suite) are kept once, first occurrence wins.
     """
-    from .base import get_dataset
+    from .base import canonical_task, get_dataset
 
     items = [names_or_suite] if isinstance(names_or_suite, str) else list(names_or_suite)
     tasks: list[str] = []
