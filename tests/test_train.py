@@ -381,22 +381,23 @@ def test_speed_options_checked(bad, message):
         small(**bad).resolved()
 
 
-def test_compile_wraps_the_classifier_with_its_mode(tmp_path, monkeypatch):
-    """--compile hands the classifier to torch.compile with --compile-mode; the run is otherwise the same."""
+def test_compile_wraps_the_whole_step_with_its_mode(tmp_path, monkeypatch):
+    """--compile hands the whole training step (classifier, task loss and penalty) to torch.compile with
+    --compile-mode; the run is otherwise the same."""
     import torch
 
     calls = []
 
     def fake_compile(module, mode=None, dynamic=None):
-        calls.append((type(module).__name__, mode, dynamic))
+        calls.append((type(module).__name__, type(module.reg).__name__, mode, dynamic))
         return module
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    plain = finetune(small(max_steps=2), tmp_path / "a.st")
-    compiled = finetune(small(max_steps=2, compile=True, compile_mode="max-autotune-no-cudagraphs"),
+    plain = finetune(small(max_steps=2, lam=0.5), tmp_path / "a.st")
+    compiled = finetune(small(max_steps=2, lam=0.5, compile=True, compile_mode="max-autotune-no-cudagraphs"),
                         tmp_path / "b.st")
     # static shapes: the short last batch of an epoch gets its own graph, later steps keep the full-batch one
-    assert calls == [("ImageClassifier", "max-autotune-no-cudagraphs", False)]
+    assert calls == [("TrainStep", "OrthoReg", "max-autotune-no-cudagraphs", False)]
     assert compiled.task_loss == plain.task_loss
 
 
@@ -414,7 +415,7 @@ def test_compile_failure_is_one_line_with_the_way_out(tmp_path, monkeypatch):
     import torch
     from torch._dynamo.exc import TorchDynamoException
 
-    def failing(x):
+    def failing(*inputs):
         raise TorchDynamoException("CppCompileError: no C++ compiler found\nlong trace ...")
 
     monkeypatch.setattr(torch, "compile", lambda module, mode=None, dynamic=None: failing)
@@ -449,7 +450,7 @@ def test_compile_failure_in_the_backward_is_one_line_too(tmp_path, monkeypatch):
             raise TorchDynamoException("InductorError: backward lowering failed")
 
     def compile_(module, mode=None, dynamic=None):
-        return lambda x: FailsBackward.apply(module(x))
+        return lambda *inputs: (FailsBackward.apply(module(*inputs)[0]), None)
 
     monkeypatch.setattr(torch, "compile", compile_)
     with pytest.raises(TVToolError, match=r"failed for --mode full: TorchDynamoException: InductorError: backward "
