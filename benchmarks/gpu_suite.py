@@ -1,35 +1,46 @@
-"""Every GPU figure of tvtool from ONE command that finishes in under 10 minutes (issue 12).
+"""Every GPU figure of tvtool from ONE command that finishes in under 10 minutes (issues 12 and 25).
 
-    python benchmarks/gpu_suite.py                          # ViT-B-32, batch 128, on the GPU (< 10 min on an H100)
+    python benchmarks/gpu_suite.py --out DIR                # ViT-B-32, batch 128, on the GPU (< 10 min on an H100)
     python benchmarks/gpu_suite.py --arms train,checks      # a subset in a short GPU window
-    python benchmarks/gpu_suite.py --smoke                  # every arm on the CPU with tvtool-mini (< 3 min)
+    python benchmarks/gpu_suite.py --smoke                  # every arm on the CPU with tvtool-mini (a few minutes)
 
 One process, random weights, fabricated data, the same model and batch for every arm. Writes ``DIR/suite.json``
-(rewritten after every arm, so a run cut short still leaves what it measured) and prints a markdown table. Any
-figure that cannot be taken here is ``null`` with its reason under ``skipped`` (dotted path -> reason).
+(rewritten after every measurement, so a run cut short still leaves what it measured; arms run in order of
+importance and none starts after ``--budget-s``, 540 s by default on a GPU) and prints a markdown table. Any figure
+that cannot be taken here is ``null`` with its reason under ``skipped`` (dotted path -> reason), and a measurement
+that raises is recorded under ``errors`` without stopping the others.
 
 Arms:
 
 * **train** - images/s of (a) a reference-style loop (``bench_train.run_baseline``: fp32, a JPEG-decoding
   DataLoader with workers, torchvision transforms, plus the reference code's penalty with theta_0 on the CPU,
   ``bench_train.reference_penalty``), (b) the real ``tvtool.train.finetune`` loop (``bench_train.run_finetune`` on
-  the same JPEG folder, decoded once into the uint8 cache), (c) the same with ``compile=True`` (``--compile``;
-  ``--smoke`` swaps in a classifier compiled with the aot_eager backend instead, as inductor's C++ build is slow on
-  2 cores); MFU = achieved FLOP/s over the device's dense bf16 peak, with
-  FLOPs per image counted by ``torch.utils.flop_counter.FlopCounterMode`` over one forward + backward of the image
-  tower and head (the penalty not counted); peak device memory of finetune without and with the exact penalty.
+  the same JPEG folder, decoded once into the uint8 cache), (c) the same with ``--compile --compile-mode
+  reduce-overhead`` (``--compile-mode``; ``--smoke`` compiles with the aot_eager backend, as inductor's C++ build
+  is slow on 2 cores), with (b) and (c) as multiples of (a) from this one run; MFU of (b) and (c) = achieved FLOP/s
+  over the device's dense bf16 peak, with FLOPs per image counted by ``torch.utils.flop_counter.FlopCounterMode``
+  over one forward + backward of the image tower and head (the penalty not counted); peak device memory of finetune
+  without and with the exact penalty.
 * **orthoreg** - finetune's step time with the exact penalty, the Hutchinson one (1 probe) and the exact one with
-  ``orthoreg_precision="tf32"``, each as a fraction of the step without penalty (``step_with / step_without - 1``).
+  ``orthoreg_precision="tf32"``, each as a fraction of the eager step without penalty (``step_with / step_without -
+  1``); and ``compiled_exact_overhead``: the exact penalty inside the compiled step (with reduce-overhead: inside
+  its CUDA graphs) over the same compiled step without it.
+* **checks** - booleans, each a real comparison (tolerances in ``checks_detail``): the compiled training step's
+  whole gradient (task loss + lambda * exact penalty) against eager on 3 fresh batches with graph replays
+  (finetune's bf16 autocast, tolerance 5e-2; ``_fp32``: without autocast, 1e-3) and the penalty's value (1e-5);
+  the fused scaled_dot_product_attention kernel in every block of a training step; compiled vs eager finetune
+  losses; the penalty under bf16 autocast vs without; the device-side RandomResizedCrop's crop statistics vs
+  torchvision's; bf16 vs fp32 loss curves; and (with 2+ GPUs, or 2 CPU processes with gloo in ``--smoke``)
+  finetune under torchrun with DDP and with FSDP2 (penalty, 2 accumulation micro-batches) vs one process.
+* **vitl** - the paper's large model: ViT-L-14 at batch 128 as 64 x 2 accumulation micro-batches (eager: CUDA graphs
+  cannot accumulate), without and with the exact penalty: images/s, MFU, step time and peak memory overheads of
+  OrthoReg (the paper: 158 min and 42.6 GB a run, +12% / +4.5% with OrthoReg, on its own hardware).
 * **eval** - a 21-point task-addition alpha search over the Val sets of the 8 mini tasks (synthetic; sizes in the
   JSON) with 8 random task vectors: the Evaluator (built once, weights updated in place) against re-building
   model + heads + inputs per point (timed on ``--rebuild-points`` points, scaled to 21); both must agree.
 * **merge** - tsv and iso-c on 8 random vectors shaped like ViT-B-32's image tower (``bench_merge`` shapes), on the
   GPU and on the CPU: one key of each distinct 2-D shape is timed and multiplied by the number of keys of that
   shape (the other keys fall back to a sum and are timed in full), so the CPU arm stays bounded.
-* **checks** - booleans, each a real comparison (tolerances in ``checks_detail``): bf16 vs fp32 finetune loss
-  curves, compiled vs eager finetune losses, the penalty under bf16 autocast vs without, the device-side
-  RandomResizedCrop's crop statistics vs torchvision's, and (with 2+ GPUs, or 2 CPU processes with gloo in
-  ``--smoke``) finetune under torchrun vs one process.
 
 ``--smoke`` runs exactly these code paths on the CPU with tvtool-mini, batch 8 and a few steps; the test suite runs
 it (tests/test_gpu_suite.py), so the suite cannot rot.
@@ -58,7 +69,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 import bench_merge  # noqa: E402
 import bench_train  # noqa: E402
 
-ARMS = ("train", "orthoreg", "vitl", "eval", "merge", "checks")
+# in order of importance: a run cut short (a device lease ending) keeps the first ones
+ARMS = ("train", "orthoreg", "checks", "vitl", "eval", "merge")
 GRID_POINTS = 21
 MERGE_VECTORS = 8
 # dense (no sparsity) bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name (first match)
@@ -110,6 +122,7 @@ class Suite:
         self.root = self.tmp / "jpegs"
         self.n_train = None
         self.compile_error: str | None = None
+        self.t0 = time.perf_counter()
 
     # ---- output
     def skip(self, path: str, reason: str) -> None:
@@ -193,6 +206,16 @@ class Suite:
         return None
 
     # ---- arms
+    def over_budget(self, path: str) -> bool:
+        """True (and ``path`` skipped with the reason) once the run has used ``--budget-s``: what is left is not
+        started, so the JSON is complete before a device lease runs out."""
+        spent = time.perf_counter() - self.t0
+        if self.args.budget_s and spent > self.args.budget_s:
+            self.skip(path, f"not started: {spent:.0f} s spent of the --budget-s {self.args.budget_s:.0f} s")
+            self.save()
+            return True
+        return False
+
     def guarded(self, path: str, fn):
         """``fn()``, or None with its error recorded under ``errors[path]`` and ``skipped[path]``: one failed
         measurement must not cost the rest of its arm. The JSON is saved either way."""
@@ -342,13 +365,17 @@ class Suite:
         """Each check on its own: one that raises is recorded (null, reason, error) and the others still run."""
         wanted = set(self.args.checks.split(",")) if self.args.checks else None
         for name, check in (("compiled_grads_match_eager", self.check_compiled_grads),
-                            ("compiled_grads_match_eager_fp32", self.check_compiled_grads_fp32),
                             ("sdpa_fused_in_training", self.check_sdpa),
-                            ("bf16_matches_fp32", self.check_bf16), ("compiled_matches_eager", self.check_compile),
-                            ("penalty_same_in_bf16", self.check_penalty), ("ddp_matches_single", self.check_ddp),
-                            ("fsdp_matches_single", self.check_fsdp),
-                            ("random_resized_crop_matches_torchvision", self.check_crop)):
+                            ("compiled_matches_eager", self.check_compile),
+                            ("penalty_same_in_bf16", self.check_penalty),
+                            ("random_resized_crop_matches_torchvision", self.check_crop),
+                            ("bf16_matches_fp32", self.check_bf16),
+                            ("ddp_matches_single", self.check_ddp), ("fsdp_matches_single", self.check_fsdp),
+                            ("compiled_grads_match_eager_fp32", self.check_compiled_grads_fp32)):
             if wanted is not None and name not in wanted:
+                continue
+            if self.over_budget(f"checks.{name}"):
+                self.res["checks"][name] = None
                 continue
             try:
                 self.res["checks"][name] = check()
@@ -507,7 +534,7 @@ def compiled_grads_vs_eager(model_name: str, device: str, batch: int, mode: str,
             if model is compiled and graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             task, pen = model(x, y)
-            pens.append(float(pen))
+            pens.append(float(pen.detach()))
             (task + lam * pen).backward()
             grads.append(torch.cat([p.grad.double().flatten() for p in params]))
         diffs.append(float((grads[1] - grads[0]).norm() / grads[0].norm()))
@@ -857,6 +884,9 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--compile-mode", default="reduce-overhead",
                     help="finetune --compile-mode of the compile run (default reduce-overhead: CUDA graphs, the "
                          "fastest on an H100, 2026-11-24; the compiled-vs-eager check then covers it)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no arm or check after this many seconds (default 540 on a GPU: the suite then ends "
+                         "within a 10-minute window; 0 = no limit; smoke: no limit)")
     ap.add_argument("--data-root", default=None, help=argparse.SUPPRESS)  # --ddp-child only
     ap.add_argument("--ddp-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)  # --ddp-child only
@@ -875,7 +905,8 @@ def main(argv=None) -> dict | None:
                 "check_steps": (20, 4), "workers": (os.cpu_count() or 2, 1), "rebuild_points": (7, 3),
                 "merge_size": (1.0, 0.1), "compile_backend": ("inductor", "aot_eager"),
                 "crop_samples": (2000, 500), "eval_tasks": (8, 2), "eval_examples": (None, 16), "threads": (None, 1),
-                "vitl_model": ("ViT-L-14", "tvtool-mini"), "vitl_warmup": (3, 1), "vitl_steps": (10, 2)}
+                "vitl_model": ("ViT-L-14", "tvtool-mini"), "vitl_warmup": (3, 1), "vitl_steps": (10, 2),
+                "budget_s": (540.0, 0.0)}
     for name, (full, small) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if smoke else full)
@@ -900,6 +931,9 @@ def main(argv=None) -> dict | None:
     try:
         for arm in arms:
             t = time.perf_counter()
+            if suite.over_budget(arm):
+                print(f"# {arm} not started: time budget spent", flush=True)
+                continue
             print(f"# {arm} ...", flush=True)
             try:
                 getattr(suite, f"arm_{arm}")()
