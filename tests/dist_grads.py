@@ -2,6 +2,7 @@
 
     python tests/dist_grads.py OUT_DIR CONFIGS_JSON                                   # one process
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_grads.py OUT_DIR CONFIGS_JSON   # DDP / FSDP2
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_grads.py --resume OUT_DIR CONFIG_JSON
 
 For each config (TrainConfig fields plus ``name`` and optionally ``n_images``: keep only the first N training
 images), finetune runs ONE optimizer step from a start moved away from theta_0 (seeded noise on the trainable
@@ -86,5 +87,20 @@ def run(out: Path, configs: list[dict]) -> None:
             train.finetune(cfg, out / f"{name}.never-written.st", stop_after=1)
 
 
+def resume(out: Path, config: dict) -> None:
+    """An unbroken 3-step run (``unbroken.st``) and the same run stopped after step 2 with a checkpoint every step,
+    then resumed (``resumed.st``): under FSDP2 the checkpoint holds whole tensors, each rank reloads its shards."""
+    out.mkdir(parents=True, exist_ok=True)
+    base = {"task": "mini-shapes", "device": "cpu", "eval": False, "warmup_steps": 1, "lr": 1e-3, "max_steps": 3,
+            **config}
+    train.finetune(train.TrainConfig(**base), out / "unbroken.st")
+    ck = train.TrainConfig(**base, checkpoint_every=1, checkpoint_dir=str(out / "ck"))
+    train.finetune(ck, out / "resumed.st", stop_after=2)
+    train.finetune(ck, out / "resumed.st", resume=True)
+
+
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), json.loads(sys.argv[2]))
+    if sys.argv[1] == "--resume":
+        resume(Path(sys.argv[2]), json.loads(sys.argv[3]))
+    else:
+        run(Path(sys.argv[1]), json.loads(sys.argv[2]))

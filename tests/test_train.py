@@ -366,15 +366,22 @@ def test_speed_options_leave_the_digest_and_precision_changes_it():
 
     a = small(lam=10.0)
     assert a.settings_digest() == small(lam=10.0, compile=True, compile_mode="reduce-overhead").settings_digest()
+    assert a.settings_digest() == small(lam=10.0, compile=True, compile_backend="aot_eager").settings_digest()
+    assert a.settings_digest() == small(lam=10.0, fsdp=True).settings_digest()  # same results, sharded
     assert a.settings_digest() != small(lam=10.0, orthoreg_precision="tf32").settings_digest()
     # the defaults add no key, so digests recorded before these options existed still match
-    assert not {"compile", "compile_mode", "orthoreg_precision"} & set(_config_key(a.resolved()))
+    assert not {"compile", "compile_mode", "compile_backend", "fsdp", "orthoreg_precision"} & \
+        set(_config_key(a.resolved()))
 
 
 @pytest.mark.parametrize("bad, message", [
     (dict(compile_mode="fast"), "--compile-mode 'fast'"),
     (dict(orthoreg_precision="bf16"), "--orthoreg-precision 'bf16'"),
     (dict(compile="yes"), "compile must be true or false"),
+    (dict(fsdp=1), "fsdp must be true or false"),
+    (dict(fsdp=True, mode="linear"), "--fsdp does not support --mode linear"),
+    (dict(fsdp=True, compile=True), "--fsdp with --compile is not supported yet"),
+    (dict(compile=True, compile_backend=""), "compile_backend must be a torch.compile backend name"),
 ])
 def test_speed_options_checked(bad, message):
     with pytest.raises(TVToolError, match=message):

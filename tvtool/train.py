@@ -685,6 +685,8 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
         if stop_after is not None and step >= stop_after:
             if log_file:
                 log_file.close()
+            if world > 1:  # every rank leaves after rank 0 has written its checkpoint
+                torch.distributed.barrier()
             return TrainResult(out, step, record["task_loss"], record["penalty"])
     elapsed = time.perf_counter() - t_start
     if log_file:
