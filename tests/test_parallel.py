@@ -6,8 +6,9 @@ averaging (or FSDP2's reduce-scatter) must equal one process's to 1e-5 relative 
 once per rank (x2), divided by the number of ranks (x1/2), a micro-batch synchronised early, or a rank's images
 lost would cost (the sensitivity check puts the penalty's share of these gradients at percents).
 Covered: full with gradient accumulation (no_sync), lora (parametrization), linear (jvp; DDP only), attn with the
-Hutchinson estimator, the reference scope's plain form (wide tensors: positional_embedding), and a 3-image run
-whose second micro-batch is empty on every rank and whose first leaves one rank a single image.
+Hutchinson estimator, the reference scope's plain form (wide tensors: positional_embedding), a 3-image run whose
+second micro-batch is empty on every rank and whose first leaves one rank a single image, attn without a penalty,
+and (DDP only) the compiled step (aot_eager) with the penalty inside it.
 """
 import json
 import os
@@ -34,8 +35,12 @@ CONFIGS = [
     {"name": "reference_plain", "mode": "full", "lam": 1.0, "batch_size": 8, "orthoreg_form": "plain",
      "orthoreg_scope": "reference"},
     {"name": "short", "mode": "full", "lam": 1.0, "batch_size": 16, "grad_accum": 2, "n_images": 3},
+    {"name": "attn_no_penalty", "mode": "attn", "lam": 0.0, "batch_size": 8},
+    {"name": "full_compiled", "mode": "full", "lam": 1.0, "batch_size": 16, "grad_accum": 2, "compile": True,
+     "compile_backend": "aot_eager"},
 ]
-FSDP_CONFIGS = [dict(c, fsdp=True) for c in CONFIGS if c["mode"] != "linear"]
+# FSDP2 refuses the linear mode and --compile (for now)
+FSDP_CONFIGS = [dict(c, fsdp=True) for c in CONFIGS if c["mode"] != "linear" and not c.get("compile")]
 
 
 @pytest.fixture(scope="module")
