@@ -119,7 +119,7 @@ def _gram_defect_grad(a: torch.Tensor, m: torch.Tensor, grad_s: torch.Tensor, tf
 
 @_gram_defect_grad.register_fake
 def _(a, m, grad_s, tf32):
-    return torch.empty_like(a)
+    return a.new_empty(a.shape)  # contiguous, as bmm's result is, whatever a's strides (a transposed view: wide)
 
 
 def _gram_defect_setup(ctx, inputs, output):
