@@ -51,8 +51,9 @@ def finetune(
     data_root: Optional[str] = typer.Option(None, "--data-root", envvar="TVTOOL_DATA", help="Dataset root."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if available)."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model: faster steps on a GPU after a "
-                                                         "minute of compiling; the same function."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the training step (model, loss and "
+                                                         "OrthoReg penalty): faster steps on a GPU after a minute of "
+                                                         "compiling; the same function."),
     compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile's mode (implies "
                                                "--compile): default | reduce-overhead (CUDA graphs; needs "
                                                "--grad-accum 1) | max-autotune | max-autotune-no-cudagraphs."),
