@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from .errors import TVToolError
+from . import parallel
 from .parallel import full
 
 FORMS = ("squared", "plain")
@@ -160,6 +161,49 @@ def matmul_tf32(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
+# FSDP2 (tvtool.parallel.shard_tower): row shards a_r of each layer's a; the Gram is the sum of the local Grams
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks; the backward is the identity: every rank computes the same function of the sum, so the
+    gradient with respect to the sum is already the same on every rank (an all-reduce there would multiply it by
+    the number of ranks)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    return _AllReduceSum.apply(x, group)
+
+
+class ShardedGramDefect(torch.autograd.Function):
+    """s_l = ||sum_r a_{l,r}^T a_{l,r} - I||_F^2 for row shards a_r (L, rows_r, k) of a; gradient 4 a_r M (local,
+    as in gram_defect). Eager only (--fsdp does not compile)."""
+
+    @staticmethod
+    def forward(ctx, a, tf32: bool = False):
+        ctx.tf32 = tf32
+        with matmul_tf32(tf32):
+            g = torch.bmm(a.transpose(1, 2), a)
+        torch.distributed.all_reduce(g)
+        m = g - torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+        ctx.save_for_backward(a, m)
+        return m.square().sum(dim=(1, 2))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_s):
+        a, m = ctx.saved_tensors
+        with matmul_tf32(ctx.tf32):
+            return torch.bmm(a, m).mul_(4 * grad_s.view(-1, 1, 1)), None
+
+
 class OrthoReg(nn.Module):
     """The penalty over a fixed set of 2-D tensors (state-dict keys), grouped by shape.
 
@@ -245,11 +289,9 @@ class OrthoReg(nn.Module):
         names = select_names(shapes, lambda k: k in trainable, scope)
         reg = cls({n: shapes[n] for n in names}, **options)
         if tuned.mode == "lora":
-            from .parallel import is_sharded
-
             factors = tuned.lora_factors
             reg._lowrank = lambda: {k: v for k, v in factors().items() if k in reg.shapes}
-            reg._sharded = any(is_sharded(b) for b, _, _ in reg._lowrank().values())
+            reg._sharded = any(parallel.is_sharded(b) for b, _, _ in reg._lowrank().values())
         else:
             current = tuned.current()
             reg._bind(current, tuned.theta0)
@@ -257,8 +299,6 @@ class OrthoReg(nn.Module):
         return reg
 
     def _bind(self, current: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> None:
-        from . import parallel
-
         self._current = {n: current[n] for n in self.names}
         # FSDP2 (tvtool.parallel.shard_tower): the layers are sharded along their longer side, so the smaller Gram
         # is the sum of the ranks' local Grams; theta_0 is kept as the same local shards
@@ -371,17 +411,15 @@ class OrthoReg(nn.Module):
     def _group_terms(self, dw: torch.Tensor, g: _Group, z: torch.Tensor | None, bound: bool = False) -> torch.Tensor:
         """Per-layer terms of one group: ||dW^T dW - I_n||^2 (squared) or ||G_small - I_k||_F (plain); ``z``: the
         Hutchinson probes of the group's layers; ``bound``: ``dw`` comes from the bound weights (maybe shards)."""
-        from . import parallel
-
         sharded = bound and self._sharded  # row shards of a: the Gram (and a^T a z) is a sum over the ranks
         a = dw.transpose(1, 2) if g.wide else dw  # (L, rows, k): its column Gram is the smaller Gram
         if self.estimator == "exact":
             tf32 = self.precision == "tf32"
-            s = parallel.ShardedGramDefect.apply(a, tf32) if sharded else gram_defect(a, tf32)
+            s = ShardedGramDefect.apply(a, tf32) if sharded else gram_defect(a, tf32)
         else:
             z = z.to(dw.dtype)
             ata_z = torch.bmm(a.transpose(1, 2), torch.bmm(a, z))
-            mz = (parallel.all_reduce_sum(ata_z) if sharded else ata_z) - z
+            mz = (all_reduce_sum(ata_z) if sharded else ata_z) - z
             s = mz.square().sum(dim=(1, 2)) / self.probes
         if self.form == "squared":
             return s + float(g.n - g.k)

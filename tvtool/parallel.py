@@ -8,7 +8,7 @@ that do not fit one device.
   ``torch.distributed.fsdp.fully_shard``: parameters, gradients and AdamW's state are sharded over the ranks and
   each block is gathered only while it runs. Every 2-D tensor is sharded along its longer side, so OrthoReg's
   smaller Gram matrix of a layer is the sum of the ranks' local Grams: one all-reduce of a k x k matrix per layer,
-  and a gradient that needs no communication at all (:meth:`tvtool.orthoreg.OrthoReg.penalty`).
+  and a gradient that needs no communication at all (``tvtool.orthoreg``: ``ShardedGramDefect``).
 
 Why the penalty's gradient comes out right in both (the derivation the tests check numerically). Each of the ``W``
 ranks computes the loss ``l_r = c_r L_r + lam P`` with the task loss ``L_r`` of its ``n_r`` images weighted
@@ -114,52 +114,6 @@ def local_shard(full_tensor: torch.Tensor, like) -> torch.Tensor:
         raise TVToolError(f"FSDP shard of shape {tuple(local.shape)} does not match the expected "
                           f"{tuple(out.shape)}; run without --fsdp")
     return out
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the ranks; the backward is the identity: every rank computes the same function of the sum, so the
-    gradient with respect to the sum is already the same on every rank (an all-reduce there would multiply it by
-    the number of ranks)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        torch.distributed.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
-    return _AllReduceSum.apply(x, group)
-
-
-class ShardedGramDefect(torch.autograd.Function):
-    """s_l = ||sum_r a_{l,r}^T a_{l,r} - I||_F^2 for row shards a_r (L, rows_r, k) of a; gradient 4 a_r M (local,
-    as in tvtool.orthoreg's gram_defect). Eager only (--fsdp does not compile)."""
-
-    @staticmethod
-    def forward(ctx, a, tf32: bool = False):
-        from .orthoreg import matmul_tf32
-
-        ctx.tf32 = tf32
-        with matmul_tf32(tf32):
-            g = torch.bmm(a.transpose(1, 2), a)
-        torch.distributed.all_reduce(g)
-        m = g - torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
-        ctx.save_for_backward(a, m)
-        return m.square().sum(dim=(1, 2))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_s):
-        from .orthoreg import matmul_tf32
-
-        a, m = ctx.saved_tensors
-        with matmul_tf32(ctx.tf32):
-            return torch.bmm(a, m).mul_(4 * grad_s.view(-1, 1, 1)), None
 
 
 def gather_task_vector(tuned) -> dict[str, torch.Tensor]:
