@@ -474,9 +474,11 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     else:
         check_output(out, force)
     device = cfg.device or models.default_device()
+    if device.startswith("cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', 0)))}"
+        # before the process group: NCCL's communicators and FSDP2's device mesh use the current device
+        torch.cuda.set_device(torch.device(device))
     rank, world = maybe_init_distributed(device)
-    if device.startswith("cuda") and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     _seed_everything(cfg.seed)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.startswith("cuda"))
 

@@ -59,8 +59,9 @@ def finetune(
                                                "--grad-accum 1) | max-autotune | max-autotune-no-cudagraphs."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard the image tower, its gradients and AdamW's "
                                                   "state over the processes (FSDP2) instead of replicating it (DDP); "
-                                                  "for towers that do not fit one device. Not with --compile or "
-                                                  "--mode linear."),
+                                                  "for towers whose training state does not fit one device (the "
+                                                  "weights are loaded whole once, then sharded). Not with --compile "
+                                                  "or --mode linear."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the zero-shot / fine-tuned accuracy measurements."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="Default: .OUTPUT.ckpt/ beside it."),
