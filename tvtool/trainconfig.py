@@ -89,6 +89,10 @@ class TrainConfig:
     compile: bool = False                # torch.compile the classifier (speed only: same function)
     compile_mode: str = "default"        # torch.compile mode: default | reduce-overhead | max-autotune ... (CUDA
                                          # graph modes need grad_accum 1)
+    compile_backend: str = "inductor"    # torch.compile backend (aot_eager: the same graphs without code
+                                         # generation, for tests on machines without a C++ compiler)
+    fsdp: bool = False                   # under torchrun: shard the tower with FSDP2 instead of DDP (towers that
+                                         # do not fit one device)
     eval: bool = True                    # evaluate zero-shot and fine-tuned accuracy (Val + test) for the metadata
     eval_batch_size: int = 256
     checkpoint_every: int = 0            # optimizer steps between checkpoints (0: none)
@@ -138,7 +142,7 @@ class TrainConfig:
         c.lam = check_finite(option_name("lam"), c.lam, low=0, high=1e6)
         c.lora_alpha = check_finite(option_name("lora_alpha"), c.lora_alpha, low=0, high=1e6, low_open=True)
         c.clip_grad = check_finite(option_name("clip_grad"), c.clip_grad, low=0)
-        for name in ("eval", "keep_checkpoints", "compile"):
+        for name in ("eval", "keep_checkpoints", "compile", "fsdp"):
             if not isinstance(getattr(c, name), bool):
                 raise TVToolError(f"{name} must be true or false, got {getattr(c, name)!r}")
         if c.precision not in ("auto", "fp32", "bf16"):
@@ -146,6 +150,14 @@ class TrainConfig:
         if c.compile_mode not in COMPILE_MODES:
             raise TVToolError(f"{option_name('compile_mode')} {c.compile_mode!r}: use one of "
                               f"{', '.join(COMPILE_MODES)}")
+        if not isinstance(c.compile_backend, str) or not c.compile_backend:
+            raise TVToolError(f"compile_backend must be a torch.compile backend name, got {c.compile_backend!r}")
+        if c.fsdp and c.mode == "linear":
+            raise TVToolError(f"{option_name('fsdp')} does not support {option_name('mode')} linear (the jvp runs "
+                              "over the whole tower); use DDP (the default under torchrun) or another mode")
+        if c.fsdp and c.compile:
+            raise TVToolError(f"{option_name('fsdp')} with {option_name('compile')} is not supported yet; drop one "
+                              "of them")
         if c.compile and c.compile_mode in CUDA_GRAPH_MODES and c.grad_accum > 1:
             # each micro-batch's replay overwrites the graph-owned gradients the previous one left (pytorch#169545)
             raise TVToolError(f"{option_name('compile_mode')} {c.compile_mode} captures CUDA graphs, which cannot "
@@ -203,7 +215,7 @@ def config_key(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the run it continues (and that determine its vector)."""
     d = dataclasses.asdict(cfg)
     for k in ("device", "eval", "eval_batch_size", "checkpoint_every", "checkpoint_dir", "log_every", "data_root",
-              "keep_checkpoints", "compile", "compile_mode"):
+              "keep_checkpoints", "compile", "compile_mode", "compile_backend", "fsdp"):
         d.pop(k)
     if d["orthoreg_precision"] == "fp32":  # the default before the option existed: older digests stay valid
         d.pop("orthoreg_precision")

@@ -75,11 +75,17 @@ def finetune(
     device: Optional[str] = typer.Option(D["device"], "--device", help="cuda, cuda:1, cpu (default: cuda if "
                                                                        "available)."),
     precision: str = typer.Option(D["precision"], "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16."),
-    compile: bool = typer.Option(D["compile"], "--compile", help="torch.compile the model: faster steps on a GPU "
-                                                                 "after a minute of compiling; the same function."),
+    compile: bool = typer.Option(D["compile"], "--compile",
+                                 help="torch.compile the training step (model, loss and OrthoReg penalty): faster "
+                                      "steps on a GPU after a minute of compiling; the same function."),
     compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile's mode (implies "
                                                "--compile): default | reduce-overhead (CUDA graphs; needs "
                                                "--grad-accum 1) | max-autotune | max-autotune-no-cudagraphs."),
+    fsdp: bool = typer.Option(D["fsdp"], "--fsdp",
+                              help="Under torchrun: shard the image tower, its gradients and AdamW's state over the "
+                                   "processes (FSDP2) instead of replicating it (DDP); for towers whose training "
+                                   "state does not fit one device (the weights are loaded whole once, then sharded). "
+                                   "Not with --compile or --mode linear."),
     no_eval: bool = typer.Option(not D["eval"], "--no-eval",
                                  help="Skip the zero-shot / fine-tuned accuracy measurements."),
     checkpoint_every: int = typer.Option(D["checkpoint_every"], "--checkpoint-every",
@@ -106,6 +112,8 @@ def finetune(
       tvtool finetune cars --lambda 10 --orthoreg-form plain -o cars.st   (the paper's ViT-B-32 setting)
       tvtool finetune mini-shapes --lambda 0.1 --log-dir tb
       torchrun --nproc_per_node 4 -m tvtool finetune sun397 --mode attn -o sun.st
+      torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m tvtool finetune
+          sun397 --model ViT-H-14 --pretrained laion2b_s32b_b79k --fsdp -o sun.st   (on each node)
     """
     # Everything checkable without torch is checked first (options, output, --log-dir), so a mistake answers at
     # once; the trainer (torch, open_clip) is imported only for the run itself.
@@ -124,7 +132,7 @@ def finetune(
                       epochs=epochs, max_steps=max_steps, lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed,
                       data_root=data_root, device=device, precision=precision,
                       compile=compile or compile_mode is not None,
-                      compile_mode=compile_mode or D["compile_mode"],
+                      compile_mode=compile_mode or D["compile_mode"], fsdp=fsdp,
                       eval=not no_eval,
                       checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, log_every=log_every,
                       keep_checkpoints=keep_checkpoints)
