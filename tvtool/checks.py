@@ -35,3 +35,30 @@ def check_finite(name: str, value, *, low: float | None = None, high: float | No
 def check_alpha(name: str, value) -> float:
     """A scaling coefficient of a task vector: finite and at most MAX_ABS_ALPHA in magnitude."""
     return check_finite(name, value, low=-MAX_ABS_ALPHA, high=MAX_ABS_ALPHA)
+
+
+def parse_grid(text: str) -> list[float]:
+    """``start:stop:step`` (inclusive of stop) or a comma list ``0,0.3,0.5`` -> sorted unique floats."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) != 3:
+                raise ValueError
+            start, stop, step = parts
+            if step <= 0 or stop < start:
+                raise TVToolError(f"grid {text!r}: needs start <= stop and step > 0, e.g. 0:1:0.05")
+            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            if n > 10_000:
+                raise TVToolError(f"grid {text!r} has {n} points; use a coarser step")
+            values = [round(start + i * step, 10) for i in range(n)]  # i*step, not repeated addition: no drift
+        else:
+            values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise TVToolError(f"cannot read grid {text!r}; write START:STOP:STEP (e.g. 0:1:0.05) or a list 0,0.3,0.5"
+                          ) from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise TVToolError(f"grid {text!r} is empty or not finite; write START:STOP:STEP, e.g. 0:1:0.05")
+    for v in values:
+        check_alpha(f"grid {text!r}: alpha", v)
+    return sorted(set(values))
