@@ -121,8 +121,9 @@ def _snapshot_download(repo: str, revision: str | None, patterns) -> Path:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=list(patterns)))
     except Exception as exc:  # not found, gated, HTTP and network errors come in many types
         first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise TVToolError(f"{repo}: download from the Hugging Face hub failed ({type(exc).__name__}: {first}); "
-                          "check the name, and `hf auth login` for gated models") from None
+        raise TVToolError(f"{repo}: no such local file or folder, and its download from the Hugging Face hub failed "
+                          f"({type(exc).__name__}: {first}); check the name, and `hf auth login` for gated models"
+                          ) from None
 
 
 def _download(text: str, repo: str, revision: str | None) -> Path:
