@@ -223,3 +223,22 @@ def test_cache_location_follows_the_environment(tmp_path, monkeypatch):
     assert hf_hub.hub_cache() == tmp_path / "hfhome" / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "c"))
     assert hf_hub.hub_cache() == tmp_path / "c"
+
+
+def test_a_failed_download_is_one_line_naming_both_readings(tmp_path, monkeypatch):
+    """Online, nothing local and the hub refuses (a typo, a private repo): one line, saying no local path exists."""
+    from tvtool.formats import hf_hub
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        raise RuntimeError("404 Client Error: Repository Not Found\nmore detail")
+
+    fake = type(sys)("huggingface_hub")
+    fake.snapshot_download = snapshot_download
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_hub, "reachable", lambda host=hf_hub.HUB_HOST: True)
+    with pytest.raises(TVToolError) as err:
+        hf_hub.resolve("results/cars")
+    message = str(err.value)
+    assert "\n" not in message and "no such local file or folder" in message and "Repository Not Found" in message
