@@ -34,8 +34,9 @@ def finetune(
                                           "cars-lambda0.0001.st"),
     model: Optional[str] = typer.Option(D["model"], "--model", help=f"open_clip architecture ({_family('model')})."),
     pretrained: Optional[str] = typer.Option(D["pretrained"], "--pretrained",
-                                             help="open_clip tag, a .safetensors file or an open_clip folder "
-                                                  "(default: the model's own: openai, or builtin for tvtool-mini)."),
+                                             help="open_clip tag, a .safetensors file, an open_clip or transformers "
+                                                  "CLIP folder, or a hub id ORG/NAME (default: the model's own: "
+                                                  "openai, or builtin for tvtool-mini)."),
     mode: str = typer.Option(D["mode"], "--mode", help="full | attn (in_proj + out_proj weights) | lora | linear "
                                                        "(tangent-space model via torch.func.jvp)."),
     orthoreg: Optional[bool] = typer.Option(None, "--orthoreg/--no-orthoreg",
