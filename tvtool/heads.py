@@ -6,6 +6,7 @@ across every task vector applied to the same base model.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -75,18 +76,22 @@ def _read_cached(path: Path, key: dict, n_classes: int) -> torch.Tensor | None:
     return head
 
 
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
 def _write_cached(path: Path, key: dict, head: torch.Tensor) -> None:
-    from safetensors.torch import save_file
+    """Cache a head (streamed and atomic: the temp is removed on any failure). A read-only cache is tolerated (the
+    head is simply rebuilt next time); a full disk is one line naming the file, as it would fail the run later."""
+    from .taskvector import write_safetensors
 
-    from .taskvector import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
+    head = head.detach().to("cpu", torch.float32).contiguous()
     try:
-        with atomic_path(path, force=True) as tmp:
-            save_file({"head": head.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
-                      metadata={"key": json.dumps(key, sort_keys=True)})
-    except OSError:
-        pass  # a read-only cache must not stop the run; the head is simply rebuilt next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path, [("head", head)], {"head": ("F32", tuple(head.shape))},
+                          {"key": json.dumps(key, sort_keys=True)}, force=True, check_finite=False)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise TVToolError(f"{exc}; free some space there or point TVTOOL_CACHE at another disk") from None
 
 
 @torch.no_grad()

@@ -201,14 +201,23 @@ def read_cache(path: Path, key: str, image_size: int | None = None, num_classes:
 
 
 def write_cache(path: Path, key: str, images: torch.Tensor, labels: torch.Tensor, **meta) -> None:
-    from safetensors.torch import save_file
+    """Write one split's cache atomically (streamed, so a full disk is an OSError naming the file and the temp is
+    removed); a failure is one line that says how to make room."""
+    from ..fileio import OutputError
+    from ..taskvector import write_safetensors
 
-    from ..taskvector import atomic_path
-
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = {"key": key, "preprocess": PREPROCESS_VERSION, **{k: str(v) for k, v in meta.items()}}
-    with atomic_path(path, force=True) as tmp:
-        save_file({"images": images.contiguous(), "labels": labels.to(torch.int64).contiguous()}, str(tmp), info)
+    labels = labels.to(torch.int64).contiguous()
+    tensors = {"images": images.contiguous(), "labels": labels}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path, tensors.items(), {k: ("U8" if k == "images" else "I64", tuple(v.shape))
+                                                  for k, v in tensors.items()}, info, force=True)
+    except OutputError as exc:
+        raise OutputError(f"{exc}; free some space there or point TVTOOL_CACHE at another disk") from None
+    except OSError as exc:  # the cache folder itself cannot be made
+        raise OutputError(f"{path.parent}: cannot create the cache folder ({exc.strerror or exc}); point "
+                          "TVTOOL_CACHE at a writable folder") from None
 
 
 def load_cached(spec: DatasetSpec, split: str, data_root, image_size: int):
