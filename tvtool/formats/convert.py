@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ..errors import TVToolError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, check_not_input, check_output
 
 
 def _specs(source) -> dict:
@@ -101,6 +101,9 @@ def convert(source: str, output: str | os.PathLike, *, model: str | None = None,
 
     src_path, out = Path(source), Path(output)
     _refuse_task_vector(src_path)
+    if out.suffix.lower() not in (".safetensors", ".st"):  # a folder output: checked before any work
+        check_not_input(out, [source, source.split(":", 1)[-1]])  # never the folder being read
+        check_output(out, force, directory=True)
     if src_path.is_file() and src_path.suffix.lower() in PICKLE_SUFFIXES:
         obj = read_pickle(src_path, trust_pickle)
         if tangent.is_linearized(obj):
