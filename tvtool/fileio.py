@@ -144,7 +144,7 @@ def check_output(path: str | os.PathLike, force: bool, *, directory: bool = Fals
         folder = directory and mode is not None and stat.S_ISDIR(mode) and not stat.S_ISLNK(lst.st_mode)
         if mode is None or not (stat.S_ISREG(mode) or folder):
             what = "a dangling symlink" if mode is None else _kind(mode)
-            only = "regular files and folders tvtool wrote" if directory else "regular files"
+            only = "regular files and folders" if directory else "regular files"
             raise TVToolError(f"{path}: is {what}; --force replaces {only} only")
         if folder and not written_by_tvtool(path):
             raise TVToolError(f"{path}: is a folder not written by tvtool (it has no {FOLDER_MARKER}); --force "
