@@ -557,6 +557,30 @@ def test_svhn_mat_that_is_not_a_mat_file_is_one_problem(tmp_path):
         get_dataset("svhn").listing("test", tmp_path)
 
 
+def test_mat_file_inflating_past_the_bound_is_refused_before_scipy_reads_it(tmp_path, monkeypatch):
+    """A compressed .mat variable is a decompression bomb like a .gz: counted while streaming, refused past the
+    bound (lowered here: 12 MB of zeros against 4 MB) without scipy ever allocating it."""
+    import scipy.io
+
+    from tvtool.datasets import files
+
+    (tmp_path / "svhn").mkdir()
+    scipy.io.savemat(tmp_path / "svhn" / "test_32x32.mat", {"X": np.zeros((32, 32, 3, 4000), np.uint8),
+                                                            "y": np.ones((4000, 1))}, do_compression=True)
+    assert (tmp_path / "svhn" / "test_32x32.mat").stat().st_size < 1 << 20
+    monkeypatch.setattr(files, "MAX_MAT_INFLATED", 4 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TVToolError, match="inflate to more than"):
+            get_dataset("svhn").listing("test", tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    monkeypatch.setattr(files, "MAX_MAT_INFLATED", 64 << 20)
+    assert len(get_dataset("svhn").listing("test", tmp_path)) == 4000  # within the bound: read as before
+
+
 # ---- writing the dataset and heads caches when the disk is full ------------------------------------------------
 
 @pytest.mark.parametrize("limit,written", [(2_000, "heads/eurosat-"), (64_000, "datasets/eurosat/train-32.safetensors")])

@@ -213,6 +213,21 @@ def test_recipe_pretrained_path_is_relative_to_the_recipe(tmp_path, monkeypatch)
     r.validate(only_train=True)
 
 
+def test_recipe_never_replaces_a_file_at_its_output_path_that_tvtool_did_not_write(tmp_path, monkeypatch):
+    from tvtool import train
+    from tvtool.recipes import run_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text(RECIPE.format(out=tmp_path / "runs", name="ft"))
+    theirs = tmp_path / "runs" / "ft" / "mini-shapes.st"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("my notes, not a task vector")
+    monkeypatch.setattr(train, "finetune", lambda *a, **k: pytest.fail("trained before checking the outputs"))
+    with pytest.raises(TVToolError, match="is not a task vector tvtool wrote"):
+        run_recipe(load_recipe(p), log=lambda m: None)
+    assert theirs.read_text() == "my notes, not a task vector"
+
+
 def test_data_prepare_rolls_back_only_what_it_created(tmp_path, monkeypatch):
     import torchvision
 

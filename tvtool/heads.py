@@ -65,6 +65,8 @@ def _cache_path(key: dict) -> Path:
 def _read_cached(path: Path, key: dict, n_classes: int) -> torch.Tensor | None:
     from safetensors import safe_open
 
+    if not path.is_file():  # missing, or a FIFO someone left there (opening it would block)
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -83,6 +83,7 @@ class Recipe:
 
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise TVToolError(f"{self.path}: out_dir {self.out_dir} exists and is not a folder")
+        self.check_outputs_are_ours()
         # what TrainConfig.validate checks per run, with each dataset listed and each weights spec checked once
         configs = [self.train_config(v, t, **({"device": device} if device else {})).resolved()
                    for v in self.variants for t in self.tasks]
@@ -104,6 +105,24 @@ class Recipe:
                     check_available(control, ("val", "test"), self.data_root)
                 except TVToolError as exc:
                     raise TVToolError(f"{self.path}: eval.negation.control: {exc}") from None
+
+    def check_outputs_are_ours(self) -> None:
+        """A recipe redoes its own outputs made with other settings; a file at one of its output paths that is not
+        a tvtool task vector at all (someone else's file) is never replaced: refused before any work."""
+        from .taskvector import open_vector
+
+        merged = [f"merge-{m['method']}.st" for m in self.eval.get("merge") or []]
+        for variant in self.variants:
+            paths = [self.output(variant, t) for t in self.tasks] + [self.out_dir / variant.name / m for m in merged]
+            for path in paths:
+                if not os.path.lexists(path):
+                    continue
+                try:
+                    open_vector(path).close()
+                except (TVToolError, OSError, ValueError) as exc:
+                    raise TVToolError(f"{self.path}: {path} exists and is not a task vector tvtool wrote "
+                                      f"({str(exc)[:100]}); the recipe replaces only its own outputs: move it away "
+                                      "or pick another out_dir") from None
 
     def train_config(self, variant: Variant, task: str, **overrides) -> TrainConfig:
         return TrainConfig(task=task, model=self.model, pretrained=self.pretrained, data_root=self.data_root,

@@ -55,9 +55,9 @@ def read_bytes(path: Path, what: str, limit: int) -> bytes:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
             raise TVToolError(f"{path}: {size} bytes is more than {what} can be ({limit}); is this the right file?")
-        data = f.read(limit + 1)
-    if len(data) > limit:  # grew while being read
-        raise TVToolError(f"{path}: more than {limit} bytes; is this the right file?")
+        data = f.read(size)  # read(n) allocates n bytes up front: ask for what the file holds, not the limit
+        if f.read(1):  # grew while being read
+            raise TVToolError(f"{path}: changed while being read; try again")
     return data
 
 
@@ -156,12 +156,67 @@ def open_image(path: str | os.PathLike):
     return img
 
 
+MAX_MAT_INFLATED = 2 << 30  # SVHN's largest file (the 531k-image extra split) holds 1.6 GB of pixels
+
+
+def _inflated_size(stream, cap: int) -> int:
+    """How many bytes a zlib stream inflates to, counted in constant memory, stopping past ``cap``."""
+    import zlib
+
+    d = zlib.decompressobj()
+    total = 0
+    for i in range(0, len(stream), 1 << 20):
+        data = stream[i:i + (1 << 20)]
+        while data:
+            total += len(d.decompress(data, 1 << 20))
+            if total > cap or d.eof:
+                return total
+            data = d.unconsumed_tail
+    return total
+
+
+def _check_mat_elements(data: bytes, path: Path) -> None:
+    """Before scipy inflates anything: the top-level elements of a MAT v5 file must fit in the file, and its
+    compressed elements must not inflate past MAX_MAT_INFLATED in all (counted by streaming them once), so a
+    small file cannot make scipy allocate gigabytes."""
+    import struct
+    import zlib
+
+    if len(data) < 128 or data[126:128] not in (b"IM", b"MI"):
+        return  # not v5 (v4 has no compression; v7.3 is HDF5, which scipy refuses): scipy says what it is
+    order = "<" if data[126:128] == b"IM" else ">"
+    view = memoryview(data)
+    offset, inflated = 128, 0
+    while offset + 8 <= len(data):
+        kind, nbytes = struct.unpack_from(f"{order}II", data, offset)
+        if kind >> 16:  # a small data element: type and size packed in 4 bytes, data in the next 4
+            offset += 8
+            continue
+        start = offset + 8
+        if nbytes > len(data) - start:
+            raise TVToolError(f"{path}: an element declares {nbytes} bytes but only {len(data) - start} follow; the "
+                              "file is truncated, re-download it")
+        if kind == 15:  # miCOMPRESSED: a zlib stream holding one element
+            try:
+                inflated += _inflated_size(view[start:start + nbytes], MAX_MAT_INFLATED - inflated)
+            except zlib.error:
+                pass  # scipy reports the damaged stream
+            if inflated > MAX_MAT_INFLATED:
+                raise TVToolError(f"{path}: its compressed variables inflate to more than {MAX_MAT_INFLATED} "
+                                  "bytes; the file is damaged or not from this dataset")
+            offset = start + nbytes
+        else:
+            offset = start + nbytes + (-nbytes % 8)
+
+
 def loadmat(path: Path, what: str, limit: int = 4 << 30, **kw) -> dict:
     """A MATLAB .mat file read with scipy from memory (a declared element size never makes Python allocate more
-    than the file holds); anything scipy cannot read is one line."""
+    than the file holds, nor compressed ones inflate past MAX_MAT_INFLATED); anything scipy cannot read is one
+    line."""
     import scipy.io
 
     data = read_bytes(path, what, limit)
+    _check_mat_elements(data, path)
     try:
         return scipy.io.loadmat(io.BytesIO(data), **kw)
     except MemoryError:

@@ -529,7 +529,7 @@ def load_numpy(path: str | Path, *, limit: int = 1 << 31):
         size = os.fstat(f.fileno()).st_size
         if size > limit:
             raise TVToolError(f"{path}: {size} bytes is more than a pickled data file can be ({limit})")
-        data = f.read(limit + 1)
+        data = f.read(size)  # read(n) allocates n bytes up front: ask for what the file holds, not the limit
     try:
         # latin1: the CIFAR files are Python 2 pickles; their str objects are bytes (array data) or ASCII text
         return _swap_arrays(NumpyUnpickler(io.BytesIO(data), encoding="latin1").load())
