@@ -140,7 +140,7 @@ def prepare_cmd(
 ) -> None:
     """Download a dataset into the conventional layout where torchvision can (MNIST, SVHN, GTSRB, DTD, EuroSAT and
     the 14/20-task additions except FER2013), arrange manually downloaded files where possible (SUN397), otherwise print the exact manual steps (exit 1).
-    A data root folder that this command created is removed again when it fails.
+    When it fails, what this command created under the data root is removed again, and nothing else.
 
     Example: tvtool data prepare mnist --data-root ~/data
     """
