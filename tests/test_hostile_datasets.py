@@ -17,9 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import run_tvtool
+from cli_helpers import run_tvtool as _run_tvtool
 from tvtool.datasets import get_dataset, load_split
 from tvtool.errors import TVToolError
+
+
+def tvtool(*args, timeout=300):
+    """The installed `tvtool` (cli_helpers.run_tvtool) with room for a loaded machine: a command that must fail at
+    once still starts Python and imports its modules first."""
+    return _run_tvtool(*args, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)
@@ -40,9 +46,9 @@ def eurosat_tree(root, per_class=2, splits=("train", "val", "test")):
                 solid(root / "EuroSAT_splits" / s / f"class_{c}" / f"img{k}.png", c, k)
 
 
-def check_json(root, *names, timeout=60):
+def check_json(root, *names, timeout=300):
     """`tvtool data check NAMES --json` in a subprocess, as a user runs it: {name: result}; never a traceback."""
-    r = run_tvtool("data", "check", *names, "--data-root", root, "--json", timeout=timeout)
+    r = tvtool("data", "check", *names, "--data-root", root, "--json", timeout=timeout)
     assert "Traceback" not in r.stderr, r.stderr
     return {d["name"]: d for d in json.loads(r.stdout)["datasets"]}, r
 
@@ -118,7 +124,7 @@ def test_cifar_payload_never_runs(tmp_path):
     results, r = check_json(root, "cifar10")
     one_problem(results["cifar10"], "data_batch_3", "mkdir", "refused")
     assert not marker.exists()
-    r = run_tvtool("finetune", "cifar10", "--model", "tvtool-mini", "--no-eval", "--data-root", root,
+    r = tvtool("finetune", "cifar10", "--model", "tvtool-mini", "--no-eval", "--data-root", root,
                    "-o", tmp_path / "v.st")
     assert_one_line(r, "data_batch_3", "refus")
     assert not marker.exists() and not (tmp_path / "v.st").exists()
@@ -262,7 +268,7 @@ def test_fifos_in_dataset_folders_and_as_split_files_never_block(tmp_path):
     os.mkfifo(root / "oxford-iiit-pet" / "annotations" / "test.txt")
     names = ["eurosat", "resisc45", "cifar10", "stl10", "gtsrb", "mnist", "fer2013", "food101", "oxfordiiitpet"]
     try:
-        results, _ = check_json(root, *names, timeout=90)
+        results, _ = check_json(root, *names)
     except subprocess.TimeoutExpired:
         pytest.fail("data check blocked on a FIFO")
     for name in names:

@@ -11,11 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import run_tvtool
+from cli_helpers import run_tvtool as _run_tvtool
 from tvtool import fileio
 from tvtool import taskvector as tv
 from tvtool.errors import TVToolError
 from tvtool.recipes import load_recipe, parse_recipe
+
+
+def tvtool(*args, timeout=300):
+    """The installed `tvtool` (cli_helpers.run_tvtool) with room for a loaded machine: a command that must fail at
+    once still starts Python and imports its modules first."""
+    return _run_tvtool(*args, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +129,7 @@ def test_convert_force_onto_a_foreign_folder_or_its_own_input_is_refused(tmp_pat
     out = tmp_path / "hf"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    r = run_tvtool("convert", "tvtool-mini", "-o", out, "--force")
+    r = tvtool("convert", "tvtool-mini", "-o", out, "--force")
     assert_one_line(r, str(out), "not written by tvtool")
     assert tree(out) == ["notes.txt"]
     from tvtool.formats.convert import convert
@@ -132,7 +138,7 @@ def test_convert_force_onto_a_foreign_folder_or_its_own_input_is_refused(tmp_pat
     convert("tvtool-mini", fresh)
     before = tree(fresh)
     (fresh / "stale.bin").write_text("left by an older tvtool output")
-    r = run_tvtool("convert", fresh, "-o", fresh, "--force")  # the input's own folder
+    r = tvtool("convert", fresh, "-o", fresh, "--force")  # the input's own folder
     assert_one_line(r, "is the input")
     assert tree(fresh) == sorted(before + ["stale.bin"])
     convert("tvtool-mini", fresh, force=True)  # a folder tvtool wrote: replaced whole
@@ -162,11 +168,11 @@ def test_finetune_never_removes_a_last_pt_it_did_not_write(tmp_path):
     ckdir = tmp_path / "ck"
     ckdir.mkdir()
     (ckdir / "last.pt").write_bytes(b"someone else's checkpoint")
-    r = run_tvtool("finetune", "mini-shapes", "--max-steps", "1", "--no-eval", "--batch-size", "8", "--device", "cpu",
+    r = tvtool("finetune", "mini-shapes", "--max-steps", "1", "--no-eval", "--batch-size", "8", "--device", "cpu",
                    "--checkpoint-dir", ckdir, "-o", tmp_path / "v.st", "-q", timeout=300)
     assert r.returncode == 0, r.stderr
     assert (ckdir / "last.pt").read_bytes() == b"someone else's checkpoint"
-    r = run_tvtool("finetune", "mini-shapes", "--max-steps", "1", "--no-eval", "--checkpoint-every", "1",
+    r = tvtool("finetune", "mini-shapes", "--max-steps", "1", "--no-eval", "--checkpoint-every", "1",
                    "--checkpoint-dir", ckdir, "-o", tmp_path / "w.st", "-q")
     assert_one_line(r, str(ckdir / "last.pt"))
     assert (ckdir / "last.pt").read_bytes() == b"someone else's checkpoint" and not (tmp_path / "w.st").exists()
@@ -195,7 +201,7 @@ def test_recipe_strings_with_nul_bytes_are_one_line(tmp_path):
     with pytest.raises(TVToolError, match="out_dir"):
         load_recipe(p)
     p.write_text(RECIPE.format(out="runs", name="ft") + 'data_root: "/d\\0"\n')
-    r = run_tvtool("run", p)
+    r = tvtool("run", p)
     assert_one_line(r, "data_root")
 
 
@@ -260,7 +266,7 @@ def vector(path, fp, keys=("visual.w",)):
 def test_union_refuses_a_vector_without_base_fingerprint_beside_one_with(tmp_path):
     a = vector(tmp_path / "a.st", "fp1:" + "a" * 16)
     b = vector(tmp_path / "b.st", None, keys=("visual.other",))
-    r = run_tvtool("add", a, b, "--union", "-o", tmp_path / "ab.st")
+    r = tvtool("add", a, b, "--union", "-o", tmp_path / "ab.st")
     assert_one_line(r, "b.st", "no base fingerprint")
     assert not (tmp_path / "ab.st").exists()
 
@@ -269,7 +275,7 @@ def test_every_recorded_base_fingerprint_must_agree_not_only_with_the_first(tmp_
     a = vector(tmp_path / "a.st", None)
     b = vector(tmp_path / "b.st", "fp1:" + "b" * 16)
     c = vector(tmp_path / "c.st", "fp1:" + "c" * 16)
-    r = run_tvtool("add", a, b, c, "-o", tmp_path / "abc.st")
+    r = tvtool("add", a, b, c, "-o", tmp_path / "abc.st")
     assert_one_line(r, "different base")
     assert not (tmp_path / "abc.st").exists()
 
@@ -277,7 +283,7 @@ def test_every_recorded_base_fingerprint_must_agree_not_only_with_the_first(tmp_
 # ---- refused before any model: absurd schedules, seeds, grids, log paths -------------------------------------------
 
 def test_absurd_epochs_are_refused_at_once(tmp_path):
-    r = run_tvtool("finetune", "mini-shapes", "--epochs", "1000000000", "-o", tmp_path / "v.st", timeout=60)
+    r = tvtool("finetune", "mini-shapes", "--epochs", "1000000000", "-o", tmp_path / "v.st", timeout=300)
     assert_one_line(r, "--epochs")
     p = tmp_path / "r.yaml"
     p.write_text(RECIPE.format(out="runs", name="ft") + "finetune: {epochs: 1000000000}\n")
@@ -294,7 +300,7 @@ def test_unbounded_grids_are_one_line(tmp_path, grid):
 
 
 def test_seeds_beyond_two_to_the_63_are_one_line_and_large_seeds_work(tmp_path):
-    r = run_tvtool("finetune", "mini-shapes", "--seed", str(2**63), "-o", tmp_path / "v.st")
+    r = tvtool("finetune", "mini-shapes", "--seed", str(2**63), "-o", tmp_path / "v.st")
     assert_one_line(r, "--seed")
     p = tmp_path / "r.yaml"
     p.write_text(RECIPE.format(out="runs", name="ft") + f"seed: {2**64}\n")
@@ -313,8 +319,8 @@ def test_log_at_a_fifo_is_refused_before_any_model(tmp_path):
     fifo = tmp_path / "log"
     os.mkfifo(fifo)
     try:
-        r = run_tvtool("finetune", "mini-shapes", "--max-steps", "1", "--no-eval", "--log", fifo,
-                       "-o", tmp_path / "v.st", timeout=60)
+        r = tvtool("finetune", "mini-shapes", "--max-steps", "1", "--no-eval", "--log", fifo,
+                       "-o", tmp_path / "v.st", timeout=300)
     except subprocess.TimeoutExpired:
         pytest.fail("finetune blocked on a FIFO --log")
     assert_one_line(r, str(fifo), "FIFO")
