@@ -23,7 +23,7 @@ Arms:
 * **eval** - a 21-point task-addition alpha search over the Val sets of the 8 mini tasks (synthetic; sizes in the
   JSON) with 8 random task vectors: the Evaluator (built once, weights updated in place) against re-building
   model + heads + inputs per point (timed on ``--rebuild-points`` points, scaled to 21); both must agree.
-* **merge** - tsv and iso-c on 8 random vectors shaped like ViT-B-32's image tower (``bench_merge`` shapes), on the
+* **merge** - tsv, iso-c, iso-cts and wudi on 8 random vectors shaped like ViT-B-32's image tower (``bench_merge`` shapes), on the
   GPU and on the CPU: one key of each distinct 2-D shape is timed and multiplied by the number of keys of that
   shape (the other keys fall back to a sum and are timed in full), so the CPU arm stays bounded.
 * **checks** - booleans, each a real comparison (tolerances in ``checks_detail``): bf16 vs fp32 finetune loss
@@ -62,6 +62,7 @@ import bench_train  # noqa: E402
 ARMS = ("train", "orthoreg", "eval", "merge", "checks")
 GRID_POINTS = 21
 MERGE_VECTORS = 8
+MERGE_METHODS = ("tsv", "iso-c", "iso-cts", "wudi")  # the per-layer methods, which use the GPU
 # dense (no sparsity) bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name (first match)
 BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
              ("B200", 2250e12),
@@ -272,7 +273,7 @@ class Suite:
         shapes = bench_merge.vit_b32_visual_shapes(size)
         m.update(vectors=MERGE_VECTORS, width_scale=size, params_per_vector=sum(math.prod(s) for s in shapes.values()),
                  timing="one key per distinct 2-D shape timed, times its key count; other keys timed in full")
-        for method in ("tsv", "iso-c"):
+        for method in MERGE_METHODS:
             gpu = time_merge(method, shapes, "cuda") if self.cuda else None
             cpu = time_merge(method, shapes, "cpu")
             m[method] = {"gpu_s": gpu and gpu["seconds"], "cpu_s": cpu["seconds"]}
@@ -559,9 +560,7 @@ def time_merge(method: str, shapes: dict[str, tuple], device: str) -> dict:
     by_shape: dict[tuple, list[str]] = {}
     for k, s in shapes.items():
         by_shape.setdefault(tuple(s) if len(s) == 2 else ("1d", k), []).append(k)
-    original = mg.compute_device
-    mg.compute_device = lambda: torch.device(device)
-    try:
+    with mg.on_device(device):
         if device.startswith("cuda"):  # solver and context start-up outside the timing
             mg.merge_tensor(method, [torch.randn(64, 48) for _ in range(MERGE_VECTORS)], "warm-up")
             torch.cuda.synchronize()
@@ -575,8 +574,6 @@ def time_merge(method: str, shapes: dict[str, tuple], device: str) -> dict:
             _sync(device)
             seconds += (time.perf_counter() - t) * len(keys)
             outputs.append(out.cpu())
-    finally:
-        mg.compute_device = original
     return {"seconds": seconds, "outputs": outputs}
 
 
@@ -654,7 +651,7 @@ def table(res: dict) -> str:
         ("eval: 21-point alpha search, Evaluator (s)", f(e.get("evaluator_s"))),
         ("eval: 21-point alpha search, re-build per point (s)", f(e.get("rebuild_s"))),
     ]
-    for method in ("tsv", "iso-c"):
+    for method in MERGE_METHODS:
         r = m.get(method) or {}
         rows.append((f"merge: {method}, GPU / CPU (s)", f"{f(r.get('gpu_s'))} / {f(r.get('cpu_s'))}"))
     for k, v in c.items():

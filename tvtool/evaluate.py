@@ -22,12 +22,11 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from . import __version__, defaults
 from .errors import TVToolError
+from .checks import parse_grid  # noqa: F401  (the one grid parser; evaluate.parse_grid is its public name here too)
 
 VISUAL = "visual."
-DEFAULT_GRID = tuple(round(0.05 * i, 10) for i in range(21))  # 0, 0.05, ..., 1 (protocol)
-DEFAULT_DISENTANGLEMENT_GRID = tuple(-2.0 + 0.5 * i for i in range(9))  # -2 .. 2, 9 points
 DEFAULT_THRESHOLD = 0.95
 NO_ALPHA = "no-alpha-qualifies"
 SWEEP_CHUNK = 32  # grid points evaluated together by Evaluator.sweep (memory: chunk x batch x classes logits)
@@ -42,41 +41,8 @@ def _say(progress: Progress | None, line: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- grids
-MAX_GRID_POINTS = 10_000
-
-
-def parse_grid(text: str) -> list[float]:
-    """``start:stop:step`` (inclusive of stop) or a comma list ``0,0.3,0.5`` -> sorted unique floats."""
-    text = text.strip()
-    try:
-        if ":" in text:
-            parts = [float(p) for p in text.split(":")]
-            if len(parts) != 3:
-                raise ValueError
-            start, stop, step = parts
-            if not all(math.isfinite(p) for p in parts):
-                raise TVToolError(f"grid {text!r}: start, stop and step must be finite numbers, e.g. 0:1:0.05")
-            if step <= 0 or stop < start:
-                raise TVToolError(f"grid {text!r}: needs start <= stop and step > 0, e.g. 0:1:0.05")
-            span = (stop - start) / step  # may overflow to inf (1e308 / 1e-300): then it is far too many points
-            if not span < MAX_GRID_POINTS:
-                raise TVToolError(f"grid {text!r} has more than {MAX_GRID_POINTS} points; use a coarser step")
-            n = int(math.floor(span + 1e-9)) + 1
-            values = [round(start + i * step, 10) for i in range(n)]  # i*step, not repeated addition: no drift
-        else:
-            values = [float(p) for p in text.split(",") if p.strip()]
-            if len(values) > MAX_GRID_POINTS:
-                raise TVToolError(f"grid {text[:40]!r}... has {len(values)} points; at most {MAX_GRID_POINTS}")
-    except ValueError:
-        raise TVToolError(f"cannot read grid {text!r}; write START:STOP:STEP (e.g. 0:1:0.05) or a list 0,0.3,0.5"
-                          ) from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise TVToolError(f"grid {text!r} is empty or not finite; write START:STOP:STEP, e.g. 0:1:0.05")
-    from .checks import check_alpha
-
-    for v in values:
-        check_alpha(f"grid {text!r}: alpha", v)
-    return sorted(set(values))
+DEFAULT_GRID = tuple(parse_grid(defaults.ALPHA_GRID))  # 0, 0.05, ..., 1 (protocol)
+DEFAULT_DISENTANGLEMENT_GRID = tuple(parse_grid(defaults.DISENTANGLEMENT_GRID))  # -2 .. 2, 9 points
 
 
 # --------------------------------------------------------------------------------------------------- vectors
@@ -468,10 +434,8 @@ def search_negation(grid: Sequence[float], val_acc: Callable[[float], tuple[floa
 
 # --------------------------------------------------------------------------------------------------- metrics cache
 def _metrics_cache_path(vec, key: dict) -> Path:
-    from .heads import cache_root
-
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_root() / "metrics" / f"{digest}.json"
+    return defaults.cache_root() / "metrics" / f"{digest}.json"
 
 
 def finetuned_accuracy(ev: Evaluator, vec, split: str) -> tuple[float, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -17,14 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .defaults import cache_root
 from .errors import TVToolError
+from .safetensors_io import fingerprint, write_safetensors
 
 HEAD_FORMAT = "tvtool-head-1"
 PLACEHOLDER = "{c}"
-
-
-def cache_root() -> Path:
-    return Path(os.path.expanduser(os.environ.get("TVTOOL_CACHE") or "~/.cache/tvtool"))
 
 
 def fill_templates(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -44,8 +41,6 @@ def fill_templates(classnames: Sequence[str], templates: Sequence[str]) -> list[
 
 def text_fingerprint(model: nn.Module) -> str:
     """Identity of everything but the image tower: the head depends on the text tower and logit_scale only."""
-    from .checkpoints import fingerprint
-
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
     return fingerprint(state, visual_only=False)
 
@@ -84,8 +79,6 @@ _DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 def _write_cached(path: Path, key: dict, head: torch.Tensor) -> None:
     """Cache a head (streamed and atomic: the temp is removed on any failure). A read-only cache is tolerated (the
     head is simply rebuilt next time); a full disk is one line naming the file, as it would fail the run later."""
-    from .taskvector import write_safetensors
-
     head = head.detach().to("cpu", torch.float32).contiguous()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

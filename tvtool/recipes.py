@@ -16,8 +16,11 @@ eval:                      # optional steps, run per variant
   negation: {control: imagenet, threshold: 0.95}
   cosine: true
   merge:                   # merged vectors, each followed by the addition alpha search applied to it
-    - {method: ties, options: {k: 20}}
+    - {method: ties, options: {k: 20}}          # alpha grid: the method's own (`tvtool merge --list`)
+    - {method: lines, options: {base: ties}, name: lines-ties, tune: "0.1:1.5:0.1"}  # beta searched on Val
 ```
+A merge step's alpha grid defaults to its method's paper grid; a method whose paper tunes an option instead
+(LiNeS' beta) has it searched on Val over ``tune`` (default: the paper's range) unless ``options`` fix it.
 Outputs that already exist are skipped when the settings digest they record (``settings_digest`` in a vector's
 metadata, in each evaluation JSON) matches the recipe's, and redone (saying so) when it does not, so an interrupted
 recipe picks up where it stopped and an edited one never shows stale results. Everything is validated before any
@@ -30,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +42,7 @@ import yaml
 
 from .checks import check_finite
 from .errors import TVToolError
+from .merge.registry import REGISTRY, get_method, resolve_options
 from .fileio import check_input
 from .train import MAX_SEED, MODES, TrainConfig
 
@@ -46,7 +51,7 @@ TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "model
 VARIANT_KEYS = {"name", "mode", "lambda"} | TRAIN_KEYS
 EVAL_KEYS = {"addition": {"grid"}, "negation": {"control", "threshold", "grid"}, "cosine": None,
              "merge": None}
-MERGE_KEYS = {"method", "options", "seed", "grid"}
+MERGE_KEYS = {"method", "options", "seed", "grid", "name", "tune"}
 
 
 @dataclass
@@ -359,7 +364,6 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None, 
                 if opt not in allowed:
                     fail(("eval", k, opt), f"unknown option; expected one of {', '.join(sorted(allowed))}")
     if "merge" in ev:
-        from .merge import REGISTRY
 
         if not isinstance(ev["merge"], list):
             fail(("eval", "merge"), "expected a list like [{method: ties, options: {k: 20}}]")
@@ -384,12 +388,31 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None, 
                 grid_points(m["grid"])
             except TVToolError as exc:
                 fail(("eval", "merge", i, "grid"), str(exc))
+    step_names: set[str] = set()
     for i, m in enumerate(ev.get("merge") or []):
         ms = m.get("seed", seed)
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
             fail(("eval", "merge", i, "seed"), f"expected a whole number >= 0, got {ms!r}")
         if m.get("options") is not None and not isinstance(m["options"], dict):
             fail(("eval", "merge", i, "options"), "expected a mapping of method options")
+        try:  # typed and range-checked now, not after the fine-tuning
+            resolve_options(m["method"], m.get("options") or {})
+        except TVToolError as exc:
+            fail(("eval", "merge", i, "options"), str(exc))
+        if "tune" in m:
+            if get_method(m["method"]).tune is None:
+                fail(("eval", "merge", i, "tune"), f"{m['method']} tunes no option (only alpha, over `grid`)")
+            try:
+                grid_points(m["tune"])
+            except TVToolError as exc:
+                fail(("eval", "merge", i, "tune"), str(exc))
+        name = merge_step_name(m)
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            fail(("eval", "merge", i, "name"), f"expected a plain file name like merge-ties, got {name!r}")
+        if name in step_names:
+            fail(("eval", "merge", i, "name" if "name" in m else "method"),
+                 f"a second step named {name}; give each merge step of the same method its own `name`")
+        step_names.add(name)
     if "negation" in ev and "threshold" in ev["negation"]:
         th = ev["negation"]["threshold"]
         try:
@@ -532,9 +555,10 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
         res = inspection.compare(paths)
         out["cosine"] = {"tasks": recipe.tasks, "matrix": res["cosine"],
                          "mean": inspection.mean_offdiagonal(res["cosine"])}
-    merges = {f"merge-{m['method']}": m for m in ev_cfg.get("merge", [])}
+    merges = {merge_step_name(m): m for m in ev_cfg.get("merge", [])}
     steps = [k for k in ("addition", "negation", *merges) if k in ev_cfg or k in merges]
-    digests = {k: _eval_digest(recipe, k, merges.get(k) or ev_cfg.get(k), paths) for k in steps}
+    digests = {k: _eval_digest(recipe, k, merge_step_settings(merges[k]) if k in merges else ev_cfg.get(k), paths)
+               for k in steps}
     todo = []
     for k in steps:
         path = folder / f"{k}.json"
@@ -581,19 +605,69 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
     for name, m in merges.items():  # merged vector, then the addition alpha search applied to it
         if name not in todo:
             continue
-        from .merge import merge_files
-
-        merged_path = folder / f"{name}.st"
-        # rebuilt with the step: its inputs or options may have changed since the last one
-        merge_files(m["method"], paths, merged_path, m.get("options") or {}, seed=int(m.get("seed", recipe.seed)),
-                    force=True)
-        merged = evaluate.open_vectors([merged_path])[0]
-        res = evaluate.addition(ev, vectors, grid_points(m.get("grid")), merged=merged, progress=say)
+        res = _merge_step(ev, vectors, paths, folder, name, m, seed=int(m.get("seed", recipe.seed)), progress=say)
         res["settings_digest"] = digests[name]
         evaluate.write_json(res, folder / f"{name}.json", force=True)
         out[name] = res
         log(f"wrote {folder / (name + '.json')}")
     return out
+
+
+def merge_step_name(step: dict) -> str:
+    """Where a merge step writes: OUT_DIR/VARIANT/<name>.st and <name>.json (default merge-<method>)."""
+    return step.get("name") or f"merge-{step['method']}"
+
+
+def merge_step_grid(step: dict) -> list[float]:
+    """The step's alpha grid: its own, else its method's paper grid (`tvtool merge --list` gives the source)."""
+    from .merge import alpha_grid
+
+    return grid_points(step["grid"]) if "grid" in step else alpha_grid(step["method"])
+
+
+def merge_step_tune(step: dict) -> tuple[str, list[float]] | None:
+    """(option, values) when the method's paper tunes an option on Val (LiNeS' beta) that the step leaves free."""
+    tune = get_method(step["method"]).tune
+    if tune is None or tune[0] in (step.get("options") or {}):
+        return None
+    return tune[0], grid_points(step.get("tune", tune[1]))
+
+
+def merge_step_settings(step: dict) -> dict:
+    """What a merge step's result depends on, defaults made explicit (a changed default reruns the step)."""
+    tune = merge_step_tune(step)
+    return {**step, "grid": merge_step_grid(step), "tune": list(tune) if tune else None}
+
+
+def _merge_step(ev, vectors, paths, folder: Path, name: str, step: dict, *, seed: int, progress) -> dict:
+    """Merge, then the addition search on the merged vector; with a tuned option, one merge per value, the one
+    with the best mean normalized Val accuracy (at its own Val-chosen alpha; ties: the first value) reported."""
+    from . import evaluate
+    from .merge import merge_files
+
+    grid, tune = merge_step_grid(step), merge_step_tune(step)
+    options = dict(step.get("options") or {})
+    if tune is None:
+        merged_path = folder / f"{name}.st"
+        # rebuilt with the step: its inputs or options may have changed since the last one
+        merge_files(step["method"], paths, merged_path, options, seed=seed, force=True)
+        merged = evaluate.open_vectors([merged_path])[0]
+        return evaluate.addition(ev, vectors, grid, merged=merged, progress=progress)
+    option, values = tune
+    best, tried = None, []
+    for value in values:
+        path = folder / f"{name}-{option}{value:g}.st"
+        merge_files(step["method"], paths, path, {**options, option: value}, seed=seed, force=True)
+        res = evaluate.addition(ev, vectors, grid, merged=evaluate.open_vectors([path])[0], progress=progress)
+        score = next(p["mean_val_norm_acc"] for p in res["curve"] if p["alpha"] == res["alpha"])
+        tried.append({"value": value, "alpha": res["alpha"], "mean_val_norm_acc": score, "abs_acc": res["abs_acc"],
+                      "merged": res["merged"]})
+        if best is None or score > best[0]:
+            best = (score, value, res)
+    res = best[2]
+    res["tuned"] = {"option": option, "chosen": best[1], "source": get_method(step["method"]).tune[2],
+                    "tried": tried}
+    return res
 
 
 def _read_json(path: Path) -> dict | None:

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from ..defaults import ALPHA_GRID, DISENTANGLEMENT_GRID
 from ..errors import TVToolError
 from ._app import app
 
@@ -17,9 +18,9 @@ eval_app = typer.Typer(
         "Evaluate task arithmetic on CLIP (PROTOCOL.md 'Evaluation'). Accuracies are shown in percent.\n\n"
         "Example: tvtool eval addition cars.st dtd.st eurosat.st --data-root ~/data\n\n"
         "  tvtool eval accuracy [VEC.st ...] [--alpha A] --tasks t1,t2 [--split test|val]\n\n"
-        "  tvtool eval addition VEC.st ... [--grid 0:1:0.05]\n\n"
+        f"  tvtool eval addition VEC.st ... [--grid {ALPHA_GRID}]\n\n"
         "  tvtool eval negation VEC.st [--control imagenet] [--threshold 0.95]\n\n"
-        "  tvtool eval disentanglement A.st B.st [--grid -2:2:0.5] [--plot map.png]\n\n"
+        f"  tvtool eval disentanglement A.st B.st [--grid {DISENTANGLEMENT_GRID}] [--plot map.png]\n\n"
         "--model/--pretrained default to the base recorded in the vectors. Every command prints a table; --json "
         "prints the JSON result only (on stdout) and --json-out F also writes it to F. Each result records the model, "
         "base fingerprint, vectors (path + fingerprint), grid, splits and tvtool version."
@@ -152,10 +153,12 @@ def accuracy_cmd(
 
 @eval_app.command("addition", help="Task addition: alpha from --grid chosen on the Val splits by mean normalized "
                                    "accuracy (ties: smallest alpha), then test Abs.Acc and Norm.Acc.\n\n"
-                                   "Example: tvtool eval addition cars.st dtd.st eurosat.st --grid 0:1:0.05")
+                                   f"Example: tvtool eval addition cars.st dtd.st eurosat.st --grid {ALPHA_GRID}")
 def addition_cmd(
     vectors: List[Path] = typer.Argument(..., help="One single-task vector per task."),
-    grid: str = typer.Option("0:1:0.05", "--grid", help="START:STOP:STEP (inclusive) or a list 0,0.3,0.5."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="START:STOP:STEP (inclusive) or a list 0,0.3,0.5 "
+                                       f"(default: {ALPHA_GRID}, the protocol's; with --merged, the merge method's own "
+                                       "grid from its paper, see `tvtool merge --list`)."),
     merged: Optional[Path] = typer.Option(None, "--merged", help="A vector made by `tvtool merge` from VECTORS: the "
                                                                "alpha search scales it instead of their sum."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
@@ -165,12 +168,21 @@ def addition_cmd(
 ):
     from .. import evaluate as ev
 
-    g = ev.parse_grid(grid)
+    g = ev.parse_grid(grid) if grid is not None else None
     vecs, evaluator = _setup(vectors, model, pretrained, None, ["val", "test"], data_root, device, batch_size,
                              (json_out,), force, max_examples, linearized)
     merged_vec = ev.open_vectors([merged])[0] if merged is not None else None
     if merged_vec is not None:
         ev.check_base([merged_vec], evaluator.bundle)
+    if g is None:
+        g = list(ev.DEFAULT_GRID)
+        from ..merge import alpha_grid, get_method, merged_method
+
+        method = merged_method(merged_vec.meta) if merged_vec is not None else None
+        if method is not None:
+            g = alpha_grid(method)
+            _progress(f"addition: alpha grid {get_method(method).alpha_grid} ({method}'s default: "
+                      f"{get_method(method).alpha_source})")
     result = ev.addition(evaluator, vecs, g, merged=merged_vec, progress=_progress)
 
     def table(console):
@@ -200,7 +212,7 @@ def negation_cmd(
     threshold: Optional[float] = typer.Option(None, "--threshold",
                                               help="Control accuracy must stay >= threshold x zero-shot (default: "
                                                    "the protocol's 0.95)."),
-    grid: str = typer.Option("0:1:0.05", "--grid", help="START:STOP:STEP (inclusive) or a list."),
+    grid: str = typer.Option(ALPHA_GRID, "--grid", help="START:STOP:STEP (inclusive) or a list."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
     device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
     linearized: Optional[bool] = _LINEAR,
@@ -252,13 +264,14 @@ def _check_control(control: str, data_root) -> None:
 
 @eval_app.command("disentanglement", help="Weight-disentanglement error xi(a1, a2) of two task vectors over a grid "
                                           "(JSON + heat-map PNG with --plot).\n\n"
-                                          "Example: tvtool eval disentanglement cars.st dtd.st --grid=-2:2:0.5 "
-                                          "--plot xi.png")
+                                          f"Example: tvtool eval disentanglement cars.st dtd.st "
+                                          f"--grid={DISENTANGLEMENT_GRID} --plot xi.png")
 def disentanglement_cmd(
     a: Path = typer.Argument(..., help="Vector of task 1."),
     b: Path = typer.Argument(..., help="Vector of task 2."),
-    grid: str = typer.Option("-2:2:0.5", "--grid", help="Alpha grid for both axes (START:STOP:STEP or a list); "
-                                                        "write --grid=-2:2:0.5 for negative starts."),
+    grid: str = typer.Option(DISENTANGLEMENT_GRID, "--grid", help="Alpha grid for both axes (START:STOP:STEP or a "
+                                                                  f"list); write --grid={DISENTANGLEMENT_GRID} for "
+                                                                  "negative starts."),
     split: str = typer.Option("test", "--split", help="test or val."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the heat-map PNG here."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,

@@ -1,7 +1,7 @@
 """The CIFAR python pickles torchvision downloads (``cifar-10-batches-py/``, ``cifar-100-python/``): each file is a
 pickled dict with ``data`` (uint8 [N, 3072], channel-major 32x32) and ``labels`` / ``fine_labels``.
 
-They are read with the numpy-only restricted unpickler (``tvtool.formats.safe_pickle.load_numpy``): plain
+They are read with the numpy-only restricted unpickler (``tvtool.formats.numpy_pickle.load_numpy``): plain
 containers and number arrays, nothing else, and no option turns that off, so a crafted batch file cannot run code.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ _PIXELS = 3 * 32 * 32
 
 
 def read_batches(name: str, files: list[Path], label_key: str, n_classes: int):
-    from ..formats.safe_pickle import load_numpy
+    from ..formats.numpy_pickle import load_numpy
 
     images, labels = [], []
     for path in files:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import defaults
 from ..errors import TVToolError
 from .base import DatasetSpec, Listing, protocol_val_split, resolve_data_root
 
@@ -36,7 +37,7 @@ _CHUNK = 64
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TVTOOL_CACHE") or "~/.cache/tvtool").expanduser() / "datasets"
+    return defaults.cache_root() / "datasets"
 
 
 def cache_path(name: str, split: str, image_size: int) -> Path:
@@ -200,19 +201,33 @@ def read_cache(path: Path, key: str, image_size: int | None = None, num_classes:
     return images, labels
 
 
+def _save(tensors: dict, path: Path, metadata: dict) -> None:
+    """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are (the library wraps them
+    in its own exception type), so ``atomic_path`` names the file and removes the temp."""
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata)
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+
+
 def write_cache(path: Path, key: str, images: torch.Tensor, labels: torch.Tensor, **meta) -> None:
-    """Write one split's cache atomically (streamed, so a full disk is an OSError naming the file and the temp is
-    removed); a failure is one line that says how to make room."""
-    from ..fileio import OutputError
-    from ..taskvector import write_safetensors
+    """Write one split's cache atomically; a failure (a full disk) is one line naming the file and saying how to
+    make room, and no temp is left."""
+    from ..fileio import OutputError, atomic_path
 
     info = {"key": key, "preprocess": PREPROCESS_VERSION, **{k: str(v) for k, v in meta.items()}}
-    labels = labels.to(torch.int64).contiguous()
-    tensors = {"images": images.contiguous(), "labels": labels}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors(path, tensors.items(), {k: ("U8" if k == "images" else "I64", tuple(v.shape))
-                                                  for k, v in tensors.items()}, info, force=True)
+        with atomic_path(path, force=True) as tmp:
+            _save({"images": images.contiguous(), "labels": labels.to(torch.int64).contiguous()}, tmp, info)
     except OutputError as exc:
         raise OutputError(f"{exc}; free some space there or point TVTOOL_CACHE at another disk") from None
     except OSError as exc:  # the cache folder itself cannot be made

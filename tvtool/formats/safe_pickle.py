@@ -11,21 +11,27 @@ to run code (os, subprocess, builtins, ...), refuses the whole file before anyth
 
 Both of torch's formats are read: the zip archive (torch >= 1.6, what the published checkpoints use) and the legacy
 stream (pickles followed by raw storage bytes).
+
+Every pickle tvtool reads goes through this module: :func:`read_pickle` (the object; full unpickling only as the
+announced ``--trust-pickle`` fallback), :func:`load_pickle` (its state dict) and :func:`open_pickle` (a WeightSource).
 """
 from __future__ import annotations
 
 import _compat_pickle
 import collections
 import io
-import os
 import pickle
 import struct
+import sys
 import zipfile
 from pathlib import Path
 
 import torch
 
 from ..errors import TVToolError
+from ..weight_source import WeightSource
+from . import tangent
+from .arch import infer
 
 # Modules whose globals exist to run code or touch the system: naming any of them refuses the file.
 _DANGEROUS_ROOTS = {
@@ -363,184 +369,83 @@ def to_state_dict(obj):
     return obj
 
 
-# ------------------------------------------------------------------------------ numpy-only pickles (dataset files)
-# Dataset files that are pickles (CIFAR's python batches: dicts of a uint8 array, lists of labels and file names)
-# need nothing but plain containers and numpy arrays. This reader resolves exactly the globals numpy's own pickles
-# name and nothing else: no stubs, no flag to widen it. The arrays' dtypes are rebuilt here from their type string
-# (only numbers: no object arrays, whose items would be arbitrary objects, no structured types), and every array is
-# checked against the bytes the pickle really holds before numpy sees it.
-_NUMPY_KINDS = "biufc"
-
-
-class _Dtype:
-    """numpy.dtype as a pickle spells it (``dtype('u1', False, True)`` + state): recorded, built by us on use."""
-
-    def __init__(self, spec, align=False, copy=False):
-        if not isinstance(spec, str) or len(spec) > 8:
-            raise UnsafePickle("a numpy dtype that is not a plain number type")
-        self.spec, self.order = spec, "|"
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) >= 2 and state[1] in ("<", ">", "|", "="):
-            self.order = state[1]
-
-    def resolve(self):
-        import numpy as np
-
-        try:
-            dt = np.dtype(self.spec)
-        except TypeError:
-            raise UnsafePickle(f"numpy dtype {self.spec[:8]!r}") from None
-        if dt.kind not in _NUMPY_KINDS or dt.fields is not None or dt.hasobject or dt.subdtype is not None:
-            raise UnsafePickle(f"numpy dtype {self.spec[:8]!r} (only numbers are read)")
-        return dt.newbyteorder(self.order) if self.order in "<>" else dt
-
-
-def _np_shape(shape) -> tuple:
-    if not isinstance(shape, tuple) or len(shape) > 32 or not all(type(d) is int and d >= 0 for d in shape):
-        raise UnsafePickle("a numpy array with a malformed shape")
-    return shape
-
-
-def _np_numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _np_buffer(data) -> bytes:
-    if isinstance(data, str):  # Python 2 pickles of arrays read with encoding="latin1"
-        data = data.encode("latin1")
-    if isinstance(data, pickle.PickleBuffer):
-        data = data.raw()
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise UnsafePickle("a numpy array whose data is not bytes")
-    return data
-
-
-def _np_array(dtype, shape, data, fortran=False):
-    import numpy as np
-
-    if not isinstance(dtype, _Dtype):
-        raise UnsafePickle("a numpy array without a plain dtype")
-    dt, shape, buf = dtype.resolve(), _np_shape(shape), _np_buffer(data)
-    if len(buf) != _np_numel(shape) * dt.itemsize:  # numpy would copy first; a lie costs nothing here
-        raise UnsafePickle(f"a numpy array of shape {shape} with {len(buf)} bytes of data")
-    return np.frombuffer(buf, dtype=dt).reshape(shape, order="F" if fortran else "C").copy()
-
-
-class _ArrayUnderConstruction:
-    """``_reconstruct(ndarray, (0,), b'b')`` then BUILD with (version, shape, dtype, fortran, data): the array is
-    made from the checked state, by :func:`_np_array`; ``load_numpy`` swaps these for the arrays."""
-
-    def __init__(self):
-        self.array = None
-
-    def __setstate__(self, state):
-        if not isinstance(state, tuple) or len(state) not in (4, 5):
-            raise UnsafePickle("a numpy array with a malformed state")
-        shape, dtype, fortran, data = state[-4:]
-        self.array = _np_array(dtype, shape, data, bool(fortran))
-
-
-_NDARRAY = object()  # what "numpy.ndarray" resolves to: only ever an argument of _reconstruct
-
-
-def _np_reconstruct(cls, shape, typecode):
-    if cls is not _NDARRAY:
-        raise UnsafePickle("numpy _reconstruct of something other than an ndarray")
-    return _ArrayUnderConstruction()
-
-
-def _np_frombuffer(buf, dtype, shape, order):
-    return _np_array(dtype, shape, buf, order == "F")
-
-
-def _np_scalar(dtype, data=None):
-    if not isinstance(dtype, _Dtype):
-        raise UnsafePickle("a numpy scalar without a plain dtype")
-    arr = _np_array(dtype, (), data if data is not None else b"")
-    return arr[()]
-
-
-_NUMPY_ALLOWED = {
-    **{(m, "_reconstruct"): _np_reconstruct for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
-    **{(m, "scalar"): _np_scalar for m in ("numpy.core.multiarray", "numpy._core.multiarray")},
-    **{(m, "_frombuffer"): _np_frombuffer for m in ("numpy.core.numeric", "numpy._core.numeric")},
-    ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): _Dtype,
-    ("_codecs", "encode"): _codecs_encode,
-}
-
-
-class NumpyUnpickler(pickle.Unpickler):
-    """Plain containers, numbers, text and numpy number arrays; any other global refuses the whole file."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
-        found = _NUMPY_ALLOWED.get((module, name))
-        if found is None:
-            raise UnsafePickle(f"it names {module[:60]}.{name[:60]}", final=True)
-        return found
-
-    def persistent_load(self, pid):
-        raise UnsafePickle("a persistent id (not a plain data pickle)", final=True)
-
-
-def _swap_arrays(obj, depth: int = 0):
-    """Replace the arrays under construction by their arrays, in dicts, lists and tuples (built by the loader,
-    so bounded by the file; shared containers are visited once)."""
-    seen: set[int] = set()
-    stack = [obj]
-    while stack:
-        o = stack.pop()
-        if id(o) in seen:
-            continue
-        seen.add(id(o))
-        if isinstance(o, dict):
-            for k, v in o.items():
-                if isinstance(v, _ArrayUnderConstruction):
-                    o[k] = v.array
-                elif isinstance(v, (dict, list)):
-                    stack.append(v)
-        elif isinstance(o, list):
-            for i, v in enumerate(o):
-                if isinstance(v, _ArrayUnderConstruction):
-                    o[i] = v.array
-                elif isinstance(v, (dict, list)):
-                    stack.append(v)
-    return obj.array if isinstance(obj, _ArrayUnderConstruction) else obj
-
-
-def load_numpy(path: str | Path, *, limit: int = 1 << 31):
-    """Unpickle a data file (CIFAR's batches) that may hold only plain containers and numpy number arrays.
-
-    The file is read whole first (a regular file of at most ``limit`` bytes, never a FIFO), so no length declared
-    inside the pickle can make the reader allocate more than the file holds. Raises TVToolError naming the file
-    (what it refused, in a few words, never the pickled values themselves)."""
-    from ..fileio import open_input
-
-    path = Path(path)
-    with open_input(path, "a pickled data file") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > limit:
-            raise TVToolError(f"{path}: {size} bytes is more than a pickled data file can be ({limit})")
-        data = f.read(size)  # read(n) allocates n bytes up front: ask for what the file holds, not the limit
+# ------------------------------------------------------------------------------------------------ readers
+def read_pickle(path: Path, trust_pickle: bool):
+    """The unpickled object (stubs for every class not on the allow-list); full unpickling only as a fallback
+    with ``trust_pickle``."""
     try:
-        # latin1: the CIFAR files are Python 2 pickles; their str objects are bytes (array data) or ASCII text
-        return _swap_arrays(NumpyUnpickler(io.BytesIO(data), encoding="latin1").load())
+        obj = load(path)
     except UnsafePickle as exc:
-        raise TVToolError(f"{path}: refused: {exc}; a data file is read as plain arrays and lists only, and this "
-                          "one asks for more. Re-download it from the dataset's own site") from None
-    except RecursionError:
-        raise TVToolError(f"{path}: nested too deeply to be a data file; re-download it") from None
-    except MemoryError:
-        raise TVToolError(f"{path}: declares more data than fits in memory; re-download it") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            struct.error, UnicodeDecodeError, OverflowError) as exc:
-        raise TVToolError(f"{path}: not a readable data pickle ({type(exc).__name__}: "
-                          f"{(str(exc).splitlines() or [''])[0][:120]}); re-download it") from None
+        if exc.final:
+            raise TVToolError(f"{path}: refused: {exc}, which a checkpoint never needs (nothing was run); this file "
+                              "may be malicious") from None
+        if not trust_pickle:
+            raise TVToolError(f"{path}: refused: {exc} (nothing was run); pass --trust-pickle only if you trust its "
+                              "source") from None
+        obj = _full_unpickle(path)
+    except TVToolError:
+        if not trust_pickle:
+            raise
+        obj = _full_unpickle(path)
+    return obj
+
+
+def load_pickle(path: Path, trust_pickle: bool, *, strip_prefixes: bool = True, obj=None) -> dict[str, torch.Tensor]:
+    """A pickled checkpoint's state dict, read by the restricted unpickler, which runs nothing from the file. Only
+    when it refuses and ``trust_pickle`` is set is the file fully unpickled. ``obj``: the already unpickled object,
+    if the caller has it."""
+    if obj is None:
+        obj = read_pickle(path, trust_pickle)
+    if tangent.is_linearized(obj):
+        raise TVToolError(f"{path}: a tangent_task_arithmetic linearized checkpoint (a task vector, not weights); "
+                          f"read it with `tvtool convert {path} -o VECTOR.safetensors`")
+    state = _normalize_state_dict(to_state_dict(obj), str(path))
+    return _strip_wrapper_prefix(state) if strip_prefixes else state
+
+
+def open_pickle(path: Path, trust_pickle: bool, describe: dict) -> WeightSource:
+    """A pickle as a WeightSource; a pickled module's class names tell QuickGELU from GELU, which the recorded
+    architecture needs and the shapes cannot show."""
+    obj = read_pickle(path, trust_pickle)
+    quick = activation(obj)
+    state = load_pickle(path, trust_pickle, obj=obj)
+    if quick is not None:
+        describe["model"] = infer(state.keys(), lambda k: tuple(state[k].shape), quick_gelu=quick)[0]
+    return WeightSource.from_state_dict(state, describe)
+
+
+def _full_unpickle(path: Path):
+    print(f"tvtool: --trust-pickle: fully unpickling {path}, which runs code from the file", file=sys.stderr,
+          flush=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise TVToolError(f"{path}: cannot be loaded as a torch checkpoint ({type(exc).__name__}: {exc})") from None
+    return obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+
+
+def _normalize_state_dict(obj, origin: str) -> dict[str, torch.Tensor]:
+    """Accept a state dict, {"state_dict": ...}, or a whole nn.Module; strip DDP / wrapper prefixes."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TVToolError(f"{origin}: does not hold a state dict of tensors")
+    state = dict(obj)
+    for prefix in ("module.", "model."):  # DDP, and the task_vectors ImageEncoder wrapper
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Nested wrappers (e.g. a classifier holding ``image_encoder.model``): keep the CLIP under its one prefix."""
+    if not state or any(k.startswith("visual.") for k in state):
+        return state
+    prefixes = {k[: k.index("visual.")] for k in state if ".visual." in k and k.index("visual.") > 0
+                and k[k.index("visual.") - 1] == "."}
+    if len(prefixes) != 1:
+        return state
+    (prefix,) = prefixes
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
