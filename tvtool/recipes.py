@@ -116,7 +116,7 @@ class Recipe:
         a tvtool task vector at all (someone else's file) is never replaced: refused before any work."""
         from .taskvector import open_vector
 
-        merged = [f"merge-{m['method']}.st" for m in self.eval.get("merge") or []]
+        merged = [f"{merge_step_name(m)}.st" for m in self.eval.get("merge") or []]
         for variant in self.variants:
             paths = [self.output(variant, t) for t in self.tasks] + [self.out_dir / variant.name / m for m in merged]
             for path in paths:
