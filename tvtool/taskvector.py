@@ -525,7 +525,8 @@ def extract(base: str | WeightSource, finetuned: str | WeightSource, out: str | 
         if model not in list_models():
             raise TVToolError(f"--model {model}: not an open_clip architecture; see `tvtool models` for names")
     base_src = base if isinstance(base, WeightSource) else open_weights(base, trust_pickle=trust_pickle)
-    ft_src = finetuned if isinstance(finetuned, WeightSource) else open_weights(finetuned, trust_pickle=trust_pickle)
+    ft_src = finetuned if isinstance(finetuned, WeightSource) else open_weights(finetuned, trust_pickle=trust_pickle,
+                                                                                    base=base_src)
     keys = [k for k in ft_src.keys() if k in base_src and ft_src.code(k) in FLOAT_CODES]
     if not keys:
         raise TVToolError("the fine-tuned and base weights share no tensor names; are they the same architecture?")
@@ -632,7 +633,8 @@ def apply(base: str | WeightSource, vectors: Sequence[str | os.PathLike], out: s
 
         # the q/k/v split and transposes are torch ops: hand the converter tensors
         tensors = ((k, array_to_tensor(a, specs[k][0])) for k, a in patched())
-        transformers_clip.write_folder(out, tensors, specs, copy_from=base_src.describe["pretrained"], force=force)
+        transformers_clip.write_folder(out, tensors, specs, copy_from=base_src.config.transformers_folder,
+                                       force=force)
         return
     doc = {"format": "tvtool.model", "base": described,
            "history": [history_entry("apply", alpha=alpha, inputs=[v.describe_input() for v in vecs])]}

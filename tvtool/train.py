@@ -738,8 +738,9 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                          if k not in ("device", "data_root", "checkpoint_dir", "keep_checkpoints")},
                       "steps": step, "epochs": epochs, "world_size": world, "final": final,
                       "seconds": elapsed, "device": device}
-        # a local weights path is recorded absolute, so `eval` finds the base from any working directory
-        pretrained = os.path.abspath(cfg.pretrained) if os.path.exists(cfg.pretrained) else cfg.pretrained
+        # a local weights path is recorded absolute, so `eval` finds the base from any working directory; anything
+        # else as the model loader names it (a hub id with the commit it resolved to)
+        pretrained = os.path.abspath(cfg.pretrained) if os.path.exists(cfg.pretrained) else bundle.pretrained
         meta = new_meta({"model": bundle.name or cfg.model, "pretrained": pretrained,
                          "fingerprint": bundle.fingerprint},
                         tasks=[cfg.task], mode=cfg.mode, orthoreg=cfg.orthoreg_settings(),

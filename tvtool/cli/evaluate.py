@@ -30,7 +30,8 @@ eval_app = typer.Typer(
 app.add_typer(eval_app, name="eval")
 
 _MODEL = typer.Option(None, "--model", help="open_clip architecture (default: the vectors' recorded base).")
-_PRETRAINED = typer.Option(None, "--pretrained", help="Tag, weights file or folder (default: the vectors' base).")
+_PRETRAINED = typer.Option(None, "--pretrained", help="Tag, weights file or folder, or a hub id "
+                                                             "ORG/NAME (default: the vectors' base).")
 _DATA_ROOT = typer.Option(None, "--data-root", help="Data root of the real datasets (default $TVTOOL_DATA).")
 _DEVICE = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")
 _BATCH = typer.Option(256, "--batch-size", help="Evaluation batch size.")

@@ -18,8 +18,9 @@ def finetune(
                                                          "see --force)."),
     model: Optional[str] = typer.Option(None, "--model", help="open_clip architecture (default: ViT-B-32; "
                                                              "tvtool-mini for mini tasks)."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag, a .safetensors file or an "
-                                                                       "open_clip folder (default: openai / builtin)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag, a .safetensors file, an "
+                                                                       "open_clip or transformers CLIP folder, or a hub "
+                                                                       "id ORG/NAME (default: openai / builtin)."),
     mode: str = typer.Option("full", "--mode", help="full | attn (in_proj + out_proj weights) | lora | linear "
                                                    "(tangent-space model via torch.func.jvp)."),
     orthoreg: Optional[bool] = typer.Option(None, "--orthoreg/--no-orthoreg",
