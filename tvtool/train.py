@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .errors import TVToolError
+from .fileio import check_append, open_append
 
 from .variants import MODES  # noqa: E402  one list of modes
 
@@ -116,6 +117,10 @@ class TrainConfig:
             low = 0 if name in ("warmup_steps", "checkpoint_every", "seed") else 1
             if value < low:
                 raise TVToolError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+            high = UPPER_BOUNDS.get(name)
+            if high is not None and value > high:
+                why = UPPER_WHY.get(name, "")
+                raise TVToolError(f"--{name.replace('_', '-')} must be <= {high}, got {value}{why}")
         c.lr = check_finite("--lr", c.lr, low=0, high=10, low_open=True)
         c.weight_decay = check_finite("--weight-decay", c.weight_decay, low=0, high=100)
         c.lam = check_finite("--lambda", c.lam, low=0, high=1e6)
@@ -184,7 +189,26 @@ class TrainConfig:
                 "precision": self.orthoreg_precision}
 
 
+# Far above any real run, refused at once: a typo like 1e9 epochs would otherwise train until killed, and seeds
+# must fit the 64-bit generators (numpy's legacy seeding takes the seed modulo 2**32).
+MAX_SEED = 2**63 - 1
+UPPER_BOUNDS = {"epochs": 10_000, "max_steps": 10**9, "warmup_steps": 10**9, "seed": MAX_SEED,
+                "batch_size": 1 << 20, "eval_batch_size": 1 << 20, "orthoreg_probes": 1 << 10, "lora_rank": 1 << 14}
+UPPER_WHY = {"epochs": " (the protocol's longest run is 147 epochs)", "seed": " (seeds are 63-bit numbers)"}
+
+
 # ------------------------------------------------------------------------------------------------ small pieces
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The data order of one epoch: a permutation seeded by (seed, epoch) alone, so a resumed run sees the same."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
+    return torch.randperm(n, generator=g)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one optimizer step's augmentation (and Hutchinson probes)."""
+    return (seed * 7_919 + step * 131) % 2**64
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Linear warm-up then cosine decay to 0, as in the reference code's cosine_lr (per optimizer step)."""
     if step < cfg.warmup_steps:
@@ -279,7 +303,7 @@ def _seed_everything(seed: int) -> None:
     import numpy as np
 
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # the legacy global seeding takes 32 bits; smaller seeds are unchanged
     torch.manual_seed(seed)
 
 
@@ -391,6 +415,25 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
     return state
 
 
+def _checkpoint_output(path: Path) -> str | None:
+    """The output a tvtool checkpoint was written for, or None (not readable as one)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # foreign bytes, a truncated file: not one of ours
+        return None
+    return state.get("output") if isinstance(state, dict) and isinstance(state.get("output"), str) else None
+
+
+def check_checkpoint_slot(cfg: TrainConfig, ckpt: Path, out: Path) -> None:
+    """Before any model: a fresh run that will write checkpoints into a user's --checkpoint-dir may replace a
+    last.pt there only if it is a tvtool checkpoint of this same output (an earlier, unfinished try of it)."""
+    if not cfg.checkpoint_dir or cfg.checkpoint_every <= 0 or not os.path.lexists(ckpt):
+        return
+    if _checkpoint_output(ckpt) != str(Path(out).resolve()):
+        raise TVToolError(f"{ckpt}: already exists and is not a checkpoint of {out}; pass --resume to continue it, "
+                          "another --checkpoint-dir, or remove it yourself")
+
+
 def _remove_checkpoint(cfg: TrainConfig, ckpt: Path) -> None:
     """A finished run no longer needs its checkpoint: drop the file and the folder if nothing else is in it."""
     import contextlib
@@ -462,6 +505,8 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     cfg = cfg.validate()  # options, dataset, data root, weights spec: before any model is built
     out = Path(out)
     ckpt = _checkpoint_path(cfg, out)
+    if log_path:
+        check_append(log_path, "a log file (--log)")
     state = None
     own_output = False
     if resume:
@@ -473,6 +518,10 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
         check_output(out, True)
     else:
         check_output(out, force)
+        check_checkpoint_slot(cfg, ckpt, out)
+    # the checkpoint file this run may remove when it finishes: one it resumed from or writes, or any in the
+    # default .OUTPUT.ckpt folder (named after this output); never a file in a user's folder it did not touch
+    owns_checkpoint = resume or not cfg.checkpoint_dir
     device = cfg.device or models.default_device()
     if device.startswith("cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', 0)))}"
@@ -565,7 +614,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                               f"{ckpt.parent} and start without --resume")
 
     # --- the loop
-    log_file = open(log_path, "a") if log_path and rank == 0 else None
+    log_file = open_append(log_path, "a log file (--log)") if log_path and rank == 0 else None
     micro = cfg.batch_size // cfg.grad_accum
     per_rank = micro // world
     if per_rank * world != micro:
@@ -581,15 +630,14 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     while step < total_steps:
         epoch = step // steps_per_epoch
         if epoch != perm_epoch:
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n_train, generator=g).to(device)
+            perm = epoch_permutation(cfg.seed, epoch, n_train).to(device)
             perm_epoch = epoch
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Seeded by the step alone, not the rank: every rank draws the same crops for the whole global batch and
         # takes its own slice, so a torchrun run sees exactly the images a one-process run sees.
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 7_919 + step * 131)
+        gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step))
         batch_idx = perm[(step % steps_per_epoch) * cfg.batch_size:][: cfg.batch_size]
         n_batch = batch_idx.numel()  # the last batch of an epoch can be short
         boxes = crop_boxes(n_batch, train_x.shape[-2], train_x.shape[-1], gen, device)
@@ -664,6 +712,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
             elif at_ckpt and rank == 0:
                 save_checkpoint(ckpt, step, params, optimizer.state_dict(), cfg, metrics, output=out,
                                 total_steps=total_steps)
+            owns_checkpoint = owns_checkpoint or at_ckpt  # written by this run: removed when it finishes
         if stop_after is not None and step >= stop_after:
             if log_file:
                 log_file.close()
@@ -698,7 +747,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                         history=[history_entry("finetune", task=cfg.task, mode=cfg.mode, steps=step)], metrics=metrics,
                         train=train_info, settings_digest=cfg.settings_digest())
         write_vector(out, deltas, meta, force=force or own_output)
-        if not cfg.keep_checkpoints:
+        if not cfg.keep_checkpoints and owns_checkpoint:
             _remove_checkpoint(cfg, ckpt)
     if world > 1:
         torch.distributed.barrier()
