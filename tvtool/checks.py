@@ -37,6 +37,9 @@ def check_alpha(name: str, value) -> float:
     return check_finite(name, value, low=-MAX_ABS_ALPHA, high=MAX_ABS_ALPHA)
 
 
+MAX_GRID_POINTS = 10_000
+
+
 def parse_grid(text: str) -> list[float]:
     """``start:stop:step`` (inclusive of stop) or a comma list ``0,0.3,0.5`` -> sorted unique floats."""
     text = text.strip()
@@ -46,14 +49,19 @@ def parse_grid(text: str) -> list[float]:
             if len(parts) != 3:
                 raise ValueError
             start, stop, step = parts
+            if not all(math.isfinite(p) for p in parts):
+                raise TVToolError(f"grid {text!r}: start, stop and step must be finite numbers, e.g. 0:1:0.05")
             if step <= 0 or stop < start:
                 raise TVToolError(f"grid {text!r}: needs start <= stop and step > 0, e.g. 0:1:0.05")
-            n = int(math.floor((stop - start) / step + 1e-9)) + 1
-            if n > 10_000:
-                raise TVToolError(f"grid {text!r} has {n} points; use a coarser step")
+            span = (stop - start) / step  # may overflow to inf (1e308 / 1e-300): then it is far too many points
+            if not span < MAX_GRID_POINTS:
+                raise TVToolError(f"grid {text!r} has more than {MAX_GRID_POINTS} points; use a coarser step")
+            n = int(math.floor(span + 1e-9)) + 1
             values = [round(start + i * step, 10) for i in range(n)]  # i*step, not repeated addition: no drift
         else:
             values = [float(p) for p in text.split(",") if p.strip()]
+            if len(values) > MAX_GRID_POINTS:
+                raise TVToolError(f"grid {text[:40]!r}... has {len(values)} points; at most {MAX_GRID_POINTS}")
     except ValueError:
         raise TVToolError(f"cannot read grid {text!r}; write START:STOP:STEP (e.g. 0:1:0.05) or a list 0,0.3,0.5"
                           ) from None

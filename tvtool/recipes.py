@@ -45,7 +45,7 @@ from .checks import check_finite
 from .errors import TVToolError, command_line
 from .merge.registry import REGISTRY, get_method, resolve_options
 from .fileio import check_input
-from .trainconfig import MODES, TrainConfig
+from .trainconfig import MAX_SEED, MODES, TrainConfig
 
 TOP_KEYS = {"name", "model", "pretrained", "out_dir", "data_root", "tasks", "finetune", "variants", "eval", "seed"}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "model", "pretrained", "data_root"}
@@ -89,6 +89,7 @@ class Recipe:
 
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise TVToolError(f"{self.path}: out_dir {self.out_dir} exists and is not a folder")
+        self.check_outputs_are_ours()
         # what TrainConfig.validate checks per run, with each dataset listed and each weights spec checked once
         configs = [self.train_config(v, t, **({"device": device} if device else {})).resolved()
                    for v in self.variants for t in self.tasks]
@@ -110,6 +111,24 @@ class Recipe:
                     check_available(control, ("val", "test"), self.data_root)
                 except TVToolError as exc:
                     raise TVToolError(f"{self.path}: eval.negation.control: {exc}") from None
+
+    def check_outputs_are_ours(self) -> None:
+        """A recipe redoes its own outputs made with other settings; a file at one of its output paths that is not
+        a tvtool task vector at all (someone else's file) is never replaced: refused before any work."""
+        from .taskvector import open_vector
+
+        merged = [f"{merge_step_name(m)}.st" for m in self.eval.get("merge") or []]
+        for variant in self.variants:
+            paths = [self.output(variant, t) for t in self.tasks] + [self.out_dir / variant.name / m for m in merged]
+            for path in paths:
+                if not os.path.lexists(path):
+                    continue
+                try:
+                    open_vector(path).close()
+                except (TVToolError, OSError, ValueError) as exc:
+                    raise TVToolError(f"{self.path}: {path} exists and is not a task vector tvtool wrote "
+                                      f"({str(exc)[:100]}); the recipe replaces only its own outputs: move it away "
+                                      "or pick another out_dir") from None
 
     def train_config(self, variant: Variant, task: str, **overrides) -> TrainConfig:
         return TrainConfig(task=task, model=self.model, pretrained=self.pretrained, data_root=self.data_root,
@@ -198,10 +217,52 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise TVToolError(f"{path}:{exc.line}: cannot read this value ({exc})") from None
     except TypeError:
         raise TVToolError(f"{path}: keys must be plain names") from None
-    return parse_recipe(doc, str(path), lines)
+    return parse_recipe(doc, str(path), lines, folder=path.parent)
 
 
-def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) -> Recipe:
+def _nul_at(obj: Any, path: tuple = ()) -> tuple | None:
+    """The key path of the first text (key or value) holding a NUL byte: no file or folder name can."""
+    stack = [(obj, path)]
+    while stack:
+        o, p = stack.pop()
+        if isinstance(o, str) and "\x00" in o:
+            return p
+        if isinstance(o, dict):
+            for k, v in o.items():
+                if isinstance(k, str) and "\x00" in k:
+                    return p
+                stack.append((v, p + (k,)))
+        elif isinstance(o, list):
+            stack.extend((v, p + (i,)) for i, v in enumerate(o))
+    return None
+
+
+def _folder_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a variant's folder name inside out_dir (None if it can)."""
+    if not isinstance(name, str) or not name.strip():
+        return "each variant needs a name (a folder name)"
+    if name in (".", "..") or any(c in name for c in "/\\\x00") or name != name.strip():
+        return f"variant name {name!r} is not a plain folder name (no '.', '..', separators or surrounding spaces)"
+    return None
+
+
+def _recipe_relative(pretrained: str | None, folder: Path | None) -> str | None:
+    """A ``pretrained:`` weights path is relative to the recipe's folder (a tag such as ``openai`` is not a path)."""
+    if not pretrained or folder is None:
+        return pretrained
+    expanded = os.path.expanduser(pretrained)
+    if os.path.isabs(expanded):
+        return expanded
+    beside = folder / expanded
+    if Path(expanded).suffix or os.sep in expanded or os.path.lexists(beside):
+        return str(beside)
+    return pretrained
+
+
+def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None, *,
+                 folder: Path | None = None) -> Recipe:
+    """Validate a recipe document; ``folder`` (the recipe file's) is what a relative ``pretrained:`` path is
+    relative to."""
     lines = lines or {}
 
     def fail(keypath: tuple, msg: str):
@@ -211,6 +272,9 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
 
     if not isinstance(doc, dict):
         fail((), "expected a mapping of settings")
+    nul = _nul_at(doc)
+    if nul is not None:
+        fail(nul, "contains a NUL byte, which no name or path can hold")
     for k in doc:
         if k not in TOP_KEYS:
             if k in TRAIN_KEYS or k == "lambda":
@@ -225,8 +289,8 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
         if k in doc and not (isinstance(doc[k], str) and doc[k].strip()) and not (doc[k] is None and k != "out_dir"):
             fail((k,), f"expected a text value, got {doc[k]!r}")
     seed = doc.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        fail(("seed",), f"expected a whole number >= 0, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        fail(("seed",), f"expected a whole number from 0 to {MAX_SEED}, got {seed!r}")
     tasks = doc["tasks"]
     if isinstance(tasks, str):  # a suite (ta8 / ta14 / ta20) or a comma-separated list
         tasks = [tasks]
@@ -259,8 +323,9 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
                 fail(("variants", i, k), _misplaced(k) or "unknown setting; expected one of name, mode, lambda or a "
                                                           "finetune setting")
         name = v.get("name")
-        if not isinstance(name, str) or not name or "/" in name:
-            fail(("variants", i), "each variant needs a name (a folder name)")
+        problem = _folder_name_problem(name)
+        if problem:
+            fail(("variants", i, "name") if "name" in v else ("variants", i), problem)
         if name in names:
             fail(("variants", i, "name"), f"duplicate variant name {name!r}")
         names.add(name)
@@ -278,7 +343,8 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
             _check_type(k, val, field_types.get(k, ""), lambda msg, kp=where(k): fail(kp, msg))
         try:  # values: finite numbers in range, valid choices (the same checks `tvtool finetune` makes)
             with command_line():  # messages name --flags, which `fail` turns into the recipe's key names
-                TrainConfig(task=tasks[0], model=doc.get("model"), pretrained=doc.get("pretrained"),
+                TrainConfig(task=tasks[0], model=doc.get("model"),
+                            pretrained=_recipe_relative(doc.get("pretrained"), folder),
                             **{"seed": seed, **settings}).resolved()
         except TVToolError as exc:
             bad = next((k for k in settings if f"--{k.replace('_', '-')} " in f"{exc} "
@@ -363,7 +429,7 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
             fail(("eval", "negation", "control"), str(exc))
     if "negation" in ev and ev["negation"].get("control") in tasks:
         fail(("eval", "negation", "control"), "the control task must not be one of the recipe's tasks")
-    return Recipe(path=source, model=doc.get("model"), pretrained=doc.get("pretrained"),
+    return Recipe(path=source, model=doc.get("model"), pretrained=_recipe_relative(doc.get("pretrained"), folder),
                   out_dir=Path(os.path.expanduser(str(doc["out_dir"]))),
                   data_root=os.path.expanduser(doc["data_root"]) if doc.get("data_root") else None,
                   tasks=tasks, variants=variants, eval=ev, name=str(doc.get("name") or ""), seed=seed)

@@ -30,7 +30,7 @@ from . import __version__
 from .checkpoints import open_weights
 from .checks import check_alpha
 from .errors import TVToolError, spell
-from .fileio import atomic_path, check_output  # noqa: F401  (re-exported: every writer uses them from here)
+from .fileio import atomic_path, check_not_input, check_output  # noqa: F401  (re-exported: every writer uses them from here)
 from .formats.arch import infer
 from .safetensors_io import (
     BLOCK, FLOAT_CODES, ITEMSIZE, META_KEY, NP_DTYPES, SafetensorsFile, array_to_tensor, code_of, dtype_code,
@@ -272,19 +272,31 @@ def recorded_base_spec(vectors: Sequence[TaskVectorFile]) -> str | None:
     return next(iter(specs), None)
 
 
-def check_compatible(vectors: Sequence[TaskVectorFile], *, union: bool = False) -> list[str]:
+def check_compatible(vectors: Sequence[TaskVectorFile], *, union: bool = False,
+                     unknown_base_ok: bool = False) -> list[str]:
     """Raise TVToolError unless the vectors share a base, a tensor set (unless ``union``) and shapes.
 
-    Returns the output key order (the first vector's order, then keys only others have, under ``union``).
+    Every recorded base fingerprint must agree (with each other, not only with the first vector's). Under
+    ``union`` the tensor sets differ, so nothing vouches that a vector recording no base fingerprint belongs to the
+    base of the others: it is refused beside one that records a base, as ``apply`` refuses it (``unknown_base_ok``
+    allows it, for read-only comparisons). Returns the output key order (the first vector's order, then keys only
+    others have, under ``union``).
     """
     if not vectors:
         raise TVToolError("no task vectors given")
     first = vectors[0]
-    for v in vectors[1:]:
-        a, b = first.base_fingerprint, v.base_fingerprint
-        if a and b and a != b:
-            raise TVToolError(f"{v.path} was taken against base {b} but {first.path} against {a}; task vectors of "
-                              "different base models cannot be combined")
+    known = [v for v in vectors if v.base_fingerprint]
+    for v in known[1:]:
+        a, b = known[0].base_fingerprint, v.base_fingerprint
+        if a != b:
+            raise TVToolError(f"{v.path} was taken against base {b} but {known[0].path} against {a}; task vectors "
+                              "of different base models cannot be combined")
+    if union and known and not unknown_base_ok:
+        unknown = next((v for v in vectors if not v.base_fingerprint), None)
+        if unknown is not None:
+            raise TVToolError(f"{unknown.path} records no base fingerprint, so with --union (different tensor sets) "
+                              f"nothing shows it belongs to the base of {known[0].path} "
+                              f"({known[0].base_fingerprint}); extract it again against that base")
     keys = list(first.keys())
     seen = set(keys)
     for v in vectors[1:]:
@@ -612,7 +624,9 @@ def apply(base: str | WeightSource, vectors: Sequence[str | os.PathLike], out: s
     to_transformers = base_src.config.transformers is not None
     if not to_transformers:
         check_output(out, force)
-    check_compatible(vecs, union=True)
+    else:  # a folder output: never the base folder it reads (nor one holding an input)
+        check_not_input(out, [base_src.describe.get("pretrained"), *vectors])
+    check_compatible(vecs, union=True, unknown_base_ok=True)  # the base itself is checked below
     described = base_meta(base_src)  # the fingerprint is cheap: a strided sample per tensor
     if check_base:
         base_fp = described["fingerprint"]

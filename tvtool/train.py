@@ -42,15 +42,28 @@ import torch.nn.functional as F
 
 from . import __version__
 from .errors import TVToolError, spell, warn
+from .fileio import check_append, open_append
 
 # TrainConfig and the choices of its options live in a torch-free module (the CLI checks options before importing
 # this one); re-exported here, where they always were.
 from .trainconfig import (  # noqa: F401,E402
-    COMPILE_MODES, CUDA_GRAPH_MODES, MODES, TrainConfig, check_weights_spec, config_key as _config_key, option_name,
+    COMPILE_MODES, CUDA_GRAPH_MODES, MAX_SEED, MODES, UPPER_BOUNDS, TrainConfig, check_weights_spec,
+    config_key as _config_key, option_name,
 )
 
 
 # ------------------------------------------------------------------------------------------------ small pieces
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The data order of one epoch: a permutation seeded by (seed, epoch) alone, so a resumed run sees the same."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
+    return torch.randperm(n, generator=g)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one optimizer step's augmentation (and Hutchinson probes)."""
+    return (seed * 7_919 + step * 131) % 2**64
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Linear warm-up then cosine decay to 0, as in the reference code's cosine_lr (per optimizer step)."""
     if step < cfg.warmup_steps:
@@ -141,7 +154,7 @@ def _seed_everything(seed: int) -> None:
     import numpy as np
 
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # the legacy global seeding takes 32 bits; smaller seeds are unchanged
     torch.manual_seed(seed)
 
 
@@ -235,6 +248,25 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
     return state
 
 
+def _checkpoint_output(path: Path) -> str | None:
+    """The output a tvtool checkpoint was written for, or None (not readable as one)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # foreign bytes, a truncated file: not one of ours
+        return None
+    return state.get("output") if isinstance(state, dict) and isinstance(state.get("output"), str) else None
+
+
+def check_checkpoint_slot(cfg: TrainConfig, ckpt: Path, out: Path) -> None:
+    """Before any model: a fresh run that will write checkpoints into a user's --checkpoint-dir may replace a
+    last.pt there only if it is a tvtool checkpoint of this same output (an earlier, unfinished try of it)."""
+    if not cfg.checkpoint_dir or cfg.checkpoint_every <= 0 or not os.path.lexists(ckpt):
+        return
+    if _checkpoint_output(ckpt) != str(Path(out).resolve()):
+        raise TVToolError(f"{ckpt}: already exists and is not a checkpoint of {out}; pass --resume to continue it, "
+                          "another --checkpoint-dir, or remove it yourself")
+
+
 def _remove_checkpoint(cfg: TrainConfig, ckpt: Path) -> None:
     """A finished run no longer needs its checkpoint: drop the file and the folder if nothing else is in it."""
     import contextlib
@@ -306,6 +338,8 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     cfg = cfg.validate()  # options, dataset, data root, weights spec: before any model is built
     out = Path(out)
     ckpt = _checkpoint_path(cfg, out)
+    if log_path:
+        check_append(log_path, "a log file (--log)")
     state = None
     own_output = False
     if resume:
@@ -317,6 +351,10 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
         check_output(out, True)
     else:
         check_output(out, force)
+        check_checkpoint_slot(cfg, ckpt, out)
+    # the checkpoint file this run may remove when it finishes: one it resumed from or writes, or any in the
+    # default .OUTPUT.ckpt folder (named after this output); never a file in a user's folder it did not touch
+    owns_checkpoint = resume or not cfg.checkpoint_dir
     device = cfg.device or models.default_device()
     if device.startswith("cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', 0)))}"
@@ -416,7 +454,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                               f"{ckpt.parent} and start without --resume")
 
     # --- the loop
-    log_file = open(log_path, "a") if log_path and rank == 0 else None
+    log_file = open_append(log_path, "a log file (--log)") if log_path and rank == 0 else None
     micro = cfg.batch_size // cfg.grad_accum
     per_rank = micro // world
     if per_rank * world != micro:
@@ -432,15 +470,14 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     while step < total_steps:
         epoch = step // steps_per_epoch
         if epoch != perm_epoch:
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n_train, generator=g).to(device)
+            perm = epoch_permutation(cfg.seed, epoch, n_train).to(device)
             perm_epoch = epoch
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Seeded by the step alone, not the rank: every rank draws the same crops for the whole global batch and
         # takes its own slice, so a torchrun run sees exactly the images a one-process run sees.
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 7_919 + step * 131)
+        gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step))
         batch_idx = perm[(step % steps_per_epoch) * cfg.batch_size:][: cfg.batch_size]
         n_batch = batch_idx.numel()  # the last batch of an epoch can be short
         boxes = crop_boxes(n_batch, train_x.shape[-2], train_x.shape[-1], gen, device)
@@ -515,6 +552,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
             elif at_ckpt and rank == 0:
                 save_checkpoint(ckpt, step, params, optimizer.state_dict(), cfg, metrics, output=out,
                                 total_steps=total_steps)
+            owns_checkpoint = owns_checkpoint or at_ckpt  # written by this run: removed when it finishes
         if stop_after is not None and step >= stop_after:
             if log_file:
                 log_file.close()
@@ -550,7 +588,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                         history=[history_entry("finetune", task=cfg.task, mode=cfg.mode, steps=step)], metrics=metrics,
                         train=train_info, settings_digest=cfg.settings_digest())
         write_vector(out, deltas, meta, force=force or own_output)
-        if not cfg.keep_checkpoints:
+        if not cfg.keep_checkpoints and owns_checkpoint:
             _remove_checkpoint(cfg, ckpt)
     if world > 1:
         torch.distributed.barrier()

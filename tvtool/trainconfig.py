@@ -22,6 +22,13 @@ ESTIMATORS = ("exact", "hutchinson")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the ones that capture CUDA graphs
 
+# Far above any real run, refused at once: a typo like 1e9 epochs would otherwise train until killed, and seeds
+# must fit the 64-bit generators (numpy's legacy seeding takes the seed modulo 2**32).
+MAX_SEED = 2**63 - 1
+UPPER_BOUNDS = {"epochs": 10_000, "max_steps": 10**9, "warmup_steps": 10**9, "seed": MAX_SEED,
+                "batch_size": 1 << 20, "eval_batch_size": 1 << 20, "orthoreg_probes": 1 << 10, "lora_rank": 1 << 14}
+UPPER_WHY = {"epochs": " (the protocol's longest run is 147 epochs)", "seed": " (seeds are 63-bit numbers)"}
+
 # The defaults that depend on the task family. Real datasets: the protocol (docs/PROTOCOL.md) on ViT-B-32. The
 # mini-world: the bundled tiny CLIP and the quickstart's settings, the protocol's shape (AdamW, wd 0.1, cosine with
 # warm-up, clip 1.0, frozen head) with a learning rate, warm-up and batch (64: twice the updates per epoch) suited
@@ -137,6 +144,9 @@ class TrainConfig:
             low = 0 if name in ("warmup_steps", "checkpoint_every", "seed") else 1
             if value < low:
                 raise TVToolError(f"{option_name(name)} must be >= {low}, got {value}")
+            high = UPPER_BOUNDS.get(name)
+            if high is not None and value > high:
+                raise TVToolError(f"{option_name(name)} must be <= {high}, got {value}{UPPER_WHY.get(name, '')}")
         c.lr = check_finite(option_name("lr"), c.lr, low=0, high=10, low_open=True)
         c.weight_decay = check_finite(option_name("weight_decay"), c.weight_decay, low=0, high=100)
         c.lam = check_finite(option_name("lam"), c.lam, low=0, high=1e6)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..checkpoints import open_weights
 from ..errors import TVToolError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, check_not_input, check_output
 from ..safetensors_io import META_KEY, SafetensorsFile, fingerprint, write_safetensors
 from ..taskvector import FORMAT, history_entry, new_meta, write_vector
 from ..weights_spec import WeightsSpec, folder_weights, parse_weights
@@ -108,6 +108,9 @@ def convert(source: str, output: str | os.PathLike, *, model: str | None = None,
         spec, source = replace(spec, text=str(folder_path), kind="folder", path=folder_path), str(folder_path)
     src_path = Path(source)
     _refuse_task_vector(spec)
+    if out.suffix.lower() not in (".safetensors", ".st"):  # a folder output: checked before any work
+        check_not_input(out, [spec.path])  # never the folder being read
+        check_output(out, force, directory=True)
     if spec.kind == "pickle" and not spec.builds_model:
         from . import safe_pickle, tangent  # torch
 
