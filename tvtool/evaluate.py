@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, defaults
-from .errors import TVToolError
+from .errors import TVToolError, spell
 from .checks import parse_grid  # noqa: F401  (the one grid parser; evaluate.parse_grid is its public name here too)
 
 VISUAL = "visual."
@@ -65,6 +65,33 @@ def vector_task(vec) -> str:
         raise TVToolError(f"{vec.path}: this evaluation needs a single-task vector (the file records tasks {tasks}); "
                           "pass the per-task vectors, not a merged one")
     return tasks[0]
+
+
+def orientation(history) -> int | None:
+    """+1 when a vector points along its task (fine-tuned or extracted, or scaled by a positive number), -1 when it
+    points against it (negated an odd number of times), None when its history cannot tell (a sum of several
+    vectors, no history)."""
+    if not history or not isinstance(history[-1], dict):
+        return None
+    last = history[-1]
+    if last.get("op") in ("finetune", "extract", "convert"):
+        return 1
+    inputs, coefficients = last.get("inputs") or [], last.get("coefficients") or []
+    if len(inputs) != 1 or len(coefficients) != 1 or not isinstance(inputs[0], dict):
+        return None
+    inner = orientation(inputs[0].get("history"))
+    if inner is None or not isinstance(coefficients[0], (int, float)) or coefficients[0] == 0:
+        return None
+    return inner if coefficients[0] > 0 else -inner
+
+
+def check_not_negated(vec) -> None:
+    """Negation evaluates theta_0 - alpha * tau: a vector made by `tvtool negate` would be added back."""
+    if orientation(vec.meta.get("history")) == -1:
+        source = ((vec.meta["history"][-1].get("inputs") or [{}])[0]).get("path")
+        raise TVToolError(f"{vec.path} is already negated (its history records `negate`), and negation evaluation "
+                          "negates the vector itself: pass the task vector it was made from"
+                          + (f" ({source})" if source else "") + ", or measure this one with `tvtool eval accuracy`")
 
 
 def load_deltas(vectors, device, weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
@@ -115,7 +142,8 @@ def wants_linearized(vectors, choice: bool | None = None) -> bool:
         return choice
     if "linear" in modes and len(modes) > 1:
         raise TVToolError(f"vectors mix linearized and non-linear fine-tuning ({', '.join(sorted(modes))}); "
-                          "pass --linearized or --no-linearized to choose the model they are evaluated on")
+                          f"pass {spell('--linearized or --no-linearized', 'linearized=True or False')} to choose the model they "
+                          "are evaluated on")
     return modes == {"linear"}
 
 
@@ -124,8 +152,8 @@ def recorded_base(vectors) -> tuple[str | None, str | None]:
     bases = {((v.meta.get("base") or {}).get("model"), (v.meta.get("base") or {}).get("pretrained")) for v in vectors}
     bases.discard((None, None))
     if len(bases) > 1:
-        raise TVToolError(f"the vectors record different base models {sorted(map(str, bases))}; pass --model and "
-                          "--pretrained explicitly (or vectors taken against one base)")
+        raise TVToolError(f"the vectors record different base models {sorted(map(str, bases))}; pass the model "
+                          "and its weights explicitly (or vectors taken against one base)")
     return next(iter(bases)) if bases else (None, None)
 
 
@@ -486,7 +514,8 @@ def eval_accuracy(ev: Evaluator, vectors=(), alpha: float = 1.0, tasks: Sequence
     alpha = check_alpha("--alpha", alpha)
     tasks = list(tasks or ev.tasks)
     if not tasks:
-        raise TVToolError("no tasks to evaluate; pass --tasks t1,t2 (or vectors that record their task)")
+        raise TVToolError(f"no tasks to evaluate; pass {spell('--tasks t1,t2', 'tasks')} (or vectors that record their "
+                          "task)")
     if vectors:
         ev.set_weights(load_deltas(vectors, ev.device), alpha)
     else:
@@ -526,7 +555,8 @@ def addition(ev: Evaluator, vectors, grid: Sequence[float] = DEFAULT_GRID, *, va
     if ev.linearized:
         _say(progress, f"addition: {len(points)} alphas of the tangent model in one pass per {val_split} batch")
     swept = ev.sweep(total, points, tasks, val_split, on_point=lambda i, a, acc: _say(
-        progress, f"addition: alpha {a:g} ({i + 1}/{len(points)}) mean {val_split} acc {_mean(acc.values()):.4f}"))
+        progress, f"addition: alpha {a:g} ({i + 1}/{len(points)}) mean {val_split} acc "
+                  f"{100 * _mean(acc.values()):.2f}%"))
     alpha, curve = search_addition(grid, tasks, dict(zip(points, swept)).__getitem__, ft[val_split])
     _say(progress, f"addition: alpha {alpha:g} chosen; {test_split} accuracy")
     ev.set_weights(total, alpha)
@@ -557,9 +587,11 @@ def negation(ev: Evaluator, vector, control: str | None = None, grid: Sequence[f
 
     threshold = check_finite("threshold", threshold, low=0, low_open=True)
     target = vector_task(vector)
+    check_not_negated(vector)
     control = control or default_control(target)
     if control == target:
-        raise TVToolError(f"the control task must differ from the target {target!r}; pass --control")
+        raise TVToolError(f"the control task must differ from the target {target!r}; pass "
+                          f"{spell('--control', 'control')}")
     tau = load_deltas([vector], ev.device)
     ev.reset()
     _say(progress, f"negation {target}: zero-shot accuracy (control {control})")
@@ -567,8 +599,8 @@ def negation(ev: Evaluator, vector, control: str | None = None, grid: Sequence[f
     zs_test = ev.accuracies([target, control], test_split)
     points = sorted(set(grid))
     swept = ev.sweep(tau, [-a for a in points], [target, control], val_split, on_point=lambda i, a, acc: _say(
-        progress, f"negation {target}: alpha {-a:g} ({i + 1}/{len(points)}) target {acc[target]:.4f} control "
-                  f"{acc[control]:.4f}"))
+        progress, f"negation {target}: alpha {-a:g} ({i + 1}/{len(points)}) target {100 * acc[target]:.2f}% "
+                  f"control {100 * acc[control]:.2f}%"))
     by_alpha = {a: (acc[target], acc[control]) for a, acc in zip(points, swept)}
     alpha, curve = search_negation(grid, by_alpha.__getitem__, zs_val[control], threshold)
     result = {
@@ -582,7 +614,8 @@ def negation(ev: Evaluator, vector, control: str | None = None, grid: Sequence[f
     if alpha is None:
         result.update(status=NO_ALPHA, tar_acc=None, con_acc=None,
                       message=f"no alpha in the grid keeps {control} Val accuracy >= {threshold:g} x zero-shot "
-                              f"({threshold * zs_val[control]:.4f}); try a finer grid or a lower --threshold")
+                              f"({100 * threshold * zs_val[control]:.2f}%); try a finer grid or a lower "
+                              f"{spell('--threshold', 'threshold')}")
     else:
         ev.set_weights(tau, -alpha)
         acc = ev.accuracies([target, control], test_split)

@@ -108,16 +108,18 @@ def check_cmd(
     from ..datasets import get_dataset, list_datasets
     from ..datasets.base import resolve_data_root
 
-    root = resolve_data_root(data_root)
-    for n in names or []:
-        get_dataset(n)  # unknown names fail before any work
-    results = [check_dataset(n, root) for n in (names or list_datasets("real"))]
+    names = [get_dataset(n).name for n in names or []]  # unknown names fail before any work; aliases resolved
+    wanted = names or list_datasets("real")
+    # the built-in mini tasks need no data root: only real datasets ask for one
+    root = resolve_data_root(data_root) if any(get_dataset(n).needs_data_root for n in wanted) else None
+    results = [check_dataset(n, root) for n in wanted]
     if as_json:
-        typer.echo(json.dumps({"data_root": str(root), "datasets": results}))
+        typer.echo(json.dumps({"data_root": None if root is None else str(root), "datasets": results}))
     else:
         from rich.table import Table
 
-        table = Table("dataset", "status", "train", "val", "test", title=f"data root {root}")
+        table = Table("dataset", "status", "train", "val", "test",
+                      title=f"data root {root}" if root is not None else "built-in datasets (no data root needed)")
         for r in results:
             c = r["counts"] or {}
             status = "built in" if r["how"] == "built in" else "ok" if r["present"] else "MISSING"

@@ -56,14 +56,16 @@ def _setup(paths, model, pretrained, tasks, splits, data_root, device, batch_siz
             check_output(out, force)  # refuse an existing output before the long computation, not after
 
     vectors = ev.open_vectors(paths) if paths else []
-    rec_model, rec_pre = ev.recorded_base(vectors)
-    model = model or rec_model
-    if model is None:
-        raise TVToolError("no model: pass --model (and --pretrained), or task vectors that record their base")
-    if pretrained is None and model == rec_model:
-        pretrained = rec_pre
     if tasks is None:
         tasks = list(dict.fromkeys(t for v in vectors for t in v.tasks))
+    # one rule for every command: the base the vectors record, else the tasks' family default model
+    rec_model, rec_pre = ev.recorded_base(vectors)
+    from ..trainconfig import default_weights
+
+    fam_model, fam_pre = default_weights(tasks)
+    model = model or rec_model or fam_model
+    if pretrained is None:
+        pretrained = rec_pre if model == rec_model else fam_pre if model == fam_model else None
     from ..datasets.base import check_available
 
     for task in tasks:  # every task's data, before the model is built
@@ -227,15 +229,18 @@ def negation_cmd(
     if threshold is None:
         threshold = ev.DEFAULT_THRESHOLD
     check_finite("--threshold", threshold, low=0, low_open=True)  # before any model is loaded
-    _check_control(control or ev.default_control(ev.vector_task(ev.open_vectors([vector])[0])), data_root)
+    opened = ev.open_vectors([vector])[0]
+    ev.check_not_negated(opened)
+    _check_control(control or ev.default_control(ev.vector_task(opened)), data_root)
     vecs, evaluator = _setup([vector], model, pretrained, None, ["val", "test"], data_root, device, batch_size,
                              (json_out,), force, max_examples, linearized)
     result = ev.negation(evaluator, vecs[0], control, g, threshold=threshold, progress=_progress)
 
     def table(console):
         alpha = "none" if result["alpha"] is None else f"{result['alpha']:g}"
-        t = _table(f"task negation, alpha={alpha} (control floor {result['threshold']:g} x zero-shot)", ["", "Tar.Acc (" + result["target"] + ")",
-                                                      "Con.Acc (" + result["control"] + ")"])
+        t = _table(f"task negation, test accuracy (%); alpha={alpha} chosen on Val, where control accuracy must stay "
+                   f">= {result['threshold']:g} x zero-shot", ["", f"Tar.Acc ({result['target']})",
+                                                               f"Con.Acc ({result['control']})"])
         zs = result["zeroshot"]
         t.add_row("zero-shot", _pct(zs["target_test_acc"]), _pct(zs["control_test_acc"]))
         t.add_row("negated", _pct(result["tar_acc"]), _pct(result["con_acc"]))

@@ -104,8 +104,30 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
+        if canonical_task(name) in _REGISTRY:  # FusionBench's / TALL masks' spelling of a task
+            return _REGISTRY[canonical_task(name)]
         known = ", ".join(sorted(_REGISTRY)) or "none registered"
         raise TVToolError(f"unknown dataset {name!r}; known datasets: {known}") from None
+
+
+def canonical_task(name: str) -> str:
+    """tvtool's name of a task given in tvtool's, FusionBench's or the TALL-masks code's spelling (``stanford-cars``,
+    ``CarsVal``, ``oxford-iiit-pet`` -> ``cars``, ``cars``, ``oxfordiiitpet``; ``aliases.py``); an unknown name
+    comes back as is."""
+    from . import aliases
+
+    if name in _REGISTRY:
+        return name
+    k = aliases.key(name)
+    if k in aliases.NOT_ALIASES:
+        raise TVToolError(f"{name}: {aliases.NOT_ALIASES[k]}; there is no tvtool task for it")
+    by_key = {aliases.key(n): n for n in _REGISTRY}
+    for candidate in (k, k[:-3] if k.endswith("val") else None):
+        if candidate in by_key:
+            return by_key[candidate]
+        if candidate in aliases.TASK_ALIASES:
+            return aliases.TASK_ALIASES[candidate]
+    return name
 
 
 def list_datasets(kind: str | None = None) -> list[str]:
@@ -156,7 +178,8 @@ def resolve_data_root(data_root=None, *, name: str = "") -> Path:
     root = data_root if data_root is not None else os.environ.get("TVTOOL_DATA")
     if not root:
         what = f"{name}: " if name else ""
-        raise TVToolError(f"{what}no data root; pass --data-root DIR or set TVTOOL_DATA (see `tvtool data check`)")
+        raise TVToolError(f"{what}no data root; pass --data-root DIR or set TVTOOL_DATA to the folder that holds (or "
+                          "will hold) the datasets (`tvtool data prepare NAME --data-root DIR` downloads one)")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise TVToolError(f"data root {root} is not a folder; pass an existing --data-root or fix TVTOOL_DATA")

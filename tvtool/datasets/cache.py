@@ -79,6 +79,9 @@ def decode(listing: Listing, indices, image_size: int, *, what: str = "") -> tup
                 bad.append(f"{listing.ids[i]} ({type(exc).__name__})")
 
     if n:
+        from ..environment import require_torchvision
+
+        require_torchvision()  # a broken torch/torchvision pair would otherwise read as n unreadable images
         log.info("decoding %d images of %s at %dpx", n, what or listing.source, image_size)
         workers = max(1, min(32, os.cpu_count() or 1, (n + _CHUNK - 1) // _CHUNK))
         with ThreadPoolExecutor(max_workers=workers) as pool, _progress(n, what or listing.source) as advance:
