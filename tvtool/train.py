@@ -5,9 +5,10 @@ steps, batch 128, gradient clipping 1.0 on the total gradient, frozen zero-shot 
 training on the Val-held-out split. OrthoReg adds lambda * sum_l ||dW_l^T dW_l - I||_F^2, computed every forward
 (every micro-batch) in fp32.
 
-Speed: the uint8 training images live on the device once; each step gathers a batch by index, crops, resizes and
-normalizes it there (no JPEG decoding, no host copies), runs under bf16 autocast on CUDA, and never synchronizes
-with the host except at logging and checkpoint steps.
+Speed: the uint8 training images live on the device once when they fit (else a background thread streams each
+batch from the cache file ahead of the step: ``tvtool/feed.py``, ``--data-on-device``); each step gathers a batch by
+index, crops, resizes and normalizes it there (no JPEG decoding), runs under bf16 autocast on CUDA, and never
+synchronizes with the host except at logging and checkpoint steps.
 
 Survival: seeds are set; the data order of epoch e is a permutation seeded by (seed, e) and each step's
 augmentation by (seed, step), so a run resumed from a checkpoint (trainable tensors + optimizer state + step) ends
@@ -76,6 +77,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     log_every: int = 20
     keep_checkpoints: bool = False       # keep the checkpoint folder after a finished run
+    data_on_device: str = "auto"         # auto | yes | no: hold the split's images on the device or stream them
 
     def resolved(self) -> "TrainConfig":
         """Defaults filled in and every option checked (types, finite numbers, ranges, combinations)."""
@@ -114,6 +116,8 @@ class TrainConfig:
         for name in ("eval", "keep_checkpoints", "compile"):
             if not isinstance(getattr(c, name), bool):
                 raise TVToolError(f"{name} must be true or false, got {getattr(c, name)!r}")
+        if c.data_on_device not in ("auto", "yes", "no"):
+            raise TVToolError(f"--data-on-device {c.data_on_device!r}: use auto, yes or no")
         if c.precision not in ("auto", "fp32", "bf16"):
             raise TVToolError(f"--precision {c.precision!r}: use auto, fp32 or bf16")
         if c.compile_mode not in COMPILE_MODES:
@@ -138,7 +142,7 @@ class TrainConfig:
         """:meth:`resolved` plus everything checkable without building a model: the dataset is registered, its
         data root holds the splits the run reads, and the weights spec names a known tag or an existing file.
         ``finetune`` calls it first, so a mistake costs seconds, not a model build."""
-        from .datasets.base import check_available
+        from .datasets import check_available
 
         c = self.resolved()
         check_available(c.task, ("train", "val", "test") if c.eval else ("train",), c.data_root)
@@ -308,7 +312,7 @@ def _config_key(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the run it continues (and that determine its vector)."""
     d = dataclasses.asdict(cfg)
     for k in ("device", "eval", "eval_batch_size", "checkpoint_every", "checkpoint_dir", "log_every", "data_root",
-              "keep_checkpoints", "compile", "compile_mode"):
+              "keep_checkpoints", "compile", "compile_mode", "data_on_device"):
         d.pop(k)
     if d["orthoreg_precision"] == "fp32":  # the default before the option existed: older digests stay valid
         d.pop("orthoreg_precision")
@@ -454,6 +458,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     simulate a killed run).
     """
     from . import datasets, heads, models, variants
+    from .feed import Placement, TrainFeed
     from .orthoreg import OrthoReg
     from .taskvector import check_output, history_entry, new_meta, write_vector
 
@@ -483,11 +488,10 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     bundle = models.load_clip(cfg.model, cfg.pretrained, device=device)
     head = heads.zero_shot_head(bundle, spec)
     size = bundle.image_size
-    train_x, train_y = datasets.load_split(cfg.task, "train", cfg.data_root, size)
-    n_train = train_y.numel()
+    train_data = datasets.open_split(cfg.task, "train", cfg.data_root, size)
+    n_train = len(train_data)
     if n_train == 0:  # 0 steps would write an all-zero vector that looks like a result
         raise TVToolError(f"{cfg.task}: the training split is empty; check the data with `tvtool data check`")
-    train_x, train_y = train_x.to(device), train_y.to(device)
     mean = torch.tensor(bundle.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(bundle.std, device=device).view(1, 3, 1, 1)
 
@@ -544,46 +548,40 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                               f"{ckpt.parent} and start without --resume")
 
     # --- the loop
-    log_file = open(log_path, "a") if log_path and rank == 0 else None
     micro = cfg.batch_size // cfg.grad_accum
     per_rank = micro // world
     if per_rank * world != micro:
         raise TVToolError(f"micro-batch {micro} is not divisible by {world} processes")
+    placement = Placement(device, cfg.data_on_device, say=None if rank == 0 else (lambda line: None))
+    feed = TrainFeed(train_data, device, placement.hold(train_data.nbytes, f"{cfg.task}/train", n_train),
+                     seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, world=world, rank=rank,
+                     steps_per_epoch=steps_per_epoch, first_step=step, total_steps=total_steps)
+    log_file = open(log_path, "a") if log_path and rank == 0 else None
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     loss_acc = torch.zeros((), device=device)
     pen_acc = torch.zeros((), device=device)
     t_start, seen, last_log = time.perf_counter(), 0, step
     t_log, seen_at_log = t_start, 0  # throughput is reported per logging interval
-    perm, perm_epoch = None, -1
     record = {"task_loss": float("nan"), "penalty": 0.0}
     classifier.train()
     while step < total_steps:
-        epoch = step // steps_per_epoch
-        if epoch != perm_epoch:
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n_train, generator=g).to(device)
-            perm_epoch = epoch
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Seeded by the step alone, not the rank: every rank draws the same crops for the whole global batch and
         # takes its own slice, so a torchrun run sees exactly the images a one-process run sees.
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 7_919 + step * 131)
-        batch_idx = perm[(step % steps_per_epoch) * cfg.batch_size:][: cfg.batch_size]
-        n_batch = batch_idx.numel()  # the last batch of an epoch can be short
-        boxes = crop_boxes(n_batch, train_x.shape[-2], train_x.shape[-1], gen, device)
-        positions = torch.arange(n_batch, device=device)
-        for m in range(cfg.grad_accum):
-            # balanced slices: with a short last batch some ranks may get none, yet every rank still runs the
-            # backward and the all-reduce, so the processes stay in step
-            pos = torch.tensor_split(positions[m * micro:(m + 1) * micro], world)[rank]
-            idx = batch_idx.index_select(0, pos)
+        # the step's batch: its size (the last batch of an epoch can be short) and, per micro-batch, the span
+        # [a, b) of it this rank trains on. Balanced slices: with a short last batch some ranks may get none, yet
+        # every rank still runs the backward and the all-reduce, so the processes stay in step.
+        n_batch, micro_batches = feed.step(step)
+        boxes = crop_boxes(n_batch, size, size, gen, device)
+        for (a, b), images, y in micro_batches:
             loss = torch.zeros((), device=device)
-            if idx.numel():
-                x = train_x.index_select(0, idx).float().div_(255)
-                x = resized_crop(x, boxes.index_select(0, pos), size)
+            if b > a:
+                x = images.float().div_(255)
+                x = resized_crop(x, boxes[a:b], size)
                 x = (x - mean) / std
-                y = train_y.index_select(0, idx)
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
@@ -591,8 +589,8 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                         logits = forward(x)
                 task_loss = F.cross_entropy(logits.float(), y)
                 # a step's loss is the mean over the global batch: micro-batches and ranks carry their share
-                loss = task_loss * (idx.numel() * world / n_batch)
-                loss_acc += task_loss.detach() * (idx.numel() * world / n_batch)
+                loss = task_loss * ((b - a) * world / n_batch)
+                loss_acc += task_loss.detach() * ((b - a) * world / n_batch)
             if reg is not None:
                 pen = reg.penalty(generator=gen)  # fp32, every micro-batch, as the protocol prescribes
                 loss = loss + cfg.lam * pen / cfg.grad_accum
@@ -600,7 +598,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
             if loss.requires_grad:
                 with _compile_errors(cfg):
                     loss.backward()
-            seen += idx.numel() * world
+            seen += (b - a) * world
         _allreduce_grads(list(params.values()), world)
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip_grad if cfg.clip_grad > 0
                                                    else float("inf"))
@@ -635,10 +633,12 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
             if at_ckpt and rank == 0:
                 save_checkpoint(ckpt, step, params, optimizer, cfg, metrics, output=out, total_steps=total_steps)
         if stop_after is not None and step >= stop_after:
+            feed.close()
             if log_file:
                 log_file.close()
             return TrainResult(out, step, record["task_loss"], record["penalty"])
     elapsed = time.perf_counter() - t_start
+    feed.close()
     if log_file:
         log_file.close()
 
@@ -651,7 +651,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
             metrics.update(_accuracies(eval_bundle, cfg, device, deltas, ""))
         final = {"task_loss": record["task_loss"], "penalty": record["penalty"]}
         train_info = {**{k: v for k, v in dataclasses.asdict(cfg).items()
-                         if k not in ("device", "data_root", "checkpoint_dir", "keep_checkpoints")},
+                         if k not in ("device", "data_root", "checkpoint_dir", "keep_checkpoints", "data_on_device")},
                       "steps": step, "epochs": epochs, "world_size": world, "final": final,
                       "seconds": elapsed, "device": device}
         # a local weights path is recorded absolute, so `eval` finds the base from any working directory
@@ -674,7 +674,7 @@ def _accuracies(eval_bundle, cfg: TrainConfig, device: str, deltas: dict, prefix
     from .evaluate import Evaluator
 
     ev = Evaluator(eval_bundle, [cfg.task], cfg.data_root, device=device, batch_size=cfg.eval_batch_size,
-                   linearized=cfg.mode == "linear")
+                   linearized=cfg.mode == "linear", data_on_device=cfg.data_on_device)
     if deltas:
         ev.set_weights({k: v.to(device) for k, v in deltas.items()}, 1.0)
     out = {f"{prefix}{split}_acc": ev.accuracy(cfg.task, split) for split in ("val", "test")}

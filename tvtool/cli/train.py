@@ -57,6 +57,9 @@ def finetune(
                                                "--compile): default | reduce-overhead (CUDA graphs; needs "
                                                "--grad-accum 1) | max-autotune | max-autotune-no-cudagraphs."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the zero-shot / fine-tuned accuracy measurements."),
+    data_on_device: str = typer.Option("auto", "--data-on-device", help="auto | yes | no: hold the training images "
+                                       "on the device (auto: when they fit its memory budget) or stream each batch "
+                                       "from the cache ahead of the step; the trained vector is the same."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="Default: .OUTPUT.ckpt/ beside it."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of the same settings."),
@@ -89,7 +92,7 @@ def finetune(
                       data_root=data_root, device=device, precision=precision,
                       compile=compile or compile_mode is not None,
                       compile_mode=compile_mode or "default",
-                      eval=not no_eval,
+                      eval=not no_eval, data_on_device=data_on_device,
                       checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, log_every=log_every,
                       keep_checkpoints=keep_checkpoints)
     with progress_reporter(quiet, f"{task} ({mode}{', OrthoReg' if lam > 0 else ''})") as report:
