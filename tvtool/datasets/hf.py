@@ -222,7 +222,7 @@ def snapshot_listing(snap: Snapshot, split: str) -> Listing:
             raise ValueError("no embedded image bytes")
         return open_image(io.BytesIO(data))
 
-    return Listing(ids, torch.from_numpy(all_labels), open_row, source=f"{snap.folder} ({split})",
+    return Listing(ids, torch.from_numpy(all_labels), open_row, source=f"Hugging Face snapshot {snap.folder} ({split})",
                    fingerprint=";".join(fps))
 
 
