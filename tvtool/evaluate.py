@@ -182,7 +182,7 @@ class Evaluator:
         self.data_root = data_root
         self.max_examples = max_examples
         self._setup(bundle.model.visual, {}, {}, bundle.mean, bundle.std, device, batch_size)
-        self._placement = Placement(self.device, data_on_device)
+        self._placement = Placement(self.device, data_on_device, announce_held=False)
         self.tasks = list(tasks)
         self.splits = list(splits)
         self.linearized = False

@@ -7,7 +7,7 @@ step never waits for the host and host memory stays at a few batches whatever th
 
 ``--data-on-device auto`` holds a split when its images fit the device's budget (half its free memory on CUDA, a
 quarter of the host's available memory on the CPU), counting what is already held; ``yes`` / ``no`` force either
-way; the choice is printed. Both paths hand the model the same bytes in the same order, so results are identical.
+way; the choice is printed (evaluation names only the splits it streams). Both paths hand the model the same bytes in the same order, so results are identical.
 """
 from __future__ import annotations
 
@@ -55,9 +55,10 @@ def memory_budget(device: torch.device) -> int:
 class Placement:
     """Decides, split by split, whether images are held on the device or streamed (and says so on stderr)."""
 
-    def __init__(self, device, mode: str = "auto", *, say=None):
+    def __init__(self, device, mode: str = "auto", *, say=None, announce_held: bool = True):
         self.device = torch.device(device)
         self.mode = check_placement(mode)
+        self.announce_held = announce_held  # evaluation names only what it streams: many splits, few lines
         self.held = 0
         self._budget: int | None = None
         self._say = say if say is not None else (lambda line: print(f"tvtool: {line}", file=sys.stderr, flush=True))
@@ -70,7 +71,8 @@ class Placement:
         if keep:
             self.held += nbytes
             why = "--data-on-device yes" if self.mode == "yes" else f"fits the budget of {human(self._budget)}"
-            self._say(f"{what}: {size} held on {self.device} ({why})")
+            if self.announce_held:
+                self._say(f"{what}: {size} held on {self.device} ({why})")
         else:
             why = ("--data-on-device no" if self.mode == "no" else
                    f"over the budget of {human(max(self._budget - self.held, 0))} left; --data-on-device yes holds it")

@@ -157,6 +157,8 @@ class CacheBuild:
             self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.posix_fallocate(self._fd, 0, self.size)  # the space is ours before any decoding
+            except AttributeError:  # no posix_fallocate (macOS): sparse, checked above
+                os.ftruncate(self._fd, self.size)
             except OSError as exc:
                 if _disk_full(exc):
                     raise
@@ -216,7 +218,7 @@ class CacheBuild:
         if not self._pending_log:
             return
         try:
-            os.fdatasync(self._fd)
+            getattr(os, "fdatasync", os.fsync)(self._fd)
             self._log.write("".join(line + "\n" for line in self._pending_log))
             self._log.flush()
         except OSError as exc:
