@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from tvtool import models
-from tvtool.checkpoints import SafetensorsFile, fingerprint
+from tvtool.safetensors_io import SafetensorsFile, fingerprint
 from tvtool.errors import TVToolError
 
 from tiny_clip import TINY_CFG, register_tiny

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import defaults
 from ..errors import TVToolError
 from .base import DatasetSpec, Listing, protocol_val_split, resolve_data_root, templates_path
 from .cachefile import (CHUNK, CacheBuild, ImageSplit, build_lock, cache_problem, human, write_cache,  # noqa: F401
@@ -50,7 +51,7 @@ PLAIN_PROGRESS_S = 30.0
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TVTOOL_CACHE") or "~/.cache/tvtool").expanduser() / "datasets"
+    return defaults.cache_root() / "datasets"
 
 
 def cache_path(name: str, split: str, image_size: int) -> Path:

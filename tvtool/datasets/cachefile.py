@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoints import SafetensorsFile
+from ..safetensors_io import SafetensorsFile
 from ..errors import TVToolError
 
 log = logging.getLogger("tvtool.datasets")
