@@ -50,14 +50,26 @@ JPEG_BYTES = 25_000  # about what a fabricated 256x256 JPEG takes (for the disk 
 
 
 # ------------------------------------------------------------------------------------------------ fabrication
-def fabricate(root: Path, n: int, seed: int = 0) -> None:
-    """``n`` JPEGs ``class_k/img{i:07d}.jpg`` (k = i % 10); existing ones are kept."""
+def fabricate(root: Path, n: int, seed: int = 0, processes: int = 1) -> None:
+    """``n`` JPEGs ``class_k/img{i:07d}.jpg`` (k = i % 10), image i drawn from seed (seed, i); existing ones kept."""
+    for c in range(CLASSES):
+        (root / f"class_{c}").mkdir(parents=True, exist_ok=True)
+    jobs = [(root, seed, a, min(a + 1000, n)) for a in range(0, n, 1000)]
+    if processes > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            pool.starmap(_fabricate_range, jobs)
+    else:
+        for job in jobs:
+            _fabricate_range(*job)
+
+
+def _fabricate_range(root: Path, seed: int, start: int, stop: int) -> None:
     import numpy as np
     from PIL import Image
 
-    for c in range(CLASSES):
-        (root / f"class_{c}").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
+    for i in range(start, stop):
         path = root / f"class_{i % CLASSES}" / f"img{i:07d}.jpg"
         if path.exists():
             continue
@@ -207,7 +219,7 @@ def main() -> None:
     args.root_dir, args.work_dir = work / "jpegs", work
     (work / f"{TINY}.json").write_text(json.dumps(TINY_CONFIG))
     t = time.perf_counter()
-    fabricate(args.root_dir, max(sizes))
+    fabricate(args.root_dir, max(sizes), processes=args.workers)
     print(f"fabricated {max(sizes)} JPEGs in {time.perf_counter() - t:.0f} s under {work}", file=sys.stderr)
     rows, ratios = [], {}
     try:

@@ -12,10 +12,11 @@ and the header and renames the file into place. The space of the whole file is r
 decoded (refused at once when the disk is too small); a disk that fills anyway loses the partial file, never a
 finished cache.
 
-Reading maps the file (:class:`ImageSplit`): batches are gathered from the mapping by row and the mapped pages are
-released after each read, so resident memory stays at a batch or two whatever the split's size (pages stay in the
-OS page cache). The header, the labels and a strided sample of the pixels are checked on every open; a file that is
-truncated, edited or written by anything else is reported as invalid and rebuilt by the caller.
+Reading (:class:`ImageSplit`): the file is opened and validated as a safetensors file (memory-mapped for that), then
+batches are read by row with ``pread`` straight into their destination buffers, so resident memory stays at the
+batches in flight whatever the split's size (the OS page cache keeps what fits). The header, the labels and a
+strided sample of the pixels are checked on every open; a file that is truncated, edited or written by anything
+else is reported as invalid and rebuilt by the caller.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import os
 import shutil
 import struct
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -365,24 +367,27 @@ def write_cache(path: Path, key: str, images: torch.Tensor, labels: torch.Tensor
 
 # ------------------------------------------------------------------------------------------------ reading
 class ImageSplit:
-    """A split's uint8 images [N, 3, S, S] and int64 labels [N], read by rows: from a cache file's memory map
-    (:meth:`open`), or from tensors already in memory (:meth:`from_tensors`).
+    """A split's uint8 images [N, 3, S, S] and int64 labels [N], read by rows: from a cache file (:meth:`open`), or
+    from tensors already in memory (:meth:`from_tensors`).
 
-    ``read(rows)`` / ``read_range(a, b)`` return host tensors (optionally into ``out``); ``tensor()`` the whole
-    split in host memory and ``to(device)`` on a device, both copied in chunks so a mapped file never becomes
-    resident whole.
+    ``read(rows)`` / ``read_range(a, b)`` return host tensors (optionally into ``out``, e.g. a pinned buffer);
+    ``tensor()`` is the whole split in host memory and ``to(device)`` on a device, both filled in chunks. A file is
+    read with ``pread`` straight into the destination: nothing is mapped, so the process's resident memory is the
+    batches it asked for (a mapping would count every page it touched, and fault in whole folios around each row),
+    the read releases the GIL, and no intra-op thread pool is involved (a prefetch thread must not compete with the
+    step's own threads).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, file: SafetensorsFile | None = None,
-                 path: Path | None = None):
-        self.images = images
+    def __init__(self, labels: torch.Tensor, image_size: int, *, images: torch.Tensor | None = None,
+                 fd: int | None = None, offset: int = 0, path: Path | None = None):
         self.labels = labels
-        self._file = file
-        self.path = path
+        self._size = int(image_size)
+        self._images = images  # in memory, or None for a file read at byte ``offset`` through ``fd``
+        self._fd, self._offset, self.path = fd, offset, path
 
     @classmethod
     def from_tensors(cls, images: torch.Tensor, labels: torch.Tensor) -> "ImageSplit":
-        return cls(images, torch.as_tensor(labels, dtype=torch.int64))
+        return cls(torch.as_tensor(labels, dtype=torch.int64), images.shape[-1], images=images)
 
     @classmethod
     def open(cls, path: Path, key: str, image_size: int, num_classes: int | None = None,
@@ -392,16 +397,22 @@ class ImageSplit:
         if not path.is_file():
             return None
         try:
-            f = SafetensorsFile(path)  # header validated; a truncated file fails here
+            f = SafetensorsFile(path)  # header validated like any safetensors input; a truncated file fails here
         except (TVToolError, OSError) as exc:
             log.warning("%s: unreadable cache (%s), rebuilding", path, exc)
             return None
+        try:
+            return cls._checked(f, path, key, image_size, num_classes, max_n)
+        finally:
+            f.close()
+
+    @classmethod
+    def _checked(cls, f: SafetensorsFile, path: Path, key, image_size, num_classes, max_n) -> "ImageSplit | None":
         meta = f.metadata
-        problem = None
         if meta.get("key") != key:
             log.info("%s: stale cache (key changed), rebuilding", path)
-            f.close()
             return None
+        problem = None
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             problem = f"format {meta.get('format')!r} version {meta.get('format_version')!r}"
         elif set(f.keys()) != {"images", "labels"}:
@@ -409,30 +420,40 @@ class ImageSplit:
         elif f.code("images") != "U8" or f.code("labels") != "I64":
             problem = f"images are {f.code('images')}, labels {f.code('labels')}"
         if problem is None:
-            images, labels = f.get("images"), f.get("labels").clone()
-            problem = cache_problem(images, labels, image_size, num_classes, max_n)
+            labels = f.get("labels").clone()
+            problem = cache_problem(torch.empty(f.shape("images"), dtype=torch.uint8, device="meta"), labels,
+                                    image_size, num_classes, max_n)
         if problem is None:
-            flat = f.array("images").reshape(-1)
-            digest = _content_digest(lambda off, k: flat[off:off + k].tobytes(), flat.size, labels.numpy())
-            if digest != meta.get("content_sha256"):
-                problem = "content changed since it was written"
-            f.release("images")
-        if problem is not None:  # right key, wrong content (edited or written by another tool): never trusted
-            log.warning("%s: invalid cache (%s), rebuilding", path, problem)
-            f.close()
-            return None
-        return cls(images, labels, file=f, path=path)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                with open(path, "rb") as raw:  # where the images start: the (validated) header says
+                    head_len = struct.unpack("<Q", raw.read(8))[0]
+                    begin = json.loads(raw.read(head_len))["images"]["data_offsets"][0]
+                offset = 8 + head_len + begin
+                nbytes = len(labels) * 3 * image_size * image_size
+                digest = _content_digest(lambda off, k: _pread_exact(fd, k, offset + off), nbytes, labels.numpy())
+            except BaseException:
+                os.close(fd)
+                raise
+            if digest == meta.get("content_sha256"):
+                split = cls(labels, image_size, fd=fd, offset=offset, path=path)
+                weakref.finalize(split, os.close, fd)
+                return split
+            os.close(fd)
+            problem = "content changed since it was written"
+        log.warning("%s: invalid cache (%s), rebuilding", path, problem)  # never trusted
+        return None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     @property
     def image_size(self) -> int:
-        return int(self.images.shape[-1])
+        return self._size
 
     @property
     def row_bytes(self) -> int:
-        return 3 * self.image_size * self.image_size
+        return 3 * self._size * self._size
 
     @property
     def nbytes(self) -> int:
@@ -440,32 +461,55 @@ class ImageSplit:
 
     def head(self, n: int) -> "ImageSplit":
         """The first ``n`` examples (a view: nothing is read)."""
-        return ImageSplit(self.images[:n], self.labels[:n], file=self._file, path=self.path)
+        images = None if self._images is None else self._images[:n]
+        view = ImageSplit(self.labels[:n], self._size, images=images, fd=self._fd, offset=self._offset,
+                          path=self.path)
+        view._parent = self  # keeps the file open as long as a view needs it
+        return view
 
     def empty(self, n: int, *, pin: bool = False) -> torch.Tensor:
-        return torch.empty((n, 3, self.image_size, self.image_size), dtype=torch.uint8, pin_memory=pin)
+        return torch.empty((n, 3, self._size, self._size), dtype=torch.uint8, pin_memory=pin)
 
     def read(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Images of ``rows`` (int64, any order) as a host tensor; releases the mapped pages it touched."""
+        """Images of ``rows`` (int64, any order) as a host tensor."""
         rows = torch.as_tensor(rows, dtype=torch.int64)
         out = self.empty(len(rows)) if out is None else out[:len(rows)]
-        torch.index_select(self.images, 0, rows, out=out)
-        self.release()
+        if self._images is not None:
+            return torch.index_select(self._images, 0, rows, out=out)
+        if not len(rows):
+            return out
+        flat, rb = out.numpy().reshape(len(rows), -1), self.row_bytes
+        order = rows.tolist()
+        j = 0
+        while j < len(order):  # runs of consecutive rows are one read
+            k = j + 1
+            while k < len(order) and order[k] == order[k - 1] + 1:
+                k += 1
+            self._pread_into(flat[j:k], self._offset + order[j] * rb)
+            j = k
         return out
 
     def read_range(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         out = self.empty(stop - start) if out is None else out[:stop - start]
-        out.copy_(self.images[start:stop])
-        self.release()
+        if self._images is not None:
+            return out.copy_(self._images[start:stop])
+        if stop > start:
+            self._pread_into(out.numpy().reshape(stop - start, -1), self._offset + start * self.row_bytes)
         return out
 
-    def release(self) -> None:
-        """Drop the mapping's pages from this process's resident set (the OS keeps them cached)."""
-        if self._file is not None:
-            self._file.release("images")
+    def _pread_into(self, rows: np.ndarray, offset: int) -> None:
+        view = memoryview(rows).cast("B")
+        while len(view):
+            got = os.preadv(self._fd, [view[:1 << 30]], offset)
+            if got <= 0:
+                raise TVToolError(f"{self.path}: the image cache ended early (changed while in use?); run again to "
+                                  "rebuild it")
+            view, offset = view[got:], offset + got
 
     def tensor(self, chunk: int = 1024) -> torch.Tensor:
         """The whole split in host memory."""
+        if self._images is not None:
+            return self._images
         out = self.empty(len(self))
         for a in range(0, len(self), chunk):
             self.read_range(a, min(a + chunk, len(self)), out[a:])
@@ -476,7 +520,7 @@ class ImageSplit:
         device = torch.device(device)
         if device.type != "cuda":
             return self.tensor().to(device)
-        out = torch.empty((len(self), 3, self.image_size, self.image_size), dtype=torch.uint8, device=device)
+        out = torch.empty((len(self), 3, self._size, self._size), dtype=torch.uint8, device=device)
         staging = [self.empty(min(chunk, len(self)), pin=True) for _ in range(2)]
         done = [None, None]
         for k, a in enumerate(range(0, len(self), chunk)):
