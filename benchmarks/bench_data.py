@@ -4,8 +4,8 @@ pass as the split grows, and training throughput of the streamed path against th
     python benchmarks/bench_data.py                                   # N = 2000,16000,64000 (about 12 GB of disk)
     python benchmarks/bench_data.py --sizes 500,2000 --steps 5        # a quick look
 
-Fabricates max(N) 256x256 JPEGs (smooth random colour fields with noise, 10 classes) in a work folder (outside
-every timing), then for each N registers the first N of them as an ImageFolder dataset and runs, each phase in a
+Fabricates max(N) 256x256 JPEG files (smooth random colour fields with noise, 10 classes; 2,000 distinct images,
+the other files hard links to them) in a work folder (outside every timing), then for each N registers the first N of them as an ImageFolder dataset and runs, each phase in a
 fresh child process so that its peak RSS (``ru_maxrss``) is its own:
 
 1. **build** - ``open_split(task, "train")`` into an empty ``$TVTOOL_CACHE``: listing, decoding at 224 px by the
@@ -50,11 +50,12 @@ JPEG_BYTES = 25_000  # about what a fabricated 256x256 JPEG takes (for the disk 
 
 
 # ------------------------------------------------------------------------------------------------ fabrication
-def fabricate(root: Path, n: int, seed: int = 0, processes: int = 1) -> None:
-    """``n`` JPEGs ``class_k/img{i:07d}.jpg`` (k = i % 10), image i drawn from seed (seed, i); existing ones kept."""
+def fabricate(root: Path, n: int, seed: int = 0, processes: int = 1, unique: int = 2000) -> None:
+    """``n`` JPEGs ``class_k/img{i:07d}.jpg`` (k = i % 10): ``unique`` drawn images (image i from seed (seed, i)),
+    the rest hard links to them (image i -> image i % unique), so 64k files cost 2k encodes and their disk."""
     for c in range(CLASSES):
         (root / f"class_{c}").mkdir(parents=True, exist_ok=True)
-    jobs = [(root, seed, a, min(a + 1000, n)) for a in range(0, n, 1000)]
+    jobs = [(root, seed, a, min(a + 500, unique, n)) for a in range(0, min(unique, n), 500)]
     if processes > 1:
         import multiprocessing
 
@@ -63,6 +64,11 @@ def fabricate(root: Path, n: int, seed: int = 0, processes: int = 1) -> None:
     else:
         for job in jobs:
             _fabricate_range(*job)
+    for i in range(unique, n):
+        path = root / f"class_{i % CLASSES}" / f"img{i:07d}.jpg"
+        if not path.exists():
+            j = i % unique
+            os.link(root / f"class_{j % CLASSES}" / f"img{j:07d}.jpg", path)
 
 
 def _fabricate_range(root: Path, seed: int, start: int, stop: int) -> None:
@@ -211,7 +217,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tvbench-data-"))
     work.mkdir(parents=True, exist_ok=True)
-    need = max(sizes) * (3 * 224 * 224 + 8 + JPEG_BYTES) + (1 << 30)
+    need = max(sizes) * (3 * 224 * 224 + 8) + 2000 * JPEG_BYTES + (1 << 30)
     free = shutil.disk_usage(work).free
     if free < need:
         raise SystemExit(f"{work}: needs about {need / 1e9:.1f} GB free, has {free / 1e9:.1f} GB; pass --workdir on "

@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -71,9 +72,11 @@ def preprocess(img, image_size: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-# What the workers decode: set before the pool forks, so they inherit it (listings hold closures, not picklable).
+# What the workers decode: set before the pool forks, so they inherit it (listings hold closures, not picklable);
+# one build at a time per process owns it.
 _JOB: dict = {}
 _FDS: dict = {}
+_JOB_LOCK = threading.Lock()
 
 
 def decode_workers() -> int:
@@ -123,6 +126,11 @@ def _worker_init() -> None:
 
 def build(listing: Listing, rows, path: Path, key: str, image_size: int, *, what: str, meta: dict) -> None:
     """Decode ``listing[rows]`` into the cache file at ``path`` (resuming a partial build of the same key)."""
+    with _JOB_LOCK:
+        _build(listing, rows, path, key, image_size, what=what, meta=meta)
+
+
+def _build(listing: Listing, rows, path: Path, key: str, image_size: int, *, what: str, meta: dict) -> None:
     rows = torch.as_tensor(rows, dtype=torch.int64).tolist()
     n = len(rows)
     b = CacheBuild(path, key, n, image_size, meta)

@@ -413,6 +413,9 @@ class ImageSplit:
             log.info("%s: stale cache (key changed), rebuilding", path)
             return None
         problem = None
+        if meta.get("format") is None:  # tvtool's first cache format: the same pixels, written whole
+            log.info("%s: cache written by an older tvtool, rebuilding", path)
+            return None
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             problem = f"format {meta.get('format')!r} version {meta.get('format_version')!r}"
         elif set(f.keys()) != {"images", "labels"}:
