@@ -20,7 +20,7 @@ config in the work folder) so that a 64k-image evaluation pass fits in minutes o
 **model** is its peak RSS with no data path (20 steps on one random batch), the "model's own". At the smallest N
 the benchmark also runs **train held** (``data_on_device="yes"``: the whole split in memory, the old path) with the
 small ViT and, for a real step, both train arms with ``--ratio-model`` (default ViT-B-32, random weights) at
-``--ratio-batch``: the streamed / held images/s ratios, measured in the same run (the arms alternated ``--repeats``
+``--ratio-batch`` for ``--ratio-steps``: the streamed / held images/s ratios, measured in the same run (the arms alternated ``--repeats``
 times, the best run of each arm counted: other processes' load comes and goes on a shared machine).
 
 Prints a markdown table and one JSON line (``--json-out`` also writes it). Each N's cache is deleted after its
@@ -196,6 +196,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ratio-model", default="ViT-B-32")
     ap.add_argument("--ratio-batch", type=int, default=32)
+    ap.add_argument("--ratio-steps", type=int, default=8, help="Steps of the --ratio-model arms ('none': no arms).")
     ap.add_argument("--repeats", type=int, default=2, help="Runs of each arm of the throughput ratios.")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--workdir", default=None, help="Where images and caches go (default: a temp folder).")
@@ -238,18 +239,23 @@ def main() -> None:
             if n == min(sizes):
                 row["model"] = run_child(args, phase="model", n=n, batch=args.batch)
                 row["train_held"] = run_child(args, phase="train", n=n, batch=args.batch, placement="yes")
-                for model, batch in ((TINY, args.batch), (args.ratio_model, args.ratio_batch)):
-                    # arms alternated, --repeats each, best of each taken: a shared machine's load comes and goes
-                    runs = {"yes": [], "no": []}
-                    for _ in range(args.repeats):
-                        for p in ("yes", "no"):
-                            runs[p].append(run_child(args, phase="train", n=n, model=model, batch=batch,
-                                                     placement=p)["images_per_s"])
-                    held, streamed = max(runs["yes"]), max(runs["no"])
-                    ratios[model] = {"batch": batch, "held_images_per_s": held, "streamed_images_per_s": streamed,
-                                     "ratio": streamed / held, "runs": runs}
             rows.append(row)
-            shutil.rmtree(args.cache_dir, ignore_errors=True)
+            if n != min(sizes):
+                shutil.rmtree(args.cache_dir, ignore_errors=True)
+        args.cache_dir = work / f"cache-{min(sizes)}"
+        arms = [(TINY, args.batch, args.steps)]
+        if args.ratio_model != "none":
+            arms.append((args.ratio_model, args.ratio_batch, args.ratio_steps))
+        for model, batch, steps in arms:
+            # arms alternated, --repeats each, best of each taken: a shared machine's load comes and goes
+            runs = {"yes": [], "no": []}
+            for _ in range(args.repeats):
+                for p in ("yes", "no"):
+                    runs[p].append(run_child(args, phase="train", n=min(sizes), model=model, batch=batch, steps=steps,
+                                             placement=p)["images_per_s"])
+            held, streamed = max(runs["yes"]), max(runs["no"])
+            ratios[model] = {"batch": batch, "steps": steps, "held_images_per_s": held,
+                             "streamed_images_per_s": streamed, "ratio": streamed / held, "runs": runs}
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -278,7 +284,7 @@ def report(args, rows, ratios) -> None:
               f"{first['model']['peak_rss_mb']:.0f} MB; the old held path at N = {first['n']}: train peak RSS "
               f"{first['train_held']['peak_rss_mb']:.0f} MB")
     for model, r in ratios.items():
-        print(f"streamed / held training images/s ({model}, batch {r['batch']}, N = {first['n']}, best of "
+        print(f"streamed / held training images/s ({model}, batch {r['batch']}, {r['steps']} steps, N = {first['n']}, best of "
               f"{len(r['runs']['no'])}): {r['streamed_images_per_s']:.1f} / {r['held_images_per_s']:.1f} = "
               f"{r['ratio']:.3f} (runs: held {', '.join(f'{v:.1f}' for v in r['runs']['yes'])}; streamed "
               f"{', '.join(f'{v:.1f}' for v in r['runs']['no'])})")
