@@ -55,8 +55,9 @@ SPLIT_FILES = {"train": ("train",), "val": ("validation", "val", "valid"), "test
 
 def hub_cache() -> Path:
     """The Hugging Face hub cache folder, as huggingface_hub resolves it."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):  # the second is the older name huggingface_hub still reads
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
     return Path(home).expanduser() / "hub"
 
