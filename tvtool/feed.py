@@ -11,6 +11,7 @@ way; the choice is printed (evaluation names only the splits it streams). Both p
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import sys
@@ -89,17 +90,19 @@ class Prefetcher:
     """Batches of a split on ``device``, prepared by a background thread ``depth`` batches ahead.
 
     ``jobs`` yields what each batch holds: an int64 tensor of rows (any order) or a ``(start, stop)`` range. Each
-    item is ``(images uint8 [b,3,S,S], labels int64 [b])`` on the device; on the CPU a batch is a fresh tensor,
-    on CUDA it was copied from a pinned buffer on a side stream that the consumer's stream waits for.
+    item is ``(images uint8 [b,3,S,S], labels int64 [b])`` on the device. The host buffers are a fixed ring: on the
+    CPU a batch is a view of one, valid until the next batch is taken (copy it to keep it); on CUDA it was copied
+    from a pinned one on a side stream that the consumer's stream waits for.
     """
 
     def __init__(self, data: ImageSplit, device, jobs: Iterable, max_rows: int, depth: int = PREFETCH):
         self.device = torch.device(device)
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        cuda = self.device.type == "cuda"
+        # depth queued + one being filled + one held by the consumer: a slot is refilled only after its batch's
+        # consumer has taken the next one
         state = {"data": data, "device": self.device, "jobs": iter(jobs), "queue": self._queue, "stop": self._stop,
-                 "max_rows": max_rows, "slots": depth + 2 if cuda else 0}
+                 "max_rows": max_rows, "slots": depth + 2}
         self._thread = threading.Thread(target=_produce, args=(state,), daemon=True, name="tvtool-prefetch")
         self._thread.start()
         # a consumer that is dropped (an exception in the loop) still stops the thread
@@ -148,24 +151,15 @@ def _put(state, item) -> bool:
 
 def _produce(state) -> None:
     data, device, stop = state["data"], state["device"], state["stop"]
+    cuda = device.type == "cuda"
     try:
         labels = data.labels
-        if device.type != "cuda":
-            for job in state["jobs"]:
-                if stop.is_set():
-                    return
-                if isinstance(job, tuple):
-                    x, y = data.read_range(*job), labels[job[0]:job[1]].clone()
-                else:
-                    x, y = data.read(job), labels.index_select(0, job)
-                if not _put(state, (x, y, None)):
-                    return
-            _put(state, None)
-            return
-        with torch.cuda.device(device):
-            stream = torch.cuda.Stream(device)
-            slots = [(data.empty(state["max_rows"], pin=True),
-                      torch.empty(state["max_rows"], dtype=torch.int64, pin_memory=True), [None])
+        with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+            stream = torch.cuda.Stream(device) if cuda else None
+            # A fixed ring of host buffers, reused: nothing is allocated per batch (per-batch allocations from this
+            # thread left glibc holding freed memory, RSS growing with every batch until a malloc_trim)
+            slots = [(data.empty(state["max_rows"], pin=cuda),
+                      torch.empty(state["max_rows"], dtype=torch.int64, pin_memory=cuda), [None])
                      for _ in range(state["slots"])]
             for k, job in enumerate(state["jobs"]):
                 if stop.is_set():
@@ -179,13 +173,17 @@ def _produce(state) -> None:
                 else:
                     hx = data.read(job, bx)
                     hy = torch.index_select(labels, 0, job, out=by[:len(job)])
-                with torch.cuda.stream(stream):
-                    x = hx.to(device, non_blocking=True)
-                    y = hy.to(device, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                done[0] = event
-                if not _put(state, (x, y, event)):
+                if not cuda:
+                    item = (hx, hy, None)  # valid until the consumer takes the next one (see the ring's size)
+                else:
+                    with torch.cuda.stream(stream):
+                        x = hx.to(device, non_blocking=True)
+                        y = hy.to(device, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    done[0] = event
+                    item = (x, y, event)
+                if not _put(state, item):
                     return
             _put(state, None)
     except BaseException as exc:  # handed to the consumer, raised there
