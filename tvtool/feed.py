@@ -235,9 +235,10 @@ def micro_span(m: int, micro: int, n_batch: int, world: int, rank: int) -> tuple
     return a, a + q + (1 if rank < r else 0)
 
 
-def epoch_order(seed: int, n: int, epoch: int) -> torch.Tensor:
-    """Epoch ``epoch``'s permutation of ``n`` training examples (on the CPU), seeded by (seed, epoch)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The data order of one epoch: a permutation (on the CPU) seeded by (seed, epoch) alone, so a resumed run sees
+    the same."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
     return torch.randperm(n, generator=g)
 
 
@@ -249,11 +250,17 @@ class _Plan:
         self.n, self.seed, self.batch_size, self.grad_accum = n, seed, batch_size, grad_accum
         self.micro, self.world, self.rank, self.steps_per_epoch = batch_size // grad_accum, world, rank, steps_per_epoch
 
-    def batch(self, step: int) -> tuple[int, int, list[tuple[int, int]]]:
-        """(offset of the step's batch in its epoch's permutation, its size, the micro-batch spans in it)."""
+    def batch(self, step: int) -> tuple[int, int, list[tuple[int, int, int]]]:
+        """(offset of the step's batch in its epoch's permutation, its size, per micro-batch (a, b, real): the span
+        [a, b) of the batch it reads and how many of those images count; a micro-batch left empty by a short last
+        batch reads the batch's first image as a stand-in that counts 0, so every rank runs the same step)."""
         off = (step % self.steps_per_epoch) * self.batch_size
         n_batch = min(self.batch_size, self.n - off)
-        return off, n_batch, [micro_span(m, self.micro, n_batch, self.world, self.rank) for m in range(self.grad_accum)]
+        spans = []
+        for m in range(self.grad_accum):
+            a, b = micro_span(m, self.micro, n_batch, self.world, self.rank)
+            spans.append((a, b, b - a) if b > a else (0, 1, 0))
+        return off, n_batch, spans
 
     def rows(self, first: int, total: int):
         """The rows of every micro-batch of steps ``first .. total - 1``, in order."""
@@ -261,18 +268,18 @@ class _Plan:
         for step in range(first, total):
             if step // self.steps_per_epoch != epoch:
                 epoch = step // self.steps_per_epoch
-                perm = epoch_order(self.seed, self.n, epoch)
+                perm = epoch_permutation(self.seed, epoch, self.n)
             off, _, spans = self.batch(step)
-            for a, b in spans:
+            for a, b, _ in spans:
                 yield perm[off + a:off + b]
 
 
 class TrainFeed:
     """The training batches of one process: step ``s`` takes positions ``[s % spe * B, ...)`` of epoch ``e``'s
-    permutation (:func:`epoch_order`), micro-batch ``m`` of ``rank`` the span :func:`micro_span` gives.
+    permutation (:func:`epoch_permutation`), micro-batch ``m`` of ``rank`` the span :func:`micro_span` gives.
 
-    ``step(s)`` -> (size of the global batch, iterator of ((a, b), images uint8 on the device, labels) per
-    micro-batch). Steps are asked for in order, from ``first_step``; a streamed micro-batch is valid until the
+    ``step(s)`` -> (size of the global batch, iterator of ((a, b), images that count, images uint8 on the device,
+    labels) per micro-batch; see :meth:`_Plan.batch` for a micro-batch a short batch leaves empty). Steps are asked for in order, from ``first_step``; a streamed micro-batch is valid until the
     next one is taken.
     """
 
@@ -292,13 +299,14 @@ class TrainFeed:
     def step(self, step: int):
         off, n_batch, spans = self.plan.batch(step)
         if not self.hold:
-            return n_batch, (((a, b), *next(self._prefetch)) for a, b in spans)
+            return n_batch, (((a, b), real, *next(self._prefetch)) for a, b, real in spans)
         epoch = step // self.plan.steps_per_epoch
         if epoch != self._perm_epoch:  # the same permutation, kept on the device for device-side gathers
-            self._perm, self._perm_epoch = epoch_order(self.plan.seed, self.plan.n, epoch).to(self.device), epoch
-        idx = [self._perm[off + a:off + b] for a, b in spans]
-        return n_batch, (((a, b), self.images.index_select(0, i), self.labels.index_select(0, i))
-                         for (a, b), i in zip(spans, idx))
+            self._perm = epoch_permutation(self.plan.seed, epoch, self.plan.n).to(self.device)
+            self._perm_epoch = epoch
+        idx = [self._perm[off + a:off + b] for a, b, _ in spans]
+        return n_batch, (((a, b), real, self.images.index_select(0, i), self.labels.index_select(0, i))
+                         for (a, b, real), i in zip(spans, idx))
 
     def close(self) -> None:
         """Stop the prefetch thread and let go of held images (device memory for what follows)."""

@@ -30,7 +30,8 @@ eval_app = typer.Typer(
 app.add_typer(eval_app, name="eval")
 
 _MODEL = typer.Option(None, "--model", help="open_clip architecture (default: the vectors' recorded base).")
-_PRETRAINED = typer.Option(None, "--pretrained", help="Tag, weights file or folder (default: the vectors' base).")
+_PRETRAINED = typer.Option(None, "--pretrained", help="Tag, weights file or folder, or a hub id "
+                                                             "ORG/NAME (default: the vectors' base).")
 _DATA_ROOT = typer.Option(None, "--data-root", help="Data root of the real datasets (default $TVTOOL_DATA).")
 _DEVICE = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")
 _BATCH = typer.Option(256, "--batch-size", help="Evaluation batch size.")
@@ -163,7 +164,9 @@ def accuracy_cmd(
                                    f"Example: tvtool eval addition cars.st dtd.st eurosat.st --grid {ALPHA_GRID}")
 def addition_cmd(
     vectors: List[Path] = typer.Argument(..., help="One single-task vector per task."),
-    grid: str = typer.Option(ALPHA_GRID, "--grid", help="START:STOP:STEP (inclusive) or a list 0,0.3,0.5."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="START:STOP:STEP (inclusive) or a list 0,0.3,0.5 "
+                                       f"(default: {ALPHA_GRID}, the protocol's; with --merged, the merge method's own "
+                                       "grid from its paper, see `tvtool merge --list`)."),
     merged: Optional[Path] = typer.Option(None, "--merged", help="A vector made by `tvtool merge` from VECTORS: the "
                                                                "alpha search scales it instead of their sum."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
@@ -174,12 +177,21 @@ def addition_cmd(
 ):
     from .. import evaluate as ev
 
-    g = ev.parse_grid(grid)
+    g = ev.parse_grid(grid) if grid is not None else None
     vecs, evaluator = _setup(vectors, model, pretrained, None, ["val", "test"], data_root, device, batch_size,
                              (json_out,), force, max_examples, linearized, data_on_device)
     merged_vec = ev.open_vectors([merged])[0] if merged is not None else None
     if merged_vec is not None:
         ev.check_base([merged_vec], evaluator.bundle)
+    if g is None:
+        g = list(ev.DEFAULT_GRID)
+        from ..merge import alpha_grid, get_method, merged_method
+
+        method = merged_method(merged_vec.meta) if merged_vec is not None else None
+        if method is not None:
+            g = alpha_grid(method)
+            _progress(f"addition: alpha grid {get_method(method).alpha_grid} ({method}'s default: "
+                      f"{get_method(method).alpha_source})")
     result = ev.addition(evaluator, vecs, g, merged=merged_vec, progress=_progress)
 
     def table(console):

@@ -37,6 +37,7 @@ import torch
 
 from .. import defaults
 from ..errors import TVToolError
+from ..fileio import OutputError
 from .base import DatasetSpec, Listing, protocol_val_split, resolve_data_root, templates_path
 from .cachefile import (CHUNK, CacheBuild, ImageSplit, build_lock, cache_problem, human, write_cache,  # noqa: F401
                         write_rows)
@@ -159,8 +160,9 @@ def _build(listing: Listing, rows, path: Path, key: str, image_size: int, *, wha
                         advance(min(CHUNK, n - start))
                 finally:
                     pool.shutdown(wait=True, cancel_futures=True)
+    except OutputError:  # already one line, the partial file removed
+        raise
     except OSError as exc:
-        b.close()
         b.fail(exc)
     except cf.process.BrokenProcessPool:
         b.close()

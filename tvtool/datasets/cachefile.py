@@ -9,8 +9,8 @@ size), rows are written where they belong as they are decoded, and a log beside 
 records each finished chunk, so a build that is killed continues where it stopped. Examples that could not be
 decoded leave a hole that :meth:`CacheBuild.finish` closes by moving the later rows down; it then writes the labels
 and the header and renames the file into place. The space of the whole file is reserved before the first image is
-decoded (refused at once when the disk is too small); a disk that fills anyway loses the partial file, never a
-finished cache.
+decoded (refused at once when the disk is too small); a write that fails anyway (a full disk, a file-size limit)
+removes the partial file and says so in one line, and never touches a finished cache.
 
 Reading (:class:`ImageSplit`): the file is opened and validated as a safetensors file (memory-mapped for that), then
 batches are read by row with ``pread`` straight into their destination buffers, so resident memory stays at the
@@ -58,7 +58,7 @@ def human(nbytes: float) -> str:
 
 
 def _disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 # ------------------------------------------------------------------------------------------------ header and digests
@@ -147,7 +147,11 @@ class CacheBuild:
         """Open the partial file, resuming a matching one; returns the number of rows already decoded.
 
         A fresh build first checks the free disk space against the whole file and reserves it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.path.parent}: cannot create the cache folder ({exc.strerror or exc}); set "
+                              "TVTOOL_CACHE to a writable folder") from None
         if resume and self._resume():
             return sum(min(CHUNK, self.n - s) for s in self.done)
         self.discard()
@@ -279,16 +283,20 @@ class CacheBuild:
         return keep
 
     def fail(self, exc: OSError):
-        """Raise an OSError of the build as one line; a full disk also removes the partial file (nothing
-        half-written is kept), other errors keep it for the next run to resume."""
+        """Raise an OSError of the build (a full disk, a file-size limit, no permission) as one line naming the file;
+        the partial file is removed first: nothing half-written is kept."""
+        self.discard()
+        why = exc.strerror or str(exc)
         if _disk_full(exc):
-            self.discard()
-            free = shutil.disk_usage(self.path.parent).free
-            raise TVToolError(f"{self.path}: the disk filled up while writing this image cache ({human(self.size)} "
-                              f"needed, {human(free)} free now); the partial file was removed. Free some space or "
-                              "set TVTOOL_CACHE to a folder on a larger disk") from None
-        raise TVToolError(f"{self.path}: cannot write the image cache ({exc.strerror or exc}); set TVTOOL_CACHE to "
-                          "a writable folder") from None
+            try:
+                free = f", {human(shutil.disk_usage(self.path.parent).free)} free now"
+            except OSError:
+                free = ""
+            raise OutputError(f"{self.path}: cannot write the image cache ({why}; {human(self.size)} needed{free}); "
+                              "the partial file was removed. Free some space or set TVTOOL_CACHE to a folder on a "
+                              "larger disk") from None
+        raise OutputError(f"{self.path}: cannot write the image cache ({why}); set TVTOOL_CACHE to a writable "
+                          "folder") from None
 
     def close(self) -> None:
         """Stop without finishing (interrupted): what is logged stays for the next run to resume."""

@@ -11,12 +11,11 @@ metadata names the classes (a ``ClassLabel``). tvtool reads one from
   which ``datasets.load_dataset("tanganke/<name>")`` or ``hf download`` fill.
 
 Rows keep the snapshot's order (shards in name order), so the protocol's Val split (10% of train, seed 0) is drawn
-over that order. Images are decoded through the same opener as the folder layouts (``files.open_image``); a cell
-without embedded bytes is an unreadable example. Reading needs ``pyarrow`` (``pip install pyarrow``).
+over that order. Images are decoded with the same checks as the folder layouts' files (``files.image_from_bytes``:
+the dataset formats only, Pillow's pixel bound); a cell without embedded bytes is an unreadable example. Reading needs ``pyarrow`` (``pip install pyarrow``).
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -29,7 +28,7 @@ import numpy as np
 from .._lazy import lazy_module
 from ..errors import TVToolError
 from .base import Listing, get_dataset, templates_path
-from .files import open_image
+from .files import image_from_bytes
 
 torch = lazy_module("torch")
 
@@ -221,7 +220,7 @@ def snapshot_listing(snap: Snapshot, split: str) -> Listing:
         data = reader.image_bytes(k, i - starts[k])
         if data is None:
             raise ValueError("no embedded image bytes")
-        return open_image(io.BytesIO(data))
+        return image_from_bytes(data, ids[i])
 
     return Listing(ids, torch.from_numpy(all_labels), open_row, source=f"Hugging Face snapshot {snap.folder} ({split})",
                    fingerprint=";".join(fps))
