@@ -115,7 +115,11 @@ def test_ctrl_c_exits_130(tmp_path):
                              "--log-every", "1", "--device", "cpu", "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    first = proc.stderr.readline()  # the first plain progress line: training has started
+    first = ""
+    for _ in range(20):  # up to the first progress line (the data placement line comes before it): training started
+        first = proc.stderr.readline()
+        if "step" in first or not first:
+            break
     assert "step" in first, first
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)

@@ -286,7 +286,9 @@ def mini_world(tmp_path, monkeypatch):
             return x[:3].repeat(c, 1, 1, 1), torch.arange(c).repeat_interleave(3)
         return x, torch.randint(0, 3, (12,), generator=gen)
 
-    monkeypatch.setattr("tvtool.datasets.load_split", fake_split)
+    from tvtool.datasets import ImageSplit
+
+    monkeypatch.setattr("tvtool.datasets.open_split", lambda *a, **k: ImageSplit.from_tensors(*fake_split(*a, **k)))
     return tmp_path, paths
 
 

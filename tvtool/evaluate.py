@@ -2,7 +2,8 @@
 the weight-disentanglement error map.
 
 Everything that does not depend on alpha is built once by :class:`Evaluator`: the zero-shot head of each task, the
-uint8 inputs of each (task, split) on the device, and theta_0 of the image tower on the device. A grid point then costs
+uint8 inputs of each (task, split) on the device (or, for splits over the device's budget, streamed from the cache
+file batch by batch: ``tvtool/feed.py``), and theta_0 of the image tower on the device. A grid point then costs
 one in-place weight update (``p.copy_(theta0).add_(tau, alpha=a)``) plus the forward passes; correct counts stay on
 the device and are read once per (task, split). On the tangent model (linearized vectors) a whole grid costs one jvp
 per batch (:meth:`Evaluator.sweep`): its features are affine in alpha.
@@ -165,11 +166,13 @@ class Evaluator:
     to the data layer; :meth:`from_parts` takes plain objects (an image tower, heads, input tensors) instead.
     Heads and inputs are built lazily on first use and then kept on the device. ``max_examples`` keeps only the
     first N examples of each split (quick looks; the protocol's figures use whole splits, the default).
+    ``data_on_device`` (auto | yes | no) chooses between holding a split's images on the device and streaming them.
     """
 
     def __init__(self, bundle, tasks: Sequence[str], data_root=None, splits: Sequence[str] = ("val", "test"),
                  device: str | None = None, batch_size: int = 256, max_examples: int | None = None,
-                 linearized: bool = False):
+                 linearized: bool = False, data_on_device: str = "auto"):
+        from .feed import Placement
         from .models import default_device
 
         device = device or default_device()
@@ -181,6 +184,7 @@ class Evaluator:
         self.data_root = data_root
         self.max_examples = max_examples
         self._setup(bundle.model.visual, {}, {}, bundle.mean, bundle.std, device, batch_size)
+        self._placement = Placement(self.device, data_on_device, announce_held=False)
         self.tasks = list(tasks)
         self.splits = list(splits)
         self.linearized = False
@@ -288,25 +292,33 @@ class Evaluator:
         if key not in self._inputs:
             if self.bundle is None:
                 raise TVToolError(f"no inputs for task {task!r} split {split!r} in this evaluator")
-            from .datasets import load_split
+            from . import datasets
+            from .feed import StreamedImages
 
-            x, y = load_split(task, split, self.data_root, self.bundle.image_size)
+            data = datasets.open_split(task, split, self.data_root, self.bundle.image_size)
             if self.max_examples is not None:
-                x, y = x[:self.max_examples].clone(), y[:self.max_examples].clone()  # drop the rest
-            if y.numel() == 0:
+                data = data.head(self.max_examples)  # only these are ever read
+            if len(data) == 0:
                 raise TVToolError(f"{task}: split {split!r} is empty; check the dataset (`tvtool data check`)")
-            self._inputs[key] = (x.to(self.device), y.to(self.device))
+            held = self._placement.hold(data.nbytes, f"{task}/{split}", len(data))
+            x = data.to(self.device) if held else StreamedImages(data, self.device)
+            self._inputs[key] = (x, data.labels.to(self.device))
         return self._inputs[key]
+
+    def _batches(self, task: str, split: str):
+        """The split's uint8 images in evaluation batches, on the device (held or streamed)."""
+        from .feed import batches
+
+        return batches(self.inputs(task, split)[0], self.batch_size)
 
     # ---- inference
     @torch.inference_mode()
     def predict(self, task: str, split: str) -> torch.Tensor:
         """Predicted class of every example, int64 on the device (no host sync)."""
         head = self.head(task)
-        x, _ = self.inputs(task, split)
         preds = []
-        for i in range(0, x.shape[0], self.batch_size):
-            xb = torch.addcmul(self._shift, x[i:i + self.batch_size].float(), self._scale)
+        for x in self._batches(task, split):
+            xb = torch.addcmul(self._shift, x.float(), self._scale)
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
                 feats = self.visual(xb)
             if isinstance(feats, tuple):
@@ -385,11 +397,10 @@ class Evaluator:
         since the features are f(x; theta_0) + sum_k c_k J(x) v_k."""
         self.reset()
         head = self.head(task)
-        x, _ = self.inputs(task, split)
         coef = torch.tensor(coefs, dtype=torch.float32, device=self.device).view(len(coefs), len(tangents), 1, 1)
         preds = []
-        for i in range(0, x.shape[0], self.batch_size):
-            xb = torch.addcmul(self._shift, x[i:i + self.batch_size].float(), self._scale)
+        for x in self._batches(task, split):
+            xb = torch.addcmul(self._shift, x.float(), self._scale)
             jouts = []
             for tangent in tangents:
                 with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast):

@@ -82,7 +82,7 @@ class Recipe:
         roots (with the splits each step reads) and weights spec, the output folder, and the evaluation steps'
         tasks and control task. `run_recipe` calls it first, so a bad control task fails in seconds, not after
         hours of training."""
-        from .datasets.base import check_available
+        from .datasets.sources import check_available
         from .evaluate import default_control
 
         from .trainconfig import check_weights_spec

@@ -5,9 +5,10 @@ steps, batch 128, gradient clipping 1.0 on the total gradient, frozen zero-shot 
 training on the Val-held-out split. OrthoReg adds lambda * sum_l ||dW_l^T dW_l - I||_F^2, computed every forward
 (every micro-batch) in fp32.
 
-Speed: the uint8 training images live on the device once; each step gathers a batch by index, crops, resizes and
-normalizes it there (no JPEG decoding, no host copies), runs under bf16 autocast on CUDA, and never synchronizes
-with the host except at logging and checkpoint steps.
+Speed: the uint8 training images live on the device once when they fit (else a background thread streams each
+batch from the cache file ahead of the step: ``tvtool/feed.py``, ``--data-on-device``); each step gathers a batch by
+index, crops, resizes and normalizes it there (no JPEG decoding), runs under bf16 autocast on CUDA, and never
+synchronizes with the host except at logging and checkpoint steps.
 
 Survival: seeds are set; the data order of epoch e is a permutation seeded by (seed, e) and each step's
 augmentation by (seed, step), so a run resumed from a checkpoint (trainable tensors + optimizer state + step) ends
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .errors import TVToolError, spell, warn
+from .feed import epoch_permutation  # noqa: F401  (the data order; tests and tools read it here too)
 from .fileio import check_append, open_append
 
 # TrainConfig and the choices of its options live in a torch-free module (the CLI checks options before importing
@@ -53,12 +55,6 @@ from .trainconfig import (  # noqa: F401,E402
 
 
 # ------------------------------------------------------------------------------------------------ small pieces
-def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The data order of one epoch: a permutation seeded by (seed, epoch) alone, so a resumed run sees the same."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
-    return torch.randperm(n, generator=g)
-
-
 def step_seed(seed: int, step: int) -> int:
     """The seed of one optimizer step's augmentation (and Hutchinson probes)."""
     return (seed * 7_919 + step * 131) % 2**64
@@ -332,6 +328,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     simulate a killed run).
     """
     from . import datasets, heads, models, parallel, variants
+    from .feed import Placement, TrainFeed
     from .orthoreg import OrthoReg
     from .taskvector import check_output, history_entry, new_meta, write_vector
 
@@ -372,11 +369,10 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                if k.startswith("visual.")} if rank == 0 else {}
     head = heads.zero_shot_head(bundle, spec)
     size = bundle.image_size
-    train_x, train_y = datasets.load_split(cfg.task, "train", cfg.data_root, size)
-    n_train = train_y.numel()
+    train_data = datasets.open_split(cfg.task, "train", cfg.data_root, size)
+    n_train = len(train_data)
     if n_train == 0:  # 0 steps would write an all-zero vector that looks like a result
         raise TVToolError(f"{cfg.task}: the training split is empty; check the data with `tvtool data check`")
-    train_x, train_y = train_x.to(device), train_y.to(device)
     mean = torch.tensor(bundle.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(bundle.std, device=device).view(1, 3, 1, 1)
 
@@ -459,42 +455,35 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     per_rank = micro // world
     if per_rank * world != micro:
         raise TVToolError(f"micro-batch {micro} is not divisible by {world} processes")
+    placement = Placement(device, cfg.data_on_device, say=None if rank == 0 else (lambda line: None))
+    feed = TrainFeed(train_data, device, placement.hold(train_data.nbytes, f"{cfg.task}/train", n_train),
+                     seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, world=world, rank=rank,
+                     steps_per_epoch=steps_per_epoch, first_step=step, total_steps=total_steps)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     loss_acc = torch.zeros((), device=device)
     pen_acc = torch.zeros((), device=device)
     t_start, seen, last_log = time.perf_counter(), 0, step
     t_log, seen_at_log = t_start, 0  # throughput is reported per logging interval
-    perm, perm_epoch = None, -1
     record = {"task_loss": float("nan"), "penalty": 0.0}
     step_module.train()
     while step < total_steps:
-        epoch = step // steps_per_epoch
-        if epoch != perm_epoch:
-            perm = epoch_permutation(cfg.seed, epoch, n_train).to(device)
-            perm_epoch = epoch
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Seeded by the step alone, not the rank: every rank draws the same crops for the whole global batch and
         # takes its own slice, so a torchrun run sees exactly the images a one-process run sees.
         gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step))
-        batch_idx = perm[(step % steps_per_epoch) * cfg.batch_size:][: cfg.batch_size]
-        n_batch = batch_idx.numel()  # the last batch of an epoch can be short
-        boxes = crop_boxes(n_batch, train_x.shape[-2], train_x.shape[-1], gen, device)
-        positions = torch.arange(n_batch, device=device)
-        for m in range(cfg.grad_accum):
-            pos = torch.tensor_split(positions[m * micro:(m + 1) * micro], world)[rank]
-            n_real = pos.numel()
-            if n_real == 0:
-                # a short last batch can leave this rank no image in this micro-batch: it still runs the step on one
-                # stand-in image weighted 0, so every rank runs the same forward and backward (DDP's gradient
-                # buckets, FSDP's gathers) and the penalty is still added once per micro-batch
-                pos = positions[:1]
-            idx = batch_idx.index_select(0, pos)
-            x = train_x.index_select(0, idx).float().div_(255)
-            x = resized_crop(x, boxes.index_select(0, pos), size)
+        # the step's batch: its size (the last batch of an epoch can be short) and, per micro-batch, the span [a, b)
+        # of it this rank trains on, balanced across ranks. A short last batch can leave a rank no image in a
+        # micro-batch (n_real 0): the feed then hands it one stand-in image weighted 0, so every rank runs the same
+        # forward and backward (DDP's gradient buckets, FSDP's gathers) and the penalty is still added once per
+        # micro-batch.
+        n_batch, micro_batches = feed.step(step)
+        boxes = crop_boxes(n_batch, size, size, gen, device)
+        for m, ((a, b), n_real, images, y) in enumerate(micro_batches):
+            x = images.float().div_(255)
+            x = resized_crop(x, boxes[a:b], size)
             x = (x - mean) / std
-            y = train_y.index_select(0, idx)
             probes = reg.draw_probes(gen) if reg is not None else None
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -554,12 +543,14 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                                 total_steps=total_steps)
             owns_checkpoint = owns_checkpoint or at_ckpt  # written by this run: removed when it finishes
         if stop_after is not None and step >= stop_after:
+            feed.close()
             if log_file:
                 log_file.close()
             if world > 1:  # every rank leaves after rank 0 has written its checkpoint
                 torch.distributed.barrier()
             return TrainResult(out, step, record["task_loss"], record["penalty"])
     elapsed = time.perf_counter() - t_start
+    feed.close()
     if log_file:
         log_file.close()
 
@@ -576,7 +567,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
         _warn_if_unmoved(cfg, deltas, base_sq, metrics)
         final = {"task_loss": record["task_loss"], "penalty": record["penalty"]}
         train_info = {**{k: v for k, v in dataclasses.asdict(cfg).items()
-                         if k not in ("device", "data_root", "checkpoint_dir", "keep_checkpoints")},
+                         if k not in ("device", "data_root", "checkpoint_dir", "keep_checkpoints", "data_on_device")},
                       "steps": step, "epochs": epochs, "world_size": world, "final": final,
                       "seconds": elapsed, "device": device}
         # a local weights path is recorded absolute, so `eval` finds the base from any working directory; anything
@@ -619,7 +610,7 @@ def _accuracies(eval_bundle, cfg: TrainConfig, device: str, deltas: dict, prefix
     from .evaluate import Evaluator
 
     ev = Evaluator(eval_bundle, [cfg.task], cfg.data_root, device=device, batch_size=cfg.eval_batch_size,
-                   linearized=cfg.mode == "linear")
+                   linearized=cfg.mode == "linear", data_on_device=cfg.data_on_device)
     if deltas:
         ev.set_weights({k: v.to(device) for k, v in deltas.items()}, 1.0)
     out = {f"{prefix}{split}_acc": ev.accuracy(cfg.task, split) for split in ("val", "test")}

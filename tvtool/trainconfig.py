@@ -106,6 +106,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     log_every: int = 20
     keep_checkpoints: bool = False       # keep the checkpoint folder after a finished run
+    data_on_device: str = "auto"         # auto | yes | no: hold the split's images on the device or stream them
 
     def resolved(self) -> "TrainConfig":
         """Defaults filled in and every option checked (types, finite numbers, ranges, combinations)."""
@@ -155,6 +156,8 @@ class TrainConfig:
         for name in ("eval", "keep_checkpoints", "compile", "fsdp"):
             if not isinstance(getattr(c, name), bool):
                 raise TVToolError(f"{name} must be true or false, got {getattr(c, name)!r}")
+        if c.data_on_device not in ("auto", "yes", "no"):
+            raise TVToolError(f"{option_name('data_on_device')} {c.data_on_device!r}: use auto, yes or no")
         if c.precision not in ("auto", "fp32", "bf16"):
             raise TVToolError(f"{option_name('precision')} {c.precision!r}: use auto, fp32 or bf16")
         if c.compile_mode not in COMPILE_MODES:
@@ -187,7 +190,7 @@ class TrainConfig:
         """:meth:`resolved` plus everything checkable without building a model: the dataset is registered, its
         data root holds the splits the run reads, and the weights spec names a known tag or an existing file.
         ``finetune`` calls it first, so a mistake costs seconds, not a model build."""
-        from .datasets.base import check_available
+        from .datasets.sources import check_available
 
         c = self.resolved()
         check_available(c.task, ("train", "val", "test") if c.eval else ("train",), c.data_root)
@@ -225,7 +228,7 @@ def config_key(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the run it continues (and that determine its vector)."""
     d = dataclasses.asdict(cfg)
     for k in ("device", "eval", "eval_batch_size", "checkpoint_every", "checkpoint_dir", "log_every", "data_root",
-              "keep_checkpoints", "compile", "compile_mode", "compile_backend", "fsdp"):
+              "keep_checkpoints", "compile", "compile_mode", "compile_backend", "fsdp", "data_on_device"):
         d.pop(k)
     if d["orthoreg_precision"] == "fp32":  # the default before the option existed: older digests stay valid
         d.pop("orthoreg_precision")

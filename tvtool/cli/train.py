@@ -89,6 +89,10 @@ def finetune(
                                    "Not with --compile or --mode linear."),
     no_eval: bool = typer.Option(not D["eval"], "--no-eval",
                                  help="Skip the zero-shot / fine-tuned accuracy measurements."),
+    data_on_device: str = typer.Option(D["data_on_device"], "--data-on-device",
+                                       help="auto | yes | no: hold the training images on the device (auto: when "
+                                            "they fit its memory budget) or stream each batch from the cache ahead "
+                                            "of the step; the trained vector is the same."),
     checkpoint_every: int = typer.Option(D["checkpoint_every"], "--checkpoint-every",
                                          help="Save a resumable checkpoint every N steps."),
     checkpoint_dir: Optional[str] = typer.Option(D["checkpoint_dir"], "--checkpoint-dir",
@@ -134,7 +138,7 @@ def finetune(
                       data_root=data_root, device=device, precision=precision,
                       compile=compile or compile_mode is not None,
                       compile_mode=compile_mode or D["compile_mode"], fsdp=fsdp,
-                      eval=not no_eval,
+                      eval=not no_eval, data_on_device=data_on_device,
                       checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, log_every=log_every,
                       keep_checkpoints=keep_checkpoints)
     resolved = cfg.resolved()
@@ -148,7 +152,7 @@ def finetune(
     with destination(output, finetune_name(resolved)) as target:
         if not resume:
             check_output(target.path, force)  # refused before the trainer is imported
-        from ..datasets.base import check_available
+        from ..datasets.sources import check_available
 
         check_available(resolved.task, ("train", "val", "test") if resolved.eval else ("train",), resolved.data_root)
         announce(target)
