@@ -525,3 +525,79 @@ def test_cli_alpha_and_threshold_checked_before_any_model(mini_world, capsys, mo
 def test_eval_accuracy_alpha_bounded_in_the_api():
     with pytest.raises(TVToolError, match="must be >= -1000"):
         ev.eval_accuracy(None, [], alpha=1e300)
+
+
+def _tangent_world(seed=2, scale=0.3):
+    """A mini tower, two tasks' parts and a linear-mode vector big enough that the tangent model and the ordinary
+    model score it differently."""
+    import open_clip
+
+    import tvtool.models  # noqa: F401
+
+    torch.manual_seed(seed)
+    visual = open_clip.create_model("tvtool-mini", pretrained=None).visual
+    heads = {"t1": torch.nn.functional.normalize(torch.randn(5, 96), dim=-1) * 100}
+    inputs = {("t1", s): (torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 5, (64,)))
+              for s in ("val", "test")}
+    tau = {f"visual.{n}": scale * torch.randn_like(p) for n, p in visual.named_parameters() if p.ndim == 2}
+    return visual, heads, inputs, tau
+
+
+def _evaluator(visual, heads, inputs, linearized):
+    e = ev.Evaluator.from_parts(copy.deepcopy(visual), heads, inputs, [0.5] * 3, [0.25] * 3)
+    if linearized:
+        e._linearize()
+    return e
+
+
+def _direct(visual, heads, inputs, tau, linearized, split="test"):
+    """acc(theta_0 + tau) computed without the cache: a fresh evaluator, the weights set by hand."""
+    e = _evaluator(visual, heads, inputs, linearized)
+    e.set_weights(tau, 1.0)
+    return e.accuracy("t1", split)
+
+
+def test_finetuned_accuracy_cache_keeps_the_tangent_and_the_ordinary_model_apart(tmp_path):
+    """Issue 23: a linear-mode vector's single-task accuracy on the ordinary model was cached under a key without the
+    model, and returned as its tangent-model figure (and vice versa)."""
+    visual, heads, inputs, tau = _tangent_world()
+    vec_path = tmp_path / "lin.st"
+    write_vector(vec_path, tau, new_meta(BASE, tasks=["t1"], mode="linear", fingerprint="fp:lin-cache"))
+    vec = open_vector(vec_path)
+    ordinary, tangent = _direct(visual, heads, inputs, tau, False), _direct(visual, heads, inputs, tau, True)
+    assert ordinary != tangent  # the two models really disagree on this vector
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, False), vec, "test") == (ordinary, "computed")
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, True), vec, "test") == (tangent, "computed")
+    # each figure is cached under its own model
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, True), vec, "test") == (tangent, "cache")
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, False), vec, "test") == (ordinary, "cache")
+
+
+def test_recorded_metrics_are_used_only_on_the_model_they_were_measured_on(tmp_path):
+    """A linear-mode vector records its tangent-model accuracy: the ordinary model must measure its own."""
+    visual, heads, inputs, tau = _tangent_world(seed=3)
+    vec_path = tmp_path / "lin.st"
+    meta = new_meta(BASE, tasks=["t1"], mode="linear", fingerprint="fp:lin-meta")
+    meta["metrics"] = {"val_acc": 0.123, "test_acc": 0.456}
+    write_vector(vec_path, tau, meta)
+    vec = open_vector(vec_path)
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, True), vec, "test") == (0.456, "metadata")
+    ordinary = _direct(visual, heads, inputs, tau, False)
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, False), vec, "test") == (ordinary, "computed")
+
+
+def test_metrics_cache_is_keyed_by_the_head_and_the_examples(tmp_path):
+    """Same vector, same model: another head or other examples give another figure, never the cached one."""
+    visual, heads, inputs, tau = _tangent_world(seed=4)
+    write_vector(tmp_path / "v.st", tau, new_meta(BASE, tasks=["t1"], mode="full", fingerprint="fp:keyed"))
+    vec = open_vector(tmp_path / "v.st")
+    first = ev.finetuned_accuracy(_evaluator(visual, heads, inputs, False), vec, "test")
+    assert first[1] == "computed"
+    other_heads = {"t1": -heads["t1"]}
+    assert ev.finetuned_accuracy(_evaluator(visual, other_heads, inputs, False), vec, "test") == \
+        (_direct(visual, other_heads, inputs, tau, False), "computed")
+    x, y = inputs[("t1", "test")]
+    other_inputs = {**inputs, ("t1", "test"): (x, (y + 1) % 5)}
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, other_inputs, False), vec, "test") == \
+        (_direct(visual, heads, other_inputs, tau, False), "computed")
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, False), vec, "test") == (first[0], "cache")

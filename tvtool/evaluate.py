@@ -296,6 +296,25 @@ class Evaluator:
             self._inputs[key] = (x.to(self.device), y.to(self.device))
         return self._inputs[key]
 
+    def head_identity(self, task: str) -> str:
+        """A digest of the task's head (text tower, class names, templates and logit scale all end up in it)."""
+        h = self.head(task)
+        return hashlib.sha256(h.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    def inputs_identity(self, task: str, split: str) -> str:
+        """A cheap digest of a split's tensors: count, all labels and a strided sample of the pixels (remembered per
+        split). Keys the metrics cache, so a regenerated or re-decoded split is never answered from it."""
+        memo = self.__dict__.setdefault("_inputs_identity", {})
+        if (task, split) not in memo:
+            x, y = self.inputs(task, split)
+            flat = x.reshape(-1)
+            step = max(1, flat.numel() // 65536)
+            h = hashlib.sha256(repr((tuple(x.shape), str(x.dtype))).encode())
+            h.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+            h.update(flat[::step].to("cpu").contiguous().numpy().tobytes())
+            memo[(task, split)] = h.hexdigest()[:16]
+        return memo[(task, split)]
+
     # ---- inference
     @torch.inference_mode()
     def predict(self, task: str, split: str) -> torch.Tensor:
@@ -470,17 +489,26 @@ def finetuned_accuracy(ev: Evaluator, vec, split: str) -> tuple[float, str]:
     """The single-task fine-tuned accuracy of ``vec`` on its task: (value, source).
 
     From the vector's ``metrics`` when recorded; otherwise computed as acc(theta_0 + tau_t) on task t and cached
-    under ``$TVTOOL_CACHE/metrics/`` keyed by the vector and base fingerprints (the input file is never rewritten).
+    under ``$TVTOOL_CACHE/metrics/`` keyed by the vector and base fingerprints, the data, and the model evaluated
+    (the tangent model or not: a linear-mode vector's accuracy differs between the two); the input file is never
+    rewritten.
     """
     task = vector_task(vec)
     recorded = (vec.meta.get("metrics") or {}).get(f"{split}_acc")
-    # recorded figures are whole-split ones: a subset (max_examples) needs its own, computed on the same subset
-    if isinstance(recorded, (int, float)) and 0 <= recorded <= 1 and ev.max_examples is None:
+    # recorded figures are whole-split ones, measured on the model the vector was trained as (the tangent model for
+    # linear mode): a subset (max_examples) or the other model needs its own figure, computed here
+    trained_linear = (vec.meta.get("mode") or "full") == "linear"
+    if isinstance(recorded, (int, float)) and 0 <= recorded <= 1 and ev.max_examples is None \
+            and trained_linear == bool(ev.linearized):
         return float(recorded), "metadata"
     fp = vec.fingerprint
-    key = {"vector": fp, "base": (ev.bundle.fingerprint if ev.bundle else None), "task": task, "split": split,
-           "data_root": str(Path(ev.data_root).resolve()) if ev.data_root else os.environ.get("TVTOOL_DATA"),
-           "max_examples": ev.max_examples}
+    # everything the figure depends on: the vector, the model (weights, architecture: GELU and QuickGELU share
+    # weights; tangent or not), the head, the examples (identity of the split's tensors, not only their path)
+    key = {"vector": fp, "base": (ev.bundle.fingerprint if ev.bundle else None),
+           "model": ev.bundle.name if ev.bundle else None, "linearized": bool(ev.linearized), "task": task,
+           "split": split, "data_root": str(Path(ev.data_root).resolve()) if ev.data_root
+           else os.environ.get("TVTOOL_DATA"), "max_examples": ev.max_examples, "head": ev.head_identity(task),
+           "inputs": ev.inputs_identity(task, split)}
     path = _metrics_cache_path(vec, key) if fp != "unknown" else None
     if path is not None and path.is_file():
         try:
