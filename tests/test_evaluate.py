@@ -601,3 +601,70 @@ def test_metrics_cache_is_keyed_by_the_head_and_the_examples(tmp_path):
     assert ev.finetuned_accuracy(_evaluator(visual, heads, other_inputs, False), vec, "test") == \
         (_direct(visual, heads, other_inputs, tau, False), "computed")
     assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, False), vec, "test") == (first[0], "cache")
+
+
+def test_addition_against_a_baseline_divides_by_the_baselines_single_task_accuracy(tmp_path):
+    """norm_acc_vs_baseline = mean_t acc_merged(t) / acc(theta_0 + tau_baseline_t on t): checked against accuracies
+    computed by an independent forward; the paper's Norm.Acc keeps its own denominators."""
+    visual, heads, inputs, taus = _random_parts(seed=7)
+    _, _, _, base_taus = _random_parts(seed=8)
+    ref = copy.deepcopy(visual)
+    vecs = [_write(tmp_path / f"{t}.st", taus[t], t, metrics={"val_acc": 0.5, "test_acc": 0.4}) for t in ("t1", "t2")]
+    base = [_write(tmp_path / f"base-{t}.st", base_taus[t], t) for t in ("t2", "t1")]  # any order
+    e = ev.Evaluator.from_parts(visual, heads, inputs, mean=(0, 0, 0), std=(1, 1, 1))
+    res = ev.addition(e, vecs, [0.0, 0.5, 1.0], baseline=base)
+
+    def acc(terms, t):
+        x, y = inputs[(t, "test")]
+        return _direct_preds(ref, _combined(ref, terms), heads[t], x).eq(y).float().mean().item()
+
+    base_ft = {t: acc([(base_taus[t], 1.0)], t) for t in ("t1", "t2")}
+    assert all(0 < a < 1 for a in base_ft.values())
+    a = res["alpha"]
+    merged = {t: acc([(taus["t1"], a), (taus["t2"], a)], t) for t in ("t1", "t2")}
+    assert res["baseline"]["finetuned_acc"]["test"] == pytest.approx(base_ft)
+    assert res["norm_acc_vs_baseline"] == pytest.approx(np.mean([merged[t] / base_ft[t] for t in merged]))
+    assert res["norm_acc"] == pytest.approx(np.mean([merged[t] / 0.4 for t in merged]))  # own denominators
+    assert res["finetuned_mean_acc"] == pytest.approx(0.4)
+    assert res["baseline"]["finetuned_mean_acc"] == pytest.approx(np.mean(list(base_ft.values())))
+    assert [v["path"] for v in res["baseline"]["vectors"]] == [str(b.path) for b in base]
+    assert ev.addition(e, vecs, [0.0, 1.0])["norm_acc_vs_baseline"] is None  # no baseline, no figure
+    with pytest.raises(TVToolError, match="one baseline vector per task"):
+        ev.addition(e, vecs, [0.0, 1.0], baseline=base[:1])
+
+
+def test_cli_addition_baseline(mini_world, capsys):
+    from tvtool.cli import main
+
+    tmp, paths = mini_world
+    bases = []
+    for p, acc in zip(paths, (0.5, 0.25)):  # the same tensors, other recorded single-task accuracies
+        v = open_vector(p)
+        meta = dict(v.meta, metrics={"val_acc": 0.9, "test_acc": acc})
+        write_vector(tmp / f"base-{v.tasks[0]}.st", {k: v.get(k) for k in v.keys()}, meta)
+        bases.append(str(tmp / f"base-{v.tasks[0]}.st"))
+    assert main(["eval", "addition", *paths, "--grid", "0:1:0.5", "--baseline", ",".join(bases[::-1]), "--json",
+                 "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    test = res["test_acc"]
+    assert res["norm_acc_vs_baseline"] == pytest.approx((test["mini-shapes"] / 0.5 + test["mini-colors"] / 0.25) / 2)
+    assert res["norm_acc"] == pytest.approx((test["mini-shapes"] + test["mini-colors"]) / 2 / 0.8)
+    assert res["finetuned_mean_acc"] == pytest.approx(0.8) and res["baseline"]["finetuned_mean_acc"] == 0.375
+    assert main(["eval", "addition", *paths, "--grid", "0:1:0.5", "--baseline", ",".join(bases),
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "vs baseline" in out and "37.50" in out  # the baseline's mean single-task accuracy
+    # the wrong tasks, a missing file and a baseline of another mode: one line each, before any model
+    for bad, needle in ((bases[0], "one baseline vector per task"), (str(tmp / "nope.st"), "no such file")):
+        assert main(["eval", "addition", *paths, "--baseline", bad]) == 1
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1
+    linear = []
+    for b in bases:
+        v = open_vector(b)
+        write_vector(tmp / f"lin-{v.tasks[0]}.st", {k: v.get(k) for k in v.keys()}, dict(v.meta, mode="linear"))
+        linear.append(str(tmp / f"lin-{v.tasks[0]}.st"))
+    for bad in (",".join(linear), f"{linear[0]},{bases[1]}"):
+        assert main(["eval", "addition", *paths, "--baseline", bad]) == 1
+        err = capsys.readouterr().err
+        assert "--baseline vectors call for another model" in err and err.count("\n") == 1

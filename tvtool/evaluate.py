@@ -555,16 +555,37 @@ def eval_accuracy(ev: Evaluator, vectors=(), alpha: float = 1.0, tasks: Sequence
             "split": split, "tasks": tasks, "accuracy": acc, "mean_accuracy": _mean(acc.values())}
 
 
+def norm_vs_baseline(test_acc: Mapping[str, float], baseline_acc: Mapping[str, float]
+                     ) -> tuple[dict[str, float | None], float | None]:
+    """Merged accuracy over a fixed baseline's single-task accuracies: (per task, mean over tasks).
+
+    The paper's Norm.Acc divides by each method's *own* single-task accuracies, so a method that fine-tunes worse
+    scores higher; with one baseline (plain fine-tuning of the same tasks) as the denominator for every method, the
+    figure moves only with the merged model."""
+    per_task = {t: (a / baseline_acc[t] if baseline_acc.get(t) else None) for t, a in test_acc.items()}
+    known = [v for v in per_task.values() if v is not None]
+    return per_task, (_mean(known) if known and len(known) == len(per_task) else None)
+
+
 def addition(ev: Evaluator, vectors, grid: Sequence[float] = DEFAULT_GRID, *, val_split: str = "val",
-             test_split: str = "test", merged=None, progress: Progress | None = None) -> dict:
+             test_split: str = "test", merged=None, baseline=None, progress: Progress | None = None) -> dict:
     """The protocol's task addition: alpha from ``grid`` on Val by mean normalized accuracy; test Abs/Norm.Acc.
 
     With ``merged`` (a vector made by `tvtool merge`), the alpha search scales that vector instead of the sum of
     ``vectors``; the single-task ``vectors`` then only name the tasks and give the fine-tuned accuracies.
+    With ``baseline`` (one single-task vector per task, e.g. plain fine-tuning of the same tasks), the result also
+    holds ``norm_acc_vs_baseline``: the test accuracies over the baseline's single-task test accuracies, measured on
+    this evaluator's model (see :func:`norm_vs_baseline`). ``finetuned_mean_acc`` is the mean single-task test
+    accuracy of ``vectors`` (the paper's Norm.Acc denominators).
     """
     tasks = [vector_task(v) for v in vectors]
     if len(set(tasks)) != len(tasks):
         raise TVToolError(f"two vectors share a task ({tasks}); pass one vector per task")
+    if baseline is not None:
+        base_tasks = [vector_task(b) for b in baseline]
+        if sorted(base_tasks) != sorted(tasks):
+            raise TVToolError(f"the baseline vectors are for tasks {sorted(base_tasks)}, the vectors for "
+                              f"{sorted(tasks)}; pass one baseline vector per task of the vectors")
     ft = {s: {} for s in (val_split, test_split)}
     ft_source = {}
     for i, (v, t) in enumerate(zip(vectors, tasks), 1):
@@ -588,6 +609,17 @@ def addition(ev: Evaluator, vectors, grid: Sequence[float] = DEFAULT_GRID, *, va
     ev.set_weights(total, alpha)
     test = ev.accuracies(tasks, test_split)
     norm = {t: test[t] / ft[test_split][t] if ft[test_split][t] else None for t in tasks}
+    base = None
+    if baseline is not None:
+        base_acc, base_source = {}, {}
+        for i, b in enumerate(baseline, 1):
+            t = vector_task(b)
+            _say(progress, f"addition: baseline single-task accuracy of {t} ({i}/{len(baseline)})")
+            base_acc[t], base_source[t] = finetuned_accuracy(ev, b, test_split)
+        base_norm, base_mean = norm_vs_baseline(test, base_acc)
+        base = {"vectors": describe_vectors(baseline), "finetuned_acc": {test_split: base_acc},
+                "finetuned_source": base_source, "finetuned_mean_acc": _mean(base_acc.values()),
+                "test_norm_acc": base_norm}
     return {
         "kind": "addition", **ev.provenance(), "vectors": describe_vectors(vectors),
         "merged": describe_vectors([merged])[0] if merged is not None else None, "grid": list(grid),
@@ -596,6 +628,8 @@ def addition(ev: Evaluator, vectors, grid: Sequence[float] = DEFAULT_GRID, *, va
         "abs_acc": _mean(test.values()),
         "norm_acc": _mean(n for n in norm.values() if n is not None) if any(n is not None for n in norm.values())
         else None,
+        "finetuned_mean_acc": _mean(ft[test_split].values()),
+        "norm_acc_vs_baseline": base_mean if base is not None else None, "baseline": base,
         "curve": curve,
     }
 
