@@ -166,7 +166,10 @@ def test_negation_threshold_logic_and_no_alpha_case():
 def test_parse_grid_errors_and_lists():
     assert ev.parse_grid("-2:2:0.5") == [-2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2]
     assert ev.parse_grid("0.5,0,0.5") == [0, 0.5]
-    for bad in ("1:0:0.1", "0:1:0", "a:b", "0:1", ""):
+    # ranges and values joined by commas: fine steps where the choice falls, coarse ones elsewhere
+    assert ev.parse_grid("0:0.3:0.1, 0.5:1:0.25,0.3") == [0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
+    assert len(ev.parse_grid("0:0.3:0.01,0.35:1:0.05")) == 31 + 14
+    for bad in ("1:0:0.1", "0:1:0", "a:b", "0:1", "", "0:1:0.5,x", "0:1:0.5,0:1"):
         with pytest.raises(TVToolError):
             ev.parse_grid(bad)
 

@@ -6,6 +6,9 @@ pretrained: openai         # tag, .safetensors file or open_clip folder
 out_dir: runs/vitb32       # outputs: OUT_DIR/VARIANT/TASK.st and OUT_DIR/VARIANT/<eval>.json
 data_root: ~/data          # optional; else --data-root / $TVTOOL_DATA
 seed: 0                    # optional: default seed of every run (a finetune/variant `seed` overrides it) and merge
+seeds: [0, 1, 2]           # optional, instead of seed: every variant runs once per seed (OUT_DIR/VARIANT/seed-S/);
+                           # the results table shows mean +- std per variant and OrthoReg's paired difference to
+                           # the lambda-0 variant of its mode (tvtool.results)
 tasks: [cars, dtd, eurosat, gtsrb, mnist, resisc45, sun397, svhn]
 finetune: {lr: 1.0e-5}     # any `tvtool finetune` setting shared by every run (TrainConfig fields)
 variants:                  # one fine-tuning run per task and variant
@@ -18,7 +21,8 @@ eval:                      # optional steps, run per variant
   merge:                   # merged vectors, each followed by the addition alpha search applied to it
     - {method: ties, options: {k: 20}}
 ```
-Outputs that already exist are skipped when the settings digest they record (``settings_digest`` in a vector's
+After the evaluation steps the run's figures are summarized (``tvtool.results``) and written to
+``OUT_DIR/summary.json``. Outputs that already exist are skipped when the settings digest they record (``settings_digest`` in a vector's
 metadata, in each evaluation JSON) matches the recipe's, and redone (saying so) when it does not, so an interrupted
 recipe picks up where it stopped and an edited one never shows stale results. Everything is validated before any
 model is built (``Recipe.validate``). Files are read with ``yaml.SafeLoader`` with bounded alias expansion; errors
@@ -41,7 +45,8 @@ from .errors import TVToolError
 from .fileio import check_input
 from .train import MODES, TrainConfig
 
-TOP_KEYS = {"name", "model", "pretrained", "out_dir", "data_root", "tasks", "finetune", "variants", "eval", "seed"}
+TOP_KEYS = {"name", "model", "pretrained", "out_dir", "data_root", "tasks", "finetune", "variants", "eval", "seed",
+            "seeds"}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "model", "pretrained", "data_root"}
 VARIANT_KEYS = {"name", "mode", "lambda"} | TRAIN_KEYS
 EVAL_KEYS = {"addition": {"grid"}, "negation": {"control", "threshold", "grid"}, "cosine": None,
@@ -51,8 +56,10 @@ MERGE_KEYS = {"method", "options", "seed", "grid"}
 
 @dataclass
 class Variant:
-    name: str
+    name: str       # its output folder under out_dir: the recipe's name, or NAME/seed-S with `seeds:`
     settings: dict  # TrainConfig fields
+    group: str = ""  # the recipe's variant name (the same as ``name`` without `seeds:`)
+    seed: int | None = None  # the replicate seed with `seeds:`, else None
 
 
 @dataclass
@@ -67,6 +74,7 @@ class Recipe:
     eval: dict
     name: str = ""
     seed: int = 0  # the default training (and merge) seed; a `finetune:` or variant `seed` overrides it
+    seeds: list[int] | None = None  # `seeds:`: every variant ran once per seed (``variants`` holds each run)
 
     def output(self, variant: Variant, task: str) -> Path:
         return self.out_dir / variant.name / f"{task}.st"
@@ -221,6 +229,17 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
     seed = doc.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         fail(("seed",), f"expected a whole number >= 0, got {seed!r}")
+    seeds = doc.get("seeds")
+    if seeds is not None:
+        if not isinstance(seeds, list) or not seeds:
+            fail(("seeds",), "expected a non-empty list of seeds, e.g. [0, 1, 2]")
+        for i, x in enumerate(seeds):
+            if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+                fail(("seeds", i), f"expected a whole number >= 0, got {x!r}")
+        if len(set(seeds)) != len(seeds):
+            fail(("seeds",), f"a seed is listed twice in {seeds}")
+        if "seed" in doc:
+            fail(("seed",), "use either seed (one run per variant) or seeds (one run per variant and seed)")
     tasks = doc["tasks"]
     if isinstance(tasks, str):  # a suite (ta8 / ta14 / ta20) or a comma-separated list
         tasks = [tasks]
@@ -277,7 +296,12 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
             bad = next((k for k in settings if f"--{k.replace('_', '-')} " in f"{exc} "
                         or (k == "lam" and "--lambda" in str(exc))), None)
             fail(where(bad) if bad else ("variants", i), str(exc).replace("--", "", 1))
-        variants.append(Variant(name, settings))
+        if seeds is not None:
+            if "seed" in settings:
+                fail(where("seed"), "the recipe's `seeds:` sets every run's seed; drop this one")
+            variants += [Variant(f"{name}/seed-{x}", {**settings, "seed": x}, group=name, seed=x) for x in seeds]
+        else:
+            variants.append(Variant(name, settings, group=name))
     ev = doc.get("eval") or {}
     if not isinstance(ev, dict):
         fail(("eval",), "expected a mapping of evaluation steps")
@@ -341,7 +365,8 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
     return Recipe(path=source, model=doc.get("model"), pretrained=doc.get("pretrained"),
                   out_dir=Path(os.path.expanduser(str(doc["out_dir"]))),
                   data_root=os.path.expanduser(doc["data_root"]) if doc.get("data_root") else None,
-                  tasks=tasks, variants=variants, eval=ev, name=str(doc.get("name") or ""), seed=seed)
+                  tasks=tasks, variants=variants, eval=ev, name=str(doc.get("name") or ""), seed=seed,
+                  seeds=list(seeds) if seeds is not None else None)
 
 
 def _misplaced(key: str) -> str | None:
@@ -406,8 +431,10 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
     evaluation steps per variant. Everything is validated first (``Recipe.validate``)."""
     from . import train
 
+    from .results import describe_runs
+
     recipe.validate(device=device, only_train=only_train)
-    results: dict = {"recipe": recipe.path, "variants": {}}
+    results: dict = {"recipe": recipe.path, "variants": {}, "runs": describe_runs(recipe), "seeds": recipe.seeds}
     recipe.out_dir.mkdir(parents=True, exist_ok=True)
     for variant in recipe.variants:
         folder = recipe.out_dir / variant.name
@@ -437,6 +464,14 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
         if only_train:
             continue
         results["variants"][variant.name] = run_evaluations(recipe, variant, log=log, device=device)
+    if results["variants"]:
+        from .evaluate import write_json
+        from .results import summary
+
+        doc, path = summary(results), recipe.out_dir / "summary.json"
+        if _read_json(path) != json.loads(json.dumps(doc)):  # the recipe owns its out_dir; unchanged: left alone
+            write_json(doc, path, force=True)
+            log(f"wrote {path}")
     return results
 
 
@@ -469,7 +504,9 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
                          "mean": inspection.mean_offdiagonal(res["cosine"])}
     merges = {f"merge-{m['method']}": m for m in ev_cfg.get("merge", [])}
     steps = [k for k in ("addition", "negation", *merges) if k in ev_cfg or k in merges]
-    digests = {k: _eval_digest(recipe, k, merges.get(k) or ev_cfg.get(k), paths) for k in steps}
+    digests = {k: _eval_digest(recipe, k, merges.get(k) or ev_cfg.get(k), paths,
+                               seed=_merge_seed(recipe, variant, merges[k]) if k in merges else recipe.seed)
+               for k in steps}
     todo = []
     for k in steps:
         path = folder / f"{k}.json"
@@ -520,7 +557,7 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
 
         merged_path = folder / f"{name}.st"
         # rebuilt with the step: its inputs or options may have changed since the last one
-        merge_files(m["method"], paths, merged_path, m.get("options") or {}, seed=int(m.get("seed", recipe.seed)),
+        merge_files(m["method"], paths, merged_path, m.get("options") or {}, seed=_merge_seed(recipe, variant, m),
                     force=True)
         merged = evaluate.open_vectors([merged_path])[0]
         res = evaluate.addition(ev, vectors, grid_points(m.get("grid")), merged=merged, progress=say)
@@ -531,6 +568,11 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
     return out
 
 
+def _merge_seed(recipe: Recipe, variant: Variant, step: dict) -> int:
+    """A merge step's seed: its own, else the run's replicate seed (`seeds:`), else the recipe's seed."""
+    return int(step.get("seed", variant.seed if variant.seed is not None else recipe.seed))
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         doc = json.loads(path.read_text())
@@ -539,13 +581,13 @@ def _read_json(path: Path) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _eval_digest(recipe: Recipe, step: str, options, paths: list[Path]) -> str:
+def _eval_digest(recipe: Recipe, step: str, options, paths: list[Path], seed: int | None = None) -> str:
     """What an evaluation result depends on: the step and its options, the model, the seed (merges) and the
     content fingerprint of every input vector. A stored result with another digest is recomputed."""
     from .taskvector import open_vector
 
     key = {"step": step, "options": options, "model": recipe.model, "pretrained": recipe.pretrained,
-           "seed": recipe.seed, "vectors": [_vector_identity(open_vector(p)) for p in paths]}
+           "seed": recipe.seed if seed is None else seed, "vectors": [_vector_identity(open_vector(p)) for p in paths]}
     return "sha256:" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
