@@ -427,3 +427,59 @@ def test_dose_recipe_is_the_reference_loss_at_the_stated_doses():
         assert base["lambda"] == 0 and base["mode"] == x["mode"] and base["seed"] == x["seed"]
         assert base["distinct"] == x["distinct"]
     assert len(grid_points(r.eval["addition"]["grid"])) == 45
+
+
+def test_eval_digest_names_the_data_root_of_tasks_that_read_one(tmp_path, monkeypatch):
+    """An addition result measured on one data root is not reused for another; the mini tasks read none."""
+    from tvtool.recipes import _eval_digest
+
+    monkeypatch.delenv("TVTOOL_DATA", raising=False)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+
+    def digest(tasks, root, step="addition", options=None):
+        doc = {"model": "tvtool-mini", "out_dir": str(tmp_path / "runs"), "tasks": tasks, "data_root": root,
+               "variants": [{"name": "ft", "mode": "full"}]}
+        return _eval_digest(parse_recipe(doc, "t"), step, options or {"grid": "0:1:0.5"}, [])
+
+    assert digest(["dtd"], str(tmp_path / "a")) != digest(["dtd"], str(tmp_path / "b"))
+    assert digest(["mini-shapes"], str(tmp_path / "a")) == digest(["mini-shapes"], str(tmp_path / "b"))
+    # negation also reads its control task's data
+    neg = {"control": "imagenet"}
+    assert digest(["mini-shapes"], str(tmp_path / "a"), "negation", neg) != \
+        digest(["mini-shapes"], str(tmp_path / "b"), "negation", neg)
+
+
+def test_run_reruns_a_vector_whose_base_weights_changed_under_the_same_name(tmp_path):
+    """The settings name the base (`pretrained: FILE`), not its content: a re-made base file must retrain."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tvtool.models import load_clip
+    from tvtool.recipes import run_recipe
+    from tvtool.taskvector import open_vector
+
+    weights = tmp_path / "base.safetensors"
+
+    def make_base(seed):
+        torch.manual_seed(seed)
+        model = load_clip("tvtool-mini", "random", device="cpu").model
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+
+    make_base(0)
+    doc = _tiny_recipe(tmp_path)
+    doc.update(pretrained=str(weights), eval={})
+    doc["variants"][0]["lambda"] = 0
+    logs = []
+    run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
+    out = tmp_path / "runs" / "ft" / "mini-shapes.st"
+    first = open_vector(out).base_fingerprint
+    logs.clear()
+    run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
+    assert logs == [f"skip {out} (exists, same settings)"]
+    make_base(1)
+    logs.clear()
+    run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
+    now = load_clip("tvtool-mini", str(weights), device="cpu").fingerprint
+    assert now != first and open_vector(out).base_fingerprint == now
+    assert any(m.startswith(f"rerun {out}: it was taken against base {first}") and now in m for m in logs), logs

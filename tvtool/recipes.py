@@ -415,6 +415,27 @@ def _recorded(path: Path) -> tuple[str | None, int | None, int | None]:
     return digest if isinstance(digest, str) else None, whole(train.get("epochs")), whole(train.get("steps"))
 
 
+def _recorded_base(path: Path) -> str | None:
+    """The fingerprint of the base an existing task vector was taken against (None if not recorded)."""
+    from .taskvector import open_vector
+
+    try:
+        return open_vector(path).base_fingerprint
+    except (TVToolError, OSError, ValueError):
+        return None
+
+
+def _base_fingerprint(cfg, cache: dict) -> str:
+    """The image-tower fingerprint of the weights ``cfg`` fine-tunes from (the model is built once per spec)."""
+    from .models import load_clip
+
+    c = cfg.resolved()
+    key = (c.model, str(c.pretrained))
+    if key not in cache:
+        cache[key] = load_clip(c.model, c.pretrained, device="cpu").fingerprint
+    return cache[key]
+
+
 def _same_schedule(cfg, trained_epochs: int | None, trained_steps: int | None) -> bool:
     """Would this config train for as long as the recorded run? The digest holds ``epochs`` as given (None = the
     dataset's epoch table), so a changed table is caught here: same epochs, or a run capped by ``max_steps`` at the
@@ -436,6 +457,7 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
     recipe.validate(device=device, only_train=only_train)
     results: dict = {"recipe": recipe.path, "variants": {}, "runs": describe_runs(recipe), "seeds": recipe.seeds}
     recipe.out_dir.mkdir(parents=True, exist_ok=True)
+    bases: dict = {}  # (model, pretrained) -> the base fingerprint, loaded once when an output exists
     for variant in recipe.variants:
         folder = recipe.out_dir / variant.name
         folder.mkdir(parents=True, exist_ok=True)
@@ -447,12 +469,17 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
                 (recorded, trained_epochs, trained_steps), wanted = _recorded(out), cfg.settings_digest()
                 same_schedule = _same_schedule(cfg, trained_epochs, trained_steps)
                 if recorded == wanted and same_schedule:
-                    log(f"skip {out} (exists, same settings)")
-                    continue
-                # the recipe owns its outputs: one made with other settings (or unknown ones) is redone
-                why = ("records no settings" if recorded is None else f"was made with other settings ({recorded})"
-                       if recorded != wanted else f"was trained for {trained_epochs} epochs, the run now has "
-                       f"{cfg.effective_epochs()}")
+                    # the settings name the weights (`builtin`, a file), not their content: a re-made base
+                    # file leaves them equal, so the base the vector was taken against is compared too
+                    base_then, base_now = _recorded_base(out), _base_fingerprint(cfg, bases)
+                    if base_then == base_now:
+                        log(f"skip {out} (exists, same settings)")
+                        continue
+                    why = f"was taken against base {base_then}, the model {cfg.model}:{cfg.pretrained} is now {base_now}"
+                else:  # the recipe owns its outputs: one made with other settings (or unknown ones) is redone
+                    why = ("records no settings" if recorded is None else f"was made with other settings ({recorded})"
+                           if recorded != wanted else f"was trained for {trained_epochs} epochs, the run now has "
+                           f"{cfg.effective_epochs()}")
                 log(f"rerun {out}: it {why}; now {wanted}")
                 rerun = True
             if progress_factory is not None:
@@ -588,6 +615,17 @@ def _eval_digest(recipe: Recipe, step: str, options, paths: list[Path], seed: in
 
     key = {"step": step, "options": options, "model": recipe.model, "pretrained": recipe.pretrained,
            "seed": recipe.seed if seed is None else seed, "vectors": [_vector_identity(open_vector(p)) for p in paths]}
+    from .datasets import get_dataset
+
+    control = (options or {}).get("control") if step == "negation" and isinstance(options, dict) else None
+    evaluated = list(recipe.tasks) + ([control] if control else [])
+    if step == "negation" and not control:
+        from .evaluate import default_control
+
+        evaluated += sorted({default_control(t) for t in recipe.tasks})
+    if any(get_dataset(t).needs_data_root for t in evaluated):  # the figures are those of the data found there
+        root = recipe.data_root or os.environ.get("TVTOOL_DATA")
+        key["data_root"] = str(Path(root).expanduser().resolve()) if root else None
     return "sha256:" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
