@@ -115,7 +115,9 @@ def zeroshot(results: dict) -> dict | None:
 
 def settings_label(run: dict) -> str:
     """The settings a table row was made with: mode, lambda and, with OrthoReg, its form and scope."""
-    text = f"{run.get('mode', '?')}, lambda {run.get('lambda', 0):g}"
+    if "mode" not in run:  # results assembled without the recipe: nothing known
+        return "-"
+    text = f"{run['mode']}, lambda {run.get('lambda', 0):g}"
     if run.get("lambda"):
         text += f" {run.get('orthoreg_form')}/{run.get('orthoreg_scope')}"
     extra = run.get("distinct") or {}
