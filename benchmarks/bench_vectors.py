@@ -223,7 +223,8 @@ def main() -> None:
         sub = folder / "apply"
         sub.mkdir(exist_ok=True)
         shapes = vit_b32_visual_shapes(2)
-        from tvtool.checkpoints import fingerprint, open_weights
+        from tvtool.checkpoints import open_weights
+        from tvtool.safetensors_io import fingerprint
 
         base = make_base(sub, shapes)
         paths = make_vectors(sub, args.n, shapes, fingerprint(open_weights(str(base))), model="ViT-B-32")

@@ -5,7 +5,7 @@ import sys
 
 import open_clip
 
-import tvtool.models  # registers tvtool-mini with open_clip
+import tvtool.models
 from cli_helpers import run_tvtool
 from tvtool.cli import models as models_cli
 

@@ -349,10 +349,11 @@ def test_linearized_evaluator_matches_first_order_formula():
     import open_clip
     import torch
 
-    import tvtool.models  # noqa: F401
     from tvtool.evaluate import Evaluator
+    from tvtool.formats.arch import register_builtin
 
     torch.manual_seed(0)
+    register_builtin()  # tvtool-mini in open_clip's registry
     model = open_clip.create_model("tvtool-mini", pretrained=None)
     visual = model.visual.eval()
     ref = copy.deepcopy(visual).double()
@@ -384,10 +385,11 @@ def test_tangent_sweep_matches_pointwise_evaluation(monkeypatch):
     import open_clip
     import torch
 
-    import tvtool.models  # noqa: F401
     from tvtool.evaluate import Evaluator
+    from tvtool.formats.arch import register_builtin
 
     torch.manual_seed(0)
+    register_builtin()  # tvtool-mini in open_clip's registry
     visual = open_clip.create_model("tvtool-mini", pretrained=None).visual
     heads = {t: torch.nn.functional.normalize(torch.randn(5, 96), dim=-1) * 100 for t in ("a", "b")}
     inputs = {(t, "val"): (torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 5, (40,)))
@@ -420,9 +422,10 @@ def test_tangent_disentanglement_map_matches_pointwise_evaluation(tmp_path):
     (a1, a2)); the same tower evaluated point by point gives the same map."""
     import open_clip
 
-    import tvtool.models  # noqa: F401
+    from tvtool.formats.arch import register_builtin
 
     torch.manual_seed(1)
+    register_builtin()  # tvtool-mini in open_clip's registry
     visual = open_clip.create_model("tvtool-mini", pretrained=None).visual
     heads = {t: torch.nn.functional.normalize(torch.randn(4, 96), dim=-1) * 100 for t in ("t1", "t2")}
     inputs = {(t, "test"): (torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 4, (30,)))
@@ -464,10 +467,11 @@ def test_zero_shot_counts_are_computed_once():
     import open_clip
     import torch
 
-    import tvtool.models  # noqa: F401
     from tvtool.evaluate import Evaluator
+    from tvtool.formats.arch import register_builtin
 
     torch.manual_seed(0)
+    register_builtin()  # tvtool-mini in open_clip's registry
     visual = open_clip.create_model("tvtool-mini", pretrained=None).visual
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     ev = Evaluator.from_parts(visual, {"t": torch.randn(4, 96)}, {("t", "val"): (x, torch.randint(0, 4, (8,)))},

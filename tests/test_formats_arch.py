@@ -13,7 +13,8 @@ from tvtool import models
 from tvtool.checkpoints import open_weights
 from tvtool.errors import TVToolError
 from tvtool.formats.arch import infer
-from tvtool.taskvector import extract, open_vector, write_safetensors
+from tvtool.safetensors_io import write_safetensors
+from tvtool.taskvector import extract, open_vector
 
 
 def _meta_shapes(arch):
@@ -97,7 +98,7 @@ def test_shipped_configs_are_open_clips_own():
     """Architecture inference reads open_clip's config files without importing it: same configs as its registry."""
     from tvtool.formats.arch import shipped_configs
 
-    code = ("import json, open_clip, tvtool.models\n"
+    code = ("import json\nfrom tvtool.formats.arch import register_builtin\nopen_clip = register_builtin()\n"
             "print(json.dumps({n: open_clip.get_model_config(n) for n in open_clip.list_models()}))")
     listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert shipped_configs() == json.loads(listed)

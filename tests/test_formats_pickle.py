@@ -11,9 +11,10 @@ from torch import nn
 
 from cli_helpers import run_tvtool
 from tiny_clip import register_tiny
-from tvtool.checkpoints import fingerprint, open_weights
+from tvtool.checkpoints import open_weights
 from tvtool.errors import TVToolError
 from tvtool.formats.convert import convert
+from tvtool.safetensors_io import fingerprint
 from tvtool.taskvector import open_vector
 
 TINY = register_tiny("tiny-pickle")

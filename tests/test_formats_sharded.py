@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tvtool import models
-from tvtool.checkpoints import fingerprint, open_weights
+from tvtool.checkpoints import open_weights
 from tvtool.errors import TVToolError
-from tvtool.taskvector import write_safetensors
+from tvtool.safetensors_io import fingerprint, write_safetensors
 
 
 def _shard(tmp_path, name="model"):

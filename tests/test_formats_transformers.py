@@ -68,7 +68,7 @@ def test_converted_model_gives_transformers_features_and_quickgelu_matters(hf_fo
         oi, ot = bundle.model.encode_image(images), bundle.model.encode_text(ids)
         assert _rel(hi, oi) < 1e-5 and _rel(ht, ot) < 1e-5
         # The same weights in a GELU model (the wrong activation) are visibly off: the check above can fail.
-        cfg = dict(open_weights(path).open_clip_cfg)
+        cfg = dict(open_weights(path).config.open_clip)
         cfg.pop("quick_gelu")
         gelu = open_clip.create_model(arch_mod.register_config(cfg)).eval()
         gelu.load_state_dict(bundle.model.state_dict())
@@ -79,10 +79,10 @@ def test_open_clip_to_transformers_to_open_clip_is_exact(tmp_path, hf_folder):
     path, hf = hf_folder
     oc_file = tmp_path / "oc.safetensors"
     convert(str(path), oc_file)
-    from tvtool.checkpoints import SafetensorsFile
+    from tvtool.safetensors_io import SafetensorsFile
 
     meta = SafetensorsFile(oc_file).metadata
-    assert json.loads(meta["open_clip_config"]) == open_weights(path).open_clip_cfg
+    assert json.loads(meta["open_clip_config"]) == open_weights(path).config.open_clip
     assert meta["open_clip_model"].startswith("tvtool-converted-")  # no named architecture is this tiny
     back = tmp_path / "hf_again"
     convert(str(oc_file), back)  # the architecture recorded in the file is enough
@@ -208,7 +208,7 @@ def test_without_transformers_one_line_says_what_to_install(tmp_path, hf_folder)
 @pytest.mark.benchmark
 def test_default_clipconfig_matches_transformers():
     """The full-size check (ViT-B/32 shapes); ~30 s on 2 shared cores, hence a benchmark."""
-    from tvtool.checkpoints import WeightSource
+    from tvtool.weight_source import WeightSource
     from tvtool.formats import transformers_clip as tc
 
     torch.manual_seed(0)
@@ -240,3 +240,11 @@ def test_convert_refuses_a_task_vector(tmp_path):
         assert r.returncode == 1 and "is a tvtool task vector" in r.stderr and "tvtool apply" in r.stderr, r.stderr
         assert r.stderr.strip().count("\n") == 0
         assert not (tmp_path / out).exists()
+    # a model written by `apply` carries a tvtool document too (format tvtool.model): it is weights, and converts
+    from tvtool.safetensors_io import write_safetensors
+
+    model = tmp_path / "applied.safetensors"
+    write_safetensors(model, [("visual.proj", np.ones((4, 4), np.float32))], {"visual.proj": ("F32", (4, 4))},
+                      {tv.META_KEY: json.dumps({"format": "tvtool.model", "base": {"model": None}})})
+    r = run_tvtool("convert", str(model), "-o", str(tmp_path / "m.safetensors"))
+    assert r.returncode == 0 and (tmp_path / "m.safetensors").is_file(), r.stderr

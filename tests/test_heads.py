@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tvtool import heads, models
+from tvtool import defaults, heads, models
 from tvtool.errors import TVToolError
 
 from tiny_clip import register_tiny
@@ -54,7 +54,7 @@ def test_head_matches_independent_computation(bundle):
 def test_head_cache_hit_and_invalidation(bundle, monkeypatch):
     s = spec()
     first = heads.zero_shot_head(bundle, s)
-    files = list((heads.cache_root() / "heads").glob("toy-*.safetensors"))
+    files = list((defaults.cache_root() / "heads").glob("toy-*.safetensors"))
     assert len(files) == 1
 
     calls = []
@@ -67,7 +67,7 @@ def test_head_cache_hit_and_invalidation(bundle, monkeypatch):
     other = heads.zero_shot_head(bundle, changed)
     assert calls == [1]  # a template change is a cache miss
     torch.testing.assert_close(other.double(), reference_head(bundle, changed), rtol=1e-5, atol=1e-5)
-    assert len(list((heads.cache_root() / "heads").glob("toy-*.safetensors"))) == 2
+    assert len(list((defaults.cache_root() / "heads").glob("toy-*.safetensors"))) == 2
 
     # a different text tower (same image tower fingerprint) must not reuse the cached head
     with torch.no_grad():

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from tvtool import models
-from tvtool.checkpoints import SafetensorsFile, fingerprint
+from tvtool.safetensors_io import SafetensorsFile, fingerprint
 from tvtool.errors import TVToolError
 
 from tiny_clip import TINY_CFG, register_tiny
@@ -175,9 +175,8 @@ def test_real_architecture_never_loads_random_weights_unasked(no_network):
 
 
 def test_cli_eval_without_pretrained_is_refused():
-    import subprocess
+    from cli_helpers import run_tvtool
 
-    r = subprocess.run(["tvtool", "eval", "accuracy", "--model", "ViT-B-32", "--tasks", "mini-shapes",
-                        "--device", "cpu"], capture_output=True, text=True, timeout=120,
-                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    r = run_tvtool("eval", "accuracy", "--model", "ViT-B-32", "--tasks", "mini-shapes", "--device", "cpu",
+                   env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 1 and "no pretrained weights given" in r.stderr and "Traceback" not in r.stderr

@@ -3,7 +3,6 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-import tvtool.models  # noqa: F401  registers tvtool-mini
 from tvtool import taskvector as tv
 from tvtool.cli import main
 from tvtool.models import load_clip

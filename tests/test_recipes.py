@@ -159,11 +159,12 @@ def test_non_utf8_recipe_is_one_line(tmp_path):
 
 def test_fifo_recipe_refused_without_opening(tmp_path):
     import os
-    import subprocess
+
+    from cli_helpers import run_tvtool
 
     fifo = tmp_path / "r.yaml"
     os.mkfifo(fifo)
-    r = subprocess.run(["tvtool", "run", str(fifo)], capture_output=True, text=True, timeout=60)
+    r = run_tvtool("run", fifo, timeout=60)
     assert r.returncode == 1 and "not a regular file" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tvtool import taskvector as tv
-from tvtool.checkpoints import fingerprint, open_weights
+from tvtool.checkpoints import open_weights
+from tvtool.safetensors_io import fingerprint
 from tvtool.errors import TVToolError
 
 
@@ -282,7 +283,7 @@ def test_numpy_fingerprint_equals_torch_fingerprint(tmp_path, dtype):
     from_file = fingerprint(open_weights(str(tmp_path / "s.safetensors")))  # numpy views of the file
     assert from_file == fingerprint(state)  # torch tensors
     # the sample positions are torch.linspace's, so fingerprints of existing files did not change
-    from tvtool.checkpoints import FINGERPRINT_SAMPLES, _sample_indices
+    from tvtool.safetensors_io import FINGERPRINT_SAMPLES, _sample_indices
     for n in [1025, 1031, 3093, 77000, 768 * 3072, 4096 * 1024, 10**9 + 7]:
         ref = torch.linspace(0, n - 1, FINGERPRINT_SAMPLES, dtype=torch.float64).round().long().numpy()
         assert (_sample_indices(n) == ref).all(), n
@@ -291,7 +292,7 @@ def test_numpy_fingerprint_equals_torch_fingerprint(tmp_path, dtype):
 def test_bf16_fp16_conversions_round_like_torch():
     import numpy as np
 
-    from tvtool.checkpoints import from_float32, tensor_to_array, to_float32
+    from tvtool.safetensors_io import from_float32, tensor_to_array, to_float32
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50000, generator=g) * torch.logspace(-40, 38, 50000)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_helpers import REPO, entry_point, run_tvtool
 from tvtool import train
 from tvtool.errors import TVToolError
 from tvtool.taskvector import open_vector
@@ -348,10 +349,11 @@ def test_plain_progress_lines_first_last_and_interval():
 
 def test_cli_finetune_writes_plain_progress_when_stderr_is_a_file(tmp_path):
     log = tmp_path / "stderr.txt"
-    cmd = ["tvtool", "finetune", TASK, "--device", "cpu", "--max-steps", "3", "--batch-size", "16",
+    cmd = [entry_point(), "finetune", TASK, "--device", "cpu", "--max-steps", "3", "--batch-size", "16",
            "--warmup-steps", "1", "--no-eval", "-o", str(tmp_path / "v.st")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "w") as err:
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=240)
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=240, env=env)
     text = log.read_text()
     assert r.returncode == 0, text
     steps = [ln for ln in text.splitlines() if " step " in ln]
@@ -360,12 +362,10 @@ def test_cli_finetune_writes_plain_progress_when_stderr_is_a_file(tmp_path):
 
 
 def test_cli_finetune_nan_lambda_and_keep_checkpoints(tmp_path):
-    r = subprocess.run(["tvtool", "finetune", TASK, "--lambda", "nan", "-o", str(tmp_path / "x.st")],
-                       capture_output=True, text=True, timeout=120)
+    r = run_tvtool("finetune", TASK, "--lambda", "nan", "-o", tmp_path / "x.st")
     assert r.returncode == 1 and "--lambda must be a finite number" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(["tvtool", "finetune", TASK, "--device", "cpu", "--max-steps", "2", "--batch-size", "16",
-                        "--no-eval", "-q", "--checkpoint-every", "1", "--keep-checkpoints",
-                        "-o", str(tmp_path / "k.st")], capture_output=True, text=True, timeout=240)
+    r = run_tvtool("finetune", TASK, "--device", "cpu", "--max-steps", "2", "--batch-size", "16", "--no-eval", "-q",
+                   "--checkpoint-every", "1", "--keep-checkpoints", "-o", tmp_path / "k.st", timeout=240)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / ".k.st.ckpt" / "last.pt").is_file()
 

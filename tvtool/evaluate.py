@@ -22,12 +22,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from . import __version__, defaults
 from .errors import TVToolError
 
 VISUAL = "visual."
-DEFAULT_GRID = tuple(round(0.05 * i, 10) for i in range(21))  # 0, 0.05, ..., 1 (protocol)
-DEFAULT_DISENTANGLEMENT_GRID = tuple(-2.0 + 0.5 * i for i in range(9))  # -2 .. 2, 9 points
 DEFAULT_THRESHOLD = 0.95
 NO_ALPHA = "no-alpha-qualifies"
 SWEEP_CHUNK = 32  # grid points evaluated together by Evaluator.sweep (memory: chunk x batch x classes logits)
@@ -74,6 +72,10 @@ def parse_grid(text: str) -> list[float]:
     for v in values:
         check_alpha(f"grid {text!r}: alpha", v)
     return sorted(set(values))
+
+
+DEFAULT_GRID = tuple(parse_grid(defaults.ALPHA_GRID))  # 0, 0.05, ..., 1 (protocol)
+DEFAULT_DISENTANGLEMENT_GRID = tuple(parse_grid(defaults.DISENTANGLEMENT_GRID))  # -2 .. 2, 9 points
 
 
 # --------------------------------------------------------------------------------------------------- vectors
@@ -484,10 +486,8 @@ def search_negation(grid: Sequence[float], val_acc: Callable[[float], tuple[floa
 
 # --------------------------------------------------------------------------------------------------- metrics cache
 def _metrics_cache_path(vec, key: dict) -> Path:
-    from .heads import cache_root
-
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_root() / "metrics" / f"{digest}.json"
+    return defaults.cache_root() / "metrics" / f"{digest}.json"
 
 
 def finetuned_accuracy(ev: Evaluator, vec, split: str) -> tuple[float, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -16,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .defaults import cache_root
 from .errors import TVToolError
+from .fileio import atomic_path
+from .safetensors_io import fingerprint
 
 HEAD_FORMAT = "tvtool-head-1"
 PLACEHOLDER = "{c}"
-
-
-def cache_root() -> Path:
-    return Path(os.path.expanduser(os.environ.get("TVTOOL_CACHE") or "~/.cache/tvtool"))
 
 
 def fill_templates(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -43,8 +41,6 @@ def fill_templates(classnames: Sequence[str], templates: Sequence[str]) -> list[
 
 def text_fingerprint(model: nn.Module) -> str:
     """Identity of everything but the image tower: the head depends on the text tower and logit_scale only."""
-    from .checkpoints import fingerprint
-
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
     return fingerprint(state, visual_only=False)
 
@@ -77,8 +73,6 @@ def _read_cached(path: Path, key: dict, n_classes: int) -> torch.Tensor | None:
 
 def _write_cached(path: Path, key: dict, head: torch.Tensor) -> None:
     from safetensors.torch import save_file
-
-    from .taskvector import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

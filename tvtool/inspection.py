@@ -12,8 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .checkpoints import FLOAT_CODES, to_float32, torch  # torch: imported on first use (compare, plots)
 from .errors import TVToolError
+from .fileio import atomic_path
+from .safetensors_io import FLOAT_CODES, to_float32, torch  # torch: imported on first use (compare, plots)
 from .taskvector import BLOCK, TaskVectorFile, check_compatible, open_vector
 
 # safetensors codes -> the dtype names summary reports (torch's names, without importing torch)
@@ -141,8 +142,6 @@ def plot_heatmap(matrix, labels: Sequence[str], path: str | os.PathLike, *, titl
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .taskvector import atomic_path
 
     m = torch.as_tensor(matrix, dtype=torch.float64).numpy()
     size = max(4.0, 0.6 * len(labels) + 2)

@@ -1,5 +1,8 @@
 """open_clip models: loading any architecture from a tag, a local file or folder, and the built-in ``tvtool-mini``.
 
+What a ``--model`` / ``--pretrained`` pair names is decided by ``tvtool.weights_spec`` (the one spec parser, and the
+one chooser of a folder's weights file); this module builds the model it names.
+
 Only the visual tower is ever tuned; the text tower is used once per dataset to build the zero-shot heads
 (``tvtool.heads``). Loading never hangs on the network: a registry tag is looked up in the local caches first, and
 when it is not there and the machine is offline (``HF_HUB_OFFLINE=1`` / ``TVTOOL_OFFLINE=1`` or the host is
@@ -18,16 +21,19 @@ from urllib.parse import urlparse
 
 import torch
 
-from .checkpoints import FOLDER_FILES as FOLDER_WEIGHTS, PICKLE_SUFFIXES
+from .defaults import default_device
 from .errors import TVToolError
+from .formats import sharded, transformers_clip
+from .formats.arch import register_builtin, register_config
+from .formats.safe_pickle import load_pickle
+from .safetensors_io import fingerprint
+from .weights_spec import (
+    HF_HUB_PREFIX, MINI_NAME, FolderWeights, WeightsSpec, folder_weights, looks_like_path, parse_pretrained,
+)
 
-MINI_NAME = "tvtool-mini"
-MINI_TAG = "builtin"
 DATA_DIR = Path(__file__).resolve().parent / "data"
-MINI_CONFIG = DATA_DIR / "tvtool-mini.json"
-MINI_WEIGHTS = DATA_DIR / "tvtool-mini.safetensors"
+MINI_WEIGHTS = DATA_DIR / f"{MINI_NAME}.safetensors"
 
-RANDOM_TAGS = ("random", "none")  # explicit random initialisation (tests, timing)
 _OFFLINE_ENV = ("TVTOOL_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _LOCAL_HINT = "pass a local file instead: --pretrained path/to/open_clip_model.safetensors (or an open_clip folder)"
 
@@ -50,22 +56,9 @@ class ClipBundle:
         return next(self.model.parameters()).device
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _register_mini() -> None:
-    import open_clip
-
-    if MINI_CONFIG.exists() and MINI_NAME not in open_clip.list_models():
-        open_clip.add_model_config(MINI_CONFIG)
-
-
 def list_models() -> list[str]:
     """Every open_clip architecture name (``tvtool-mini`` included)."""
-    import open_clip
-
-    return open_clip.list_models()
+    return register_builtin().list_models()
 
 
 def _unknown_model(name: str) -> TVToolError:
@@ -134,21 +127,27 @@ def _download_tag(name: str, tag: str, cfg: dict, cache_dir: str | None) -> str:
     return path
 
 
-def _folder_weights(folder: Path, trust_pickle: bool) -> Path | dict:
-    for fn in FOLDER_WEIGHTS:
-        if (folder / fn).is_file():
-            return _check_pickle(folder / fn, trust_pickle)
-    raise TVToolError(f"{folder}: folder holds none of {', '.join(FOLDER_WEIGHTS)}")
-
-
-def _check_pickle(path: Path, trust_pickle: bool) -> Path | dict:
-    """A pickle is read by tvtool's restricted unpickler (runs no code; ``trust_pickle`` only as its announced
-    fallback), as ``open_weights`` reads it, and handed over as a state dict."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        from .checkpoints import load_pickle
-
+def _weights_file(path: Path, kind: str, trust_pickle: bool) -> Path | dict:
+    """A weights file as ``_load_weights`` takes it: safetensors by path; a pickle read by tvtool's restricted
+    unpickler (runs no code; ``trust_pickle`` only as its announced fallback), as ``open_weights`` reads it; a
+    sharded index as one state dict."""
+    if kind == "pickle":
         return load_pickle(path, trust_pickle)
+    if kind == "index":
+        source = sharded.open_index(path, {"model": None, "pretrained": str(path)})
+        return {k: source.get(k) for k in source.keys()}
     return path
+
+
+def _transformers_weights(folder: Path, trust_pickle: bool) -> tuple[str, dict]:
+    """(open_clip architecture, state dict) of a transformers CLIP folder; its architecture comes from config.json."""
+    source = transformers_clip.open_folder(folder, trust_pickle=trust_pickle)
+    cfg = source.config.open_clip
+    if "text_cfg" not in cfg:
+        raise TVToolError(f"{folder}: a vision-only transformers folder (CLIPVisionModel) has no text tower for the "
+                          "zero-shot heads; pass the full base model here and use this folder as a fine-tuned model")
+    arch = source.describe["model"] or register_config(cfg)
+    return arch, {k: v.contiguous() for k, v in source.items()}
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -193,67 +192,26 @@ def load_clip(model_name: str, pretrained: str | os.PathLike | None = None, devi
     open_clip folder (``open_clip_config.json`` + weights), a pickle (read without running code), ``random`` for a
     random initialisation, or None: ``builtin`` for ``tvtool-mini``; any other architecture needs it.
     """
-    import open_clip
-
-    _register_mini()
+    open_clip = register_builtin()
     device = device or default_device()
-    spec = None if pretrained is None else str(pretrained)
-    if spec is None and model_name == MINI_NAME:
-        spec = MINI_TAG
-    folder = Path(spec) if spec is not None and Path(spec).is_dir() else None
-    folder_cfg = folder is not None and (folder / "open_clip_config.json").is_file()
-    converted = _converted_weights(spec, trust_pickle)  # transformers folders and pickles: (arch, state) or None
-    if converted is not None and converted[0]:
-        model_name = converted[0]
-    if model_name.startswith("hf-hub:"):
-        _check_hub_reachable(model_name)
-    elif not folder_cfg and model_name not in open_clip.list_models():
-        raise _unknown_model(model_name)
-
+    spec = parse_pretrained(model_name, pretrained)
+    folder = folder_weights(spec.path) if spec.kind == "folder" else None
     create = {"pretrained": None, "device": "cpu"}
-    arch = model_name
-    ckpt: str | Path | None = None
-    label = spec or "random"
-    if converted is not None:
-        ckpt = converted[1]
-        label = str(Path(spec).resolve())
-    elif model_name.startswith("hf-hub:"):
-        create["load_weights"] = True  # open_clip fetches the hub model's own weights
-        label = model_name
-    elif folder_cfg:
-        arch = "local-dir:" + str(folder)  # the folder's own config describes its weights
-        ckpt = _folder_weights(folder, trust_pickle)
+    converted = folder is not None and folder.kind == "transformers"
+    if converted:  # the folder's config.json names the architecture
+        model_name, state = _transformers_weights(spec.path, trust_pickle)
+    arch = model_name  # what open_clip builds
+    if model_name.startswith(HF_HUB_PREFIX):  # open_clip reads the config (and maybe weights) from the hub
+        _check_hub_reachable(model_name)
+    elif folder is not None and folder.kind == "open_clip" and folder.open_clip_config:
+        arch = "local-dir:" + str(spec.path)  # the folder's own config describes its weights
         create["load_weights"] = False
-    elif spec is None:  # a real architecture never silently evaluates or trains a random initialisation
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        known = f"one of its pretrained tags ({', '.join(tags)})" if tags else "a weights file"
-        raise TVToolError(f"{model_name}: no pretrained weights given; name {known}, a local open_clip "
-                          f".safetensors file or folder, or `random` for a random initialisation (--pretrained X, "
-                          f"or {model_name}:X where a weights spec is asked for)")
-    elif spec.lower() in RANDOM_TAGS:
-        label = "random"
-    elif model_name == MINI_NAME and spec == MINI_TAG:
-        if not MINI_WEIGHTS.is_file():
-            raise TVToolError(f"{MINI_WEIGHTS} is missing; rebuild it with `python scripts/pretrain_mini.py`")
-        ckpt = MINI_WEIGHTS
-    elif folder is not None:
-        ckpt = _folder_weights(folder, trust_pickle)
-    elif Path(spec).is_file():
-        ckpt = _check_pickle(Path(spec), trust_pickle)
+    elif model_name not in open_clip.list_models():
+        raise _unknown_model(model_name)
+    if converted:
+        ckpt, label = state, str(spec.path.resolve())
     else:
-        cfg = open_clip.get_pretrained_cfg(model_name, spec)
-        if not cfg:
-            if Path(spec).suffix or os.sep in spec:
-                raise TVToolError(f"{spec}: no such file")
-            tags = open_clip.list_pretrained_tags_by_model(model_name)
-            known = ", ".join(tags) if tags else "none (pass a local weights file)"
-            raise TVToolError(f"unknown pretrained tag {spec!r} for {model_name}; known tags: {known}")
-        ckpt = _cached_tag_file(cfg, cache_dir) or _download_tag(model_name, spec, cfg, cache_dir)
-        # The tag knows how its weights were trained: QuickGELU (OpenAI) and the normalisation statistics.
-        create["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
-        pp = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
-        if pp:
-            create["force_preprocess_cfg"] = pp
+        ckpt, label = _weights(open_clip, spec, folder, create, cache_dir, trust_pickle)
 
     try:
         with _quiet_random_init_warning():
@@ -266,8 +224,6 @@ def load_clip(model_name: str, pretrained: str | os.PathLike | None = None, devi
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(arch)
 
-    from .checkpoints import fingerprint
-
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
@@ -279,32 +235,74 @@ def load_clip(model_name: str, pretrained: str | os.PathLike | None = None, devi
     )
 
 
-def _converted_weights(spec: str | None, trust_pickle: bool) -> tuple[str, dict] | None:
-    """(open_clip architecture, state dict) for weights tvtool converts itself: transformers CLIP folders (their
-    architecture comes from config.json) and pickles (read without running code); None for other specs."""
-    if spec is None:
-        return None
-    path = Path(spec)
-    from .formats import transformers_clip
+def _weights(open_clip, spec: WeightsSpec, folder: FolderWeights | None, create: dict, cache_dir: str | None,
+             trust_pickle: bool) -> tuple[str | Path | dict | None, str]:
+    """(what to load into the created model, the label recorded as its pretrained weights) of a spec; ``create``
+    (open_clip.create_model's keywords) is completed where the weights need it."""
+    model_name = spec.arch
+    if spec.kind == "hf-hub":
+        create["load_weights"] = True  # open_clip fetches the hub model's own weights
+        return None, model_name
+    if spec.kind == "default":  # a real architecture never silently evaluates or trains a random initialisation
+        raise _no_weights(open_clip, model_name)
+    if spec.kind == "random":
+        return None, "random"
+    if spec.kind == "builtin":
+        if not MINI_WEIGHTS.is_file():
+            raise TVToolError(f"{MINI_WEIGHTS} is missing; rebuild it with `python scripts/pretrain_mini.py`")
+        return MINI_WEIGHTS, spec.pretrained
+    if folder is not None:
+        return _weights_file(folder.file, folder.file_kind, trust_pickle), spec.pretrained
+    if spec.path is not None:
+        label = str(spec.path.resolve()) if spec.kind == "pickle" else spec.pretrained
+        return _weights_file(spec.path, spec.kind, trust_pickle), label
+    # a registry tag
+    cfg = _pretrained_cfg(open_clip, model_name, spec.pretrained)
+    ckpt = _cached_tag_file(cfg, cache_dir) or _download_tag(model_name, spec.pretrained, cfg, cache_dir)
+    # The tag knows how its weights were trained: QuickGELU (OpenAI) and the normalisation statistics.
+    create["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
+    pp = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    if pp:
+        create["force_preprocess_cfg"] = pp
+    return ckpt, spec.pretrained
 
-    native = (path / "open_clip_config.json").is_file()  # hub repos may hold both namings: prefer open_clip's
-    if path.is_dir() and not native and transformers_clip.folder_model_type(path):
-        from .checkpoints import open_weights
-        from .formats.arch import register_config
 
-        source = open_weights(path, trust_pickle=trust_pickle)
-        cfg = source.open_clip_cfg
-        if "text_cfg" not in cfg:
-            raise TVToolError(f"{path}: a vision-only transformers folder (CLIPVisionModel) has no text tower for the "
-                              "zero-shot heads; pass the full base model here and use this folder as a fine-tuned "
-                              "model")
-        arch = source.describe["model"] or register_config(cfg)
-        return arch, {k: v.contiguous() for k, v in source.items()}
-    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
-        from .checkpoints import load_pickle
+def _no_weights(open_clip, model_name: str) -> TVToolError:
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    known = f"one of its pretrained tags ({', '.join(tags)})" if tags else "a weights file"
+    return TVToolError(f"{model_name}: no pretrained weights given; name {known}, a local open_clip .safetensors "
+                       f"file or folder, or `random` for a random initialisation (--pretrained X, or {model_name}:X "
+                       "where a weights spec is asked for)")
 
-        return "", load_pickle(path, trust_pickle)
-    return None
+
+def _pretrained_cfg(open_clip, model_name: str, tag: str) -> dict:
+    """open_clip's registry entry of ``model_name:tag``; a one-line error naming the known tags (or "no such file"
+    for what was meant as a path) when there is none."""
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        if looks_like_path(tag):
+            raise TVToolError(f"{tag}: no such file")
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        known = ", ".join(tags) if tags else "none (pass a local weights file)"
+        raise TVToolError(f"unknown pretrained tag {tag!r} for {model_name}; known tags: {known}")
+    return cfg
+
+
+def check_pretrained(model: str, pretrained: str | os.PathLike | None) -> None:
+    """Fail before any model is built when ``pretrained`` names neither an existing file or folder nor a known tag
+    of ``model`` (no download, no model built)."""
+    spec = parse_pretrained(model, pretrained)
+    if spec.kind in ("random", "builtin") or spec.path is not None:
+        return
+    if spec.kind == "tag" and looks_like_path(spec.pretrained):
+        raise TVToolError(f"--pretrained {spec.pretrained}: no such file")
+    open_clip = register_builtin()
+    if spec.kind != "hf-hub" and model not in open_clip.list_models():
+        raise _unknown_model(model)
+    if spec.kind == "default":
+        raise _no_weights(open_clip, model)
+    if spec.kind == "tag":
+        _pretrained_cfg(open_clip, model, spec.pretrained)
 
 
 def _check_hub_reachable(name: str) -> None:
@@ -333,5 +331,3 @@ def encode_texts(bundle: ClipBundle, texts: list[str], batch_size: int = 512) ->
         out.append(torch.nn.functional.normalize(emb, dim=-1))
     return torch.cat(out)
 
-
-_register_mini()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .defaults import ALPHA_GRID
+
 MINI_LAMBDA = 0.1  # chosen by recipes/mini-lambda-sweep.yaml on Val (docs/MINI_WORLD.md)
 
 # Fine-tuning settings for the tiny model: the protocol's shape (AdamW, wd 0.1, cosine with warm-up, clip 1.0,
@@ -23,7 +25,7 @@ def quickstart_recipe(size: str = "full", out_dir: str | Path = "runs/quickstart
 
     finetune = dict(MINI_FINETUNE)
     tasks = list(MINI_TASKS)
-    grid = "0:1:0.05"
+    grid = ALPHA_GRID
     if size == "ci":  # the same code paths, small enough for the test suite
         finetune.update(max_steps=8, warmup_steps=2)
         tasks = tasks[:3]

@@ -15,42 +15,32 @@ pickles).
 """
 from __future__ import annotations
 
-import collections
 import datetime as _dt
 import json
 import math
 import os
-import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from . import __version__
-from .checkpoints import (
-    FINGERPRINT_PLACEHOLDER, FLOAT_CODES, ITEMSIZE, NP_DTYPES, SafetensorsFile, WeightSource, combine_digests,
-    fingerprint, from_float32, open_weights, sample_digest, tensor_to_array, to_float32, torch,
-)
+from .checkpoints import open_weights
 from .checks import check_alpha
 from .errors import TVToolError
 from .fileio import atomic_path, check_output  # noqa: F401  (re-exported: every writer uses them from here)
+from .formats.arch import infer
+from .safetensors_io import (
+    BLOCK, FLOAT_CODES, ITEMSIZE, META_KEY, NP_DTYPES, SafetensorsFile, array_to_tensor, code_of, dtype_code,
+    finite_array, fingerprint, from_float32, spec_codes, tensor_to_array, to_float32, torch, torch_dtype,
+    write_safetensors,
+)
+from .weight_source import WeightSource
 
 FORMAT = "tvtool.taskvector"
 FORMAT_VERSION = 1
-META_KEY = "tvtool"
-DTYPE_CODES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
-# elements per block of the streaming arithmetic: 512 KiB of fp32, so the accumulator and one converted input
-# stay in the CPU's L2 cache while every input streams through once
-BLOCK = 1 << 17
-
-
-def __getattr__(name):
-    if name == "DTYPES":  # --dtype names -> torch dtypes, built on first use (importing torch is slow)
-        globals()["DTYPES"] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        return globals()["DTYPES"]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------- metadata
@@ -81,40 +71,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     """A --dtype name as a torch dtype (imports torch; the file operations take the name itself)."""
     if name is None:
         return None
-    from .checkpoints import ST_DTYPES
-
-    return ST_DTYPES[dtype_code(name)]
-
-
-def dtype_code(dtype) -> str | None:
-    """None, a --dtype name ("fp16"), a safetensors code ("F16") or a torch dtype -> the safetensors code."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        if dtype in DTYPE_CODES:
-            return DTYPE_CODES[dtype]
-        if dtype in NP_DTYPES:
-            return dtype
-        raise TVToolError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CODES)}")
-    from .checkpoints import ST_CODES
-
-    return ST_CODES[dtype]
-
-
-def finite_array(a: np.ndarray, code: str) -> bool:
-    """True unless a floating array holds NaN or inf. A sum is one cheap pass and is non-finite whenever an
-    element is (or, rarely, on overflow: then the exact elementwise check decides)."""
-    if code not in FLOAT_CODES or not a.size:
-        return True
-    if code == "BF16":  # raw bits: non-finite exactly when every exponent bit is set
-        flat = a.reshape(-1)
-        for s in range(0, flat.size, BLOCK):
-            if np.any(np.bitwise_and(flat[s:s + BLOCK], 0x7F80) == 0x7F80):
-                return False
-        return True
-    with np.errstate(over="ignore", invalid="ignore"):
-        return bool(np.isfinite(np.sum(a, dtype=np.float64 if code == "F64" else np.float32))) or \
-            bool(np.isfinite(a).all())
+    return torch_dtype(dtype_code(name))
 
 
 def all_finite(t) -> bool:
@@ -322,133 +279,6 @@ def check_compatible(vectors: Sequence[TaskVectorFile], *, union: bool = False) 
 
 
 # --------------------------------------------------------------------------------------------------- writing
-def _header_bytes(specs: Mapping[str, tuple[str, tuple]], metadata: dict[str, str]) -> bytes:
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for key, (code, shape) in specs.items():
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * ITEMSIZE[code]
-        header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data section 8-byte aligned, as safetensors writes it
-    return raw
-
-
-def _spec_codes(specs: Mapping[str, tuple]) -> dict[str, tuple[str, tuple]]:
-    """Specs with torch dtypes, --dtype names or safetensors codes -> specs with codes."""
-    return {k: (dtype_code(d), tuple(int(x) for x in s)) for k, (d, s) in specs.items()}
-
-
-def _as_array(value, code: str) -> np.ndarray:
-    """A torch tensor or numpy array as a numpy array stored as ``code`` (bf16: uint16 bits), converting via fp32
-    with torch's rounding (round half to even)."""
-    if isinstance(value, np.ndarray):
-        a, src = value, None
-    else:
-        a, src = tensor_to_array(value)
-    if a.dtype == NP_DTYPES[code] and (src is None or src == code):
-        return a
-    if code not in FLOAT_CODES:
-        return a.astype(NP_DTYPES[code])
-    if src is None:
-        src = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64"}.get(a.dtype)
-        if src is None:
-            src, a = "F32", a.astype(np.float32)
-    if code == "F64":
-        return to_float32(a, src).astype(np.float64) if src != "F64" else a
-    with np.errstate(over="ignore", invalid="ignore"):
-        return from_float32(a.astype(np.float32) if src == "F64" else to_float32(a, src), code)
-
-
-def write_safetensors(path: str | os.PathLike, items: Iterable[tuple[str, object]],
-                      specs: Mapping[str, tuple], metadata: dict,
-                      *, force: bool = False, fingerprint_key: str | None = None,
-                      check_finite: bool = True, explain_non_finite: Callable[[str], None] | None = None,
-                      recycle: Callable[[np.ndarray], None] | None = None) -> str:
-    """Stream tensors (torch tensors or numpy arrays) into a safetensors file atomically; returns the content
-    fingerprint.
-
-    ``specs`` (key -> (dtype, shape); dtype a torch dtype, a --dtype name or a safetensors code) fixes the header up
-    front so tensors can be written as they are produced. Every floating tensor is checked for NaN / inf as it is
-    written, after the conversion to its output dtype; ``explain_non_finite(key)`` may raise a more precise error
-    (which input holds the NaN); ``recycle(array)`` is called once an array has been written (buffer reuse). If
-    ``fingerprint_key`` names a field of the JSON document under
-    ``metadata[META_KEY]``, the content fingerprint is filled in there once every tensor has been written (it has a
-    fixed length, so the header keeps its size).
-    """
-    specs = _spec_codes(specs)
-    meta = dict(metadata)
-    doc = json.loads(meta[META_KEY]) if META_KEY in meta else None
-    if fingerprint_key and doc is not None:
-        doc[fingerprint_key] = FINGERPRINT_PLACEHOLDER
-        meta[META_KEY] = json.dumps(doc)
-    header = _header_bytes(specs, meta)
-    digests: dict[str, bytes] = {}
-    with atomic_path(path, force) as tmp, open(tmp, "wb") as f, ThreadPoolExecutor(1) as writer:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
-        done = set()
-        # Writing overlaps with producing the next tensor (both release the GIL); at most two tensors wait, so
-        # memory stays bounded.
-        pending: collections.deque = collections.deque()
-        for key, value in items:
-            code, shape = specs[key]
-            if tuple(value.shape) != shape:
-                raise TVToolError(f"tensor {key}: shape {tuple(value.shape)} differs from {shape}")
-            a = np.ascontiguousarray(_as_array(value, code))
-            # checked on what is written, after the cast: large values overflow fp16 to inf
-            if check_finite and not finite_array(a, code):
-                cause = _non_finite_cause(key, value, a, code, explain_non_finite)
-                raise TVToolError(f"tensor {key} has NaN or inf values{cause}; refusing to write {path}")
-            if code in FLOAT_CODES:
-                digests[key] = sample_digest(key, a, code)
-            if a.size:
-                pending.append(writer.submit(_write_array, f, a, recycle))
-                while len(pending) > 2:
-                    pending.popleft().result()
-            done.add(key)
-        while pending:
-            pending.popleft().result()
-        missing = [k for k in specs if k not in done]
-        if missing:
-            raise TVToolError(f"internal: tensors {missing[:3]} were never written")
-        fp = combine_digests(digests) if digests else FINGERPRINT_PLACEHOLDER
-        if fingerprint_key and doc is not None:
-            doc[fingerprint_key] = fp
-            meta[META_KEY] = json.dumps(doc)
-            new_header = _header_bytes(specs, meta)
-            assert len(new_header) == len(header)
-            f.seek(8)
-            f.write(new_header)
-    return fp
-
-
-_CODE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
-
-
-def _non_finite_cause(key, value, written: np.ndarray, code: str, explain) -> str:
-    """Why a tensor about to be written is not finite: ``explain`` raises if an input holds the NaN / inf;
-    otherwise the values were finite before the conversion to the output dtype and overflowed it."""
-    name = _CODE_NAMES.get(code, code)
-    if explain is not None:
-        explain(key)
-        return f" after conversion to {name} (values too large for it)" if code != "F32" else " (fp32 overflow)"
-    if value is written:
-        return ""
-    before, before_code = (value, None) if isinstance(value, np.ndarray) else tensor_to_array(value)
-    before_code = before_code or _code_of(before)
-    return f" after conversion to {name} (values too large for it)" if finite_array(before, before_code) else ""
-
-
-def _write_array(f, a: np.ndarray, recycle) -> None:
-    f.write(memoryview(a.reshape(-1)).cast("B"))
-    if recycle is not None:
-        recycle(a)
-
-
 class BufferPool:
     """Output buffers of one size (the largest output tensor), reused once written: fresh memory for every
     tensor would cost a page fault per 4 KiB. At most (writes in flight + 1) buffers exist."""
@@ -485,27 +315,18 @@ def write_vector(path: str | os.PathLike, tensors: Mapping[str, object] | Iterab
     Returns the vector's content fingerprint, which is also stored in its metadata.
     """
     if isinstance(tensors, Mapping):
-        specs = specs or {k: (_code_of(v), tuple(v.shape)) for k, v in tensors.items()}
+        specs = specs or {k: (code_of(v), tuple(v.shape)) for k, v in tensors.items()}
         items: Iterable = tensors.items()
     else:
         if specs is None:
             raise TVToolError("internal: streaming writes need specs")
         items = tensors
-    specs = _spec_codes(specs)
+    specs = spec_codes(specs)
     code = dtype_code(dtype)
     if code is not None:
         specs = {k: (code if c in FLOAT_CODES else c, s) for k, (c, s) in specs.items()}
     return write_safetensors(path, items, specs, {META_KEY: json.dumps(meta)}, force=force,
                              fingerprint_key="fingerprint", explain_non_finite=explain_non_finite, recycle=recycle)
-
-
-def _code_of(value) -> str:
-    if isinstance(value, np.ndarray):
-        codes = {np.dtype(t): c for c, t in NP_DTYPES.items() if c != "BF16"}
-        if value.dtype not in codes:
-            raise TVToolError(f"internal: no safetensors dtype for numpy {value.dtype}")
-        return codes[value.dtype]
-    return dtype_code(value.dtype)
 
 
 # --------------------------------------------------------------------------------------------------- operations
@@ -605,7 +426,7 @@ def combine(paths: Sequence[str | os.PathLike], weights: Sequence[float], out: s
     out_code = {k: (dtype or vectors[_first_holder(vectors, k)].code(k)) for k in keys}
     specs = {k: (out_code[k], tuple(vectors[_first_holder(vectors, k)].shape(k))) for k in keys}
 
-    pool = BufferPool(_spec_codes(specs))
+    pool = BufferPool(spec_codes(specs))
 
     def sums():
         for k in keys:
@@ -666,8 +487,6 @@ def base_meta(source: WeightSource, model: str | None = None) -> dict:
     if model:
         describe["model"] = model
     elif not describe.get("model"):
-        from .formats.arch import infer
-
         describe["model"] = infer(source.keys(), source.shape)[0]
     pre = describe.get("pretrained")
     if isinstance(pre, str) and pre and not os.path.isabs(pre) and os.path.exists(pre):
@@ -751,7 +570,7 @@ def apply(base: str | WeightSource, vectors: Sequence[str | os.PathLike], out: s
     alpha = check_alpha("--alpha", alpha)
     dtype = dtype_code(dtype)
     base_src = base if isinstance(base, WeightSource) else open_weights(base, trust_pickle=trust_pickle)
-    to_transformers = getattr(base_src, "hf_config", None) is not None
+    to_transformers = base_src.config.transformers is not None
     if not to_transformers:
         check_output(out, force)
     vecs = [open_vector(p) for p in vectors]
@@ -795,7 +614,6 @@ def apply(base: str | WeightSource, vectors: Sequence[str | os.PathLike], out: s
             base_src.release(k)
 
     if to_transformers:
-        from .checkpoints import array_to_tensor
         from .formats import transformers_clip
 
         # the q/k/v split and transposes are torch ops: hand the converter tensors

@@ -317,29 +317,9 @@ def _config_key(cfg: TrainConfig) -> dict:
 
 def check_weights_spec(model: str, pretrained: str) -> None:
     """Fail before any model is built when ``pretrained`` names neither an existing file/folder nor a known tag."""
-    from .models import MINI_NAME, MINI_TAG, RANDOM_TAGS
+    from .models import check_pretrained
 
-    spec = os.fspath(pretrained)
-    if spec.lower() in RANDOM_TAGS or (model == MINI_NAME and spec == MINI_TAG):
-        return
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not (path.is_file() or path.is_dir()):
-            raise TVToolError(f"--pretrained {spec}: not a regular file or folder")
-        return
-    if path.suffix or os.sep in spec:
-        raise TVToolError(f"--pretrained {spec}: no such file")
-    import open_clip
-
-    from .models import _register_mini, _unknown_model
-
-    _register_mini()
-    if model not in open_clip.list_models():
-        raise _unknown_model(model)
-    if not open_clip.get_pretrained_cfg(model, spec):
-        tags = open_clip.list_pretrained_tags_by_model(model)
-        raise TVToolError(f"unknown pretrained tag {spec!r} for {model}; known tags: "
-                          f"{', '.join(tags) if tags else 'none (pass a local weights file)'}")
+    check_pretrained(model, pretrained)
 
 
 _CHECKPOINT_KEYS = {"step": int, "trainable": dict, "optimizer": dict, "config": str, "metrics": str}

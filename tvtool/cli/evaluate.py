@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from ..defaults import ALPHA_GRID, DISENTANGLEMENT_GRID
 from ..errors import TVToolError
 from ._app import app
 
@@ -17,9 +18,9 @@ eval_app = typer.Typer(
         "Evaluate task arithmetic on CLIP (PROTOCOL.md 'Evaluation'). Accuracies are shown in percent.\n\n"
         "Example: tvtool eval addition cars.st dtd.st eurosat.st --data-root ~/data\n\n"
         "  tvtool eval accuracy [VEC.st ...] [--alpha A] --tasks t1,t2 [--split test|val]\n\n"
-        "  tvtool eval addition VEC.st ... [--grid 0:1:0.05]\n\n"
+        f"  tvtool eval addition VEC.st ... [--grid {ALPHA_GRID}]\n\n"
         "  tvtool eval negation VEC.st [--control imagenet] [--threshold 0.95]\n\n"
-        "  tvtool eval disentanglement A.st B.st [--grid -2:2:0.5] [--plot map.png]\n\n"
+        f"  tvtool eval disentanglement A.st B.st [--grid {DISENTANGLEMENT_GRID}] [--plot map.png]\n\n"
         "--model/--pretrained default to the base recorded in the vectors. Every command prints a table; --json "
         "prints the JSON result only (on stdout) and --json-out F also writes it to F. Each result records the model, "
         "base fingerprint, vectors (path + fingerprint), grid, splits and tvtool version."
@@ -152,10 +153,10 @@ def accuracy_cmd(
 
 @eval_app.command("addition", help="Task addition: alpha from --grid chosen on the Val splits by mean normalized "
                                    "accuracy (ties: smallest alpha), then test Abs.Acc and Norm.Acc.\n\n"
-                                   "Example: tvtool eval addition cars.st dtd.st eurosat.st --grid 0:1:0.05")
+                                   f"Example: tvtool eval addition cars.st dtd.st eurosat.st --grid {ALPHA_GRID}")
 def addition_cmd(
     vectors: List[Path] = typer.Argument(..., help="One single-task vector per task."),
-    grid: str = typer.Option("0:1:0.05", "--grid", help="START:STOP:STEP (inclusive) or a list 0,0.3,0.5."),
+    grid: str = typer.Option(ALPHA_GRID, "--grid", help="START:STOP:STEP (inclusive) or a list 0,0.3,0.5."),
     merged: Optional[Path] = typer.Option(None, "--merged", help="A vector made by `tvtool merge` from VECTORS: the "
                                                                "alpha search scales it instead of their sum."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="BASE.st,... one vector per task (e.g. plain "
@@ -234,7 +235,7 @@ def negation_cmd(
     threshold: Optional[float] = typer.Option(None, "--threshold",
                                               help="Control accuracy must stay >= threshold x zero-shot (default: "
                                                    "the protocol's 0.95)."),
-    grid: str = typer.Option("0:1:0.05", "--grid", help="START:STOP:STEP (inclusive) or a list."),
+    grid: str = typer.Option(ALPHA_GRID, "--grid", help="START:STOP:STEP (inclusive) or a list."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
     device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
     linearized: Optional[bool] = _LINEAR,
@@ -286,13 +287,14 @@ def _check_control(control: str, data_root) -> None:
 
 @eval_app.command("disentanglement", help="Weight-disentanglement error xi(a1, a2) of two task vectors over a grid "
                                           "(JSON + heat-map PNG with --plot).\n\n"
-                                          "Example: tvtool eval disentanglement cars.st dtd.st --grid=-2:2:0.5 "
-                                          "--plot xi.png")
+                                          f"Example: tvtool eval disentanglement cars.st dtd.st "
+                                          f"--grid={DISENTANGLEMENT_GRID} --plot xi.png")
 def disentanglement_cmd(
     a: Path = typer.Argument(..., help="Vector of task 1."),
     b: Path = typer.Argument(..., help="Vector of task 2."),
-    grid: str = typer.Option("-2:2:0.5", "--grid", help="Alpha grid for both axes (START:STOP:STEP or a list); "
-                                                        "write --grid=-2:2:0.5 for negative starts."),
+    grid: str = typer.Option(DISENTANGLEMENT_GRID, "--grid", help="Alpha grid for both axes (START:STOP:STEP or a "
+                                                                  f"list); write --grid={DISENTANGLEMENT_GRID} for "
+                                                                  "negative starts."),
     split: str = typer.Option("test", "--split", help="test or val."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the heat-map PNG here."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,

@@ -15,9 +15,9 @@ from typing import Optional
 
 import typer
 
+from ..weights_spec import MINI_NAME, MINI_TAG
 from ._app import app
 
-MINI_NAME, MINI_TAG = "tvtool-mini", "builtin"  # the bundled model (tvtool/models.py)
 PRETRAINED_TAGS_FILE = Path(__file__).resolve().parent.parent / "data" / "openclip_pretrained.json"
 
 

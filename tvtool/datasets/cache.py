@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import defaults
 from ..errors import TVToolError
 from .base import DatasetSpec, Listing, protocol_val_split, resolve_data_root
 
@@ -36,7 +37,7 @@ _CHUNK = 64
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TVTOOL_CACHE") or "~/.cache/tvtool").expanduser() / "datasets"
+    return defaults.cache_root() / "datasets"
 
 
 def cache_path(name: str, split: str, image_size: int) -> Path:
@@ -203,7 +204,7 @@ def read_cache(path: Path, key: str, image_size: int | None = None, num_classes:
 def write_cache(path: Path, key: str, images: torch.Tensor, labels: torch.Tensor, **meta) -> None:
     from safetensors.torch import save_file
 
-    from ..taskvector import atomic_path
+    from ..fileio import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {"key": key, "preprocess": PREPROCESS_VERSION, **{k: str(v) for k, v in meta.items()}}

@@ -1,4 +1,5 @@
-"""Which open_clip architecture a set of weights is, from its config or from its tensor shapes.
+"""Which open_clip architecture a set of weights is, from its config or from its tensor shapes; and the
+architectures tvtool adds to open_clip's registry (``tvtool-mini``, configs of converted models).
 
 Shapes give the widths, layer counts, patch and image size, embedding dim and the text tower's context and vocabulary.
 They cannot show the activation (QuickGELU or GELU) nor the number of attention heads: an architecture and its
@@ -12,13 +13,27 @@ import re
 import sys
 from pathlib import Path
 
+from ..weights_spec import MINI_NAME
+
 _VISION_DEFAULTS = {"head_width": 64, "mlp_ratio": 4.0}
 _TEXT_DEFAULTS = {"mlp_ratio": 4.0}
 _PLAIN_VISION = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
 _PLAIN_TEXT = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 
 
-MINI_CONFIG = Path(__file__).resolve().parent.parent / "data" / "tvtool-mini.json"
+MINI_CONFIG = Path(__file__).resolve().parent.parent / "data" / f"{MINI_NAME}.json"
+
+
+def register_builtin():
+    """Add tvtool's own architectures (``tvtool-mini``) to open_clip's registry, once; returns open_clip.
+
+    Called by every piece of code that asks open_clip's registry for an architecture (a call, not a side effect of
+    importing some module, so that no module is imported just for it)."""
+    import open_clip
+
+    if MINI_NAME not in open_clip.list_models():
+        open_clip.add_model_config(MINI_CONFIG)
+    return open_clip
 
 
 def shipped_configs() -> dict[str, dict]:
@@ -35,7 +50,7 @@ def shipped_configs() -> dict[str, dict]:
                 continue
             if isinstance(data, dict) and all(k in data for k in ("embed_dim", "vision_cfg", "text_cfg")):
                 configs[path.stem] = data  # the keys open_clip itself requires of a config
-    configs["tvtool-mini"] = json.loads(MINI_CONFIG.read_text())
+    configs[MINI_NAME] = json.loads(MINI_CONFIG.read_text())
     return configs
 
 
@@ -44,10 +59,7 @@ def _configs():
         yield from shipped_configs().items()
         return
     # already imported: its registry, which also holds configs registered in this process (converted models)
-    import open_clip
-
-    from .. import models  # noqa: F401  registers tvtool-mini
-
+    open_clip = register_builtin()
     for name in open_clip.list_models():
         cfg = open_clip.get_model_config(name)
         if cfg:
@@ -139,12 +151,9 @@ def infer(keys, shape, quick_gelu: bool | None = None) -> tuple[str | None, str]
 def register_config(model_cfg: dict) -> str:
     """Register a converted config that matches no named architecture with open_clip; returns its name."""
     import hashlib
-    import json
     import tempfile
-    from pathlib import Path
 
-    import open_clip
-
+    open_clip = register_builtin()
     text = json.dumps(model_cfg, sort_keys=True)
     name = "tvtool-converted-" + hashlib.sha256(text.encode()).hexdigest()[:10]
     if name not in open_clip.list_models():

@@ -13,30 +13,31 @@ import json
 import os
 from pathlib import Path
 
+from ..checkpoints import open_weights
 from ..errors import TVToolError
 from ..fileio import atomic_path
+from ..safetensors_io import META_KEY, SafetensorsFile, fingerprint, write_safetensors
+from ..taskvector import FORMAT, history_entry, new_meta, write_vector
+from ..weights_spec import WeightsSpec, folder_weights, parse_weights
+from .arch import infer, register_builtin
 
 
 def _specs(source) -> dict:
     return {k: (source.dtype(k), tuple(source.shape(k))) for k in source.keys()}
 
 
-def _arch_config(source, model: str | None, src_path: Path) -> tuple[str | None, dict]:
-    """(architecture name, open_clip model config) of an open_clip-named source."""
-    import open_clip
-
-    from .. import models  # noqa: F401  registers tvtool-mini
-    from .arch import infer
-
+def _arch_config(source, model: str | None, src_path: Path, open_clip_config: Path | None) -> tuple[str | None, dict]:
+    """(architecture name, open_clip model config) of an open_clip-named source; ``open_clip_config``: the source
+    folder's config file, if it has one."""
+    open_clip = register_builtin()
     name = model or source.describe.get("model")
     if name:
         cfg = open_clip.get_model_config(name)
         if not cfg:
             raise TVToolError(f"unknown open_clip architecture {name!r}; see `tvtool models`")
         return name, cfg
-    local = src_path / "open_clip_config.json" if src_path.is_dir() else None
-    if local is not None and local.is_file():
-        return None, json.loads(local.read_text())["model_cfg"]
+    if open_clip_config is not None:
+        return None, json.loads(open_clip_config.read_text())["model_cfg"]
     name, why = infer(source.keys(), source.shape)
     if name is None:
         raise TVToolError(f"{src_path}: cannot tell its open_clip architecture ({why}); pass --model")
@@ -44,9 +45,7 @@ def _arch_config(source, model: str | None, src_path: Path) -> tuple[str | None,
 
 
 def _linearized(obj, src: Path, out: Path, model: str | None, force: bool) -> str:
-    from ..checkpoints import fingerprint
-    from ..taskvector import history_entry, new_meta, write_vector
-    from . import tangent
+    from . import tangent  # torch
 
     arch, theta0, tau = tangent.read(obj, str(src), model)
     base = {"model": arch, "pretrained": None, "fingerprint": fingerprint(theta0)}
@@ -59,9 +58,7 @@ def _linearized(obj, src: Path, out: Path, model: str | None, force: bool) -> st
 def _open_clip_folder(out: Path, source, force: bool) -> str:
     import open_clip
 
-    from ..taskvector import write_safetensors
-
-    cfg = source.open_clip_cfg
+    cfg = source.config.open_clip
     if "text_cfg" not in cfg:
         raise TVToolError("a vision-only transformers folder has no text tower for an open_clip folder; write a "
                           "FILE.safetensors instead (and use a full base for the heads)")
@@ -74,18 +71,18 @@ def _open_clip_folder(out: Path, source, force: bool) -> str:
     return f"open_clip folder, architecture {source.describe.get('model') or 'in open_clip_config.json'}"
 
 
-def _refuse_task_vector(path: Path) -> None:
-    """A task vector holds weight differences, not weights: converting it would give a model of deltas."""
-    from ..checkpoints import SafetensorsFile
-    from ..taskvector import META_KEY
-
-    if not (path.is_file() and path.suffix.lower() in (".safetensors", ".st")):
+def _refuse_task_vector(spec: WeightsSpec) -> None:
+    """A task vector holds weight differences, not weights: converting it would give a model of deltas. (A model
+    written by `apply` records its own tvtool document, of another format: it converts.)"""
+    if spec.kind != "safetensors" or spec.builds_model:
         return
-    f = SafetensorsFile(path)
+    path = spec.path
+    with SafetensorsFile(path) as f:
+        doc = (f.metadata or {}).get(META_KEY)
     try:
-        is_vector = META_KEY in (f.metadata or {})
-    finally:
-        f.close()
+        is_vector = doc is not None and json.loads(doc).get("format") == FORMAT
+    except (ValueError, AttributeError):
+        is_vector = False
     if is_vector:
         raise TVToolError(f"{path} is a tvtool task vector (weight differences), not model weights; make a model "
                           f"first with `tvtool apply {path} --pretrained BASE -o model.safetensors`, then convert that")
@@ -94,33 +91,34 @@ def _refuse_task_vector(path: Path) -> None:
 def convert(source: str, output: str | os.PathLike, *, model: str | None = None, vision_only: bool = False,
             trust_pickle: bool = False, force: bool = False) -> str:
     """Convert ``source`` to ``output`` (see module docstring); returns a short description of what was written."""
-    from ..checkpoints import PICKLE_SUFFIXES, open_weights, read_pickle
-    from ..taskvector import write_safetensors
-    from . import tangent, transformers_clip
-    from .arch import infer
-
     src_path, out = Path(source), Path(output)
-    _refuse_task_vector(src_path)
-    if src_path.is_file() and src_path.suffix.lower() in PICKLE_SUFFIXES:
-        obj = read_pickle(src_path, trust_pickle)
+    spec = parse_weights(source)
+    _refuse_task_vector(spec)
+    if spec.kind == "pickle" and not spec.builds_model:
+        from . import safe_pickle, tangent  # torch
+
+        obj = safe_pickle.read_pickle(spec.path, trust_pickle)
         if tangent.is_linearized(obj):
-            return _linearized(obj, src_path, out, model, force)
-    is_hf = src_path.is_dir() and transformers_clip.folder_model_type(src_path) is not None
+            return _linearized(obj, spec.path, out, model, force)
+    folder = folder_weights(spec.path) if spec.kind == "folder" and not spec.builds_model else None
+    is_hf = folder is not None and folder.kind == "transformers"
     if out.suffix.lower() in (".safetensors", ".st"):
         src = open_weights(source, trust_pickle=trust_pickle)
         arch = model or src.describe.get("model") or infer(src.keys(), src.shape)[0]
         meta = {"open_clip_model": arch or "", "source": str(src.describe.get("pretrained") or source)}
         if is_hf:
-            meta["open_clip_config"] = json.dumps(src.open_clip_cfg)
+            meta["open_clip_config"] = json.dumps(src.config.open_clip)
         write_safetensors(out, src.items(), _specs(src), meta, force=force)
         return f"open_clip state dict, architecture {arch or 'not recorded (pass --model)'}"
     if is_hf:
         return _open_clip_folder(out, open_weights(source, trust_pickle=trust_pickle), force)
     src = open_weights(source, trust_pickle=trust_pickle)
-    arch, cfg = _arch_config(src, model, src_path)
+    arch, cfg = _arch_config(src, model, src_path, folder.open_clip_config if folder is not None else None)
     has_text = "transformer.resblocks.0.ln_1.weight" in src
     if not has_text and not vision_only:
         vision_only = True  # e.g. task_vectors checkpoints, which drop the text transformer
+    from . import transformers_clip  # torch
+
     config = transformers_clip.hf_config(cfg, vision_only=vision_only)
     transformers_clip.write_folder(out, src.items(), _specs(src), config, force=force)
     kind = "CLIPVisionModel" if vision_only else "CLIPModel"

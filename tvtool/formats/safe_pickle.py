@@ -11,6 +11,9 @@ to run code (os, subprocess, builtins, ...), refuses the whole file before anyth
 
 Both of torch's formats are read: the zip archive (torch >= 1.6, what the published checkpoints use) and the legacy
 stream (pickles followed by raw storage bytes).
+
+Every pickle tvtool reads goes through this module: :func:`read_pickle` (the object; full unpickling only as the
+announced ``--trust-pickle`` fallback), :func:`load_pickle` (its state dict) and :func:`open_pickle` (a WeightSource).
 """
 from __future__ import annotations
 
@@ -19,12 +22,16 @@ import collections
 import io
 import pickle
 import struct
+import sys
 import zipfile
 from pathlib import Path
 
 import torch
 
 from ..errors import TVToolError
+from ..weight_source import WeightSource
+from . import tangent
+from .arch import infer
 
 # Modules whose globals exist to run code or touch the system: naming any of them refuses the file.
 _DANGEROUS_ROOTS = {
@@ -360,3 +367,85 @@ def to_state_dict(obj):
         if len(modules) == 1:
             return module_state_dict(modules[0])
     return obj
+
+
+# ------------------------------------------------------------------------------------------------ readers
+def read_pickle(path: Path, trust_pickle: bool):
+    """The unpickled object (stubs for every class not on the allow-list); full unpickling only as a fallback
+    with ``trust_pickle``."""
+    try:
+        obj = load(path)
+    except UnsafePickle as exc:
+        if exc.final:
+            raise TVToolError(f"{path}: refused: {exc}, which a checkpoint never needs (nothing was run); this file "
+                              "may be malicious") from None
+        if not trust_pickle:
+            raise TVToolError(f"{path}: refused: {exc} (nothing was run); pass --trust-pickle only if you trust its "
+                              "source") from None
+        obj = _full_unpickle(path)
+    except TVToolError:
+        if not trust_pickle:
+            raise
+        obj = _full_unpickle(path)
+    return obj
+
+
+def load_pickle(path: Path, trust_pickle: bool, *, strip_prefixes: bool = True, obj=None) -> dict[str, torch.Tensor]:
+    """A pickled checkpoint's state dict, read by the restricted unpickler, which runs nothing from the file. Only
+    when it refuses and ``trust_pickle`` is set is the file fully unpickled. ``obj``: the already unpickled object,
+    if the caller has it."""
+    if obj is None:
+        obj = read_pickle(path, trust_pickle)
+    if tangent.is_linearized(obj):
+        raise TVToolError(f"{path}: a tangent_task_arithmetic linearized checkpoint (a task vector, not weights); "
+                          f"read it with `tvtool convert {path} -o VECTOR.safetensors`")
+    state = _normalize_state_dict(to_state_dict(obj), str(path))
+    return _strip_wrapper_prefix(state) if strip_prefixes else state
+
+
+def open_pickle(path: Path, trust_pickle: bool, describe: dict) -> WeightSource:
+    """A pickle as a WeightSource; a pickled module's class names tell QuickGELU from GELU, which the recorded
+    architecture needs and the shapes cannot show."""
+    obj = read_pickle(path, trust_pickle)
+    quick = activation(obj)
+    state = load_pickle(path, trust_pickle, obj=obj)
+    if quick is not None:
+        describe["model"] = infer(state.keys(), lambda k: tuple(state[k].shape), quick_gelu=quick)[0]
+    return WeightSource.from_state_dict(state, describe)
+
+
+def _full_unpickle(path: Path):
+    print(f"tvtool: --trust-pickle: fully unpickling {path}, which runs code from the file", file=sys.stderr,
+          flush=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise TVToolError(f"{path}: cannot be loaded as a torch checkpoint ({type(exc).__name__}: {exc})") from None
+    return obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+
+
+def _normalize_state_dict(obj, origin: str) -> dict[str, torch.Tensor]:
+    """Accept a state dict, {"state_dict": ...}, or a whole nn.Module; strip DDP / wrapper prefixes."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TVToolError(f"{origin}: does not hold a state dict of tensors")
+    state = dict(obj)
+    for prefix in ("module.", "model."):  # DDP, and the task_vectors ImageEncoder wrapper
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Nested wrappers (e.g. a classifier holding ``image_encoder.model``): keep the CLIP under its one prefix."""
+    if not state or any(k.startswith("visual.") for k in state):
+        return state
+    prefixes = {k[: k.index("visual.")] for k in state if ".visual." in k and k.index("visual.") > 0
+                and k[k.index("visual.") - 1] == "."}
+    if len(prefixes) != 1:
+        return state
+    (prefix,) = prefixes
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,7 +1,7 @@
 """Sharded safetensors (``model.safetensors.index.json`` + shards), read lazily like one file.
 
 The index's ``weight_map`` names the shard of every tensor; each shard is memory-mapped by
-:class:`tvtool.checkpoints.SafetensorsFile`, so reading one tensor touches one shard's pages only.
+:class:`tvtool.safetensors_io.SafetensorsFile`, so reading one tensor touches one shard's pages only.
 """
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ import json
 from pathlib import Path
 
 from ..errors import TVToolError
+from ..safetensors_io import SafetensorsFile
+from ..weight_source import WeightSource
 
-INDEX_SUFFIX = ".safetensors.index.json"
 
-
-def open_index(index: str | Path, describe: dict):
-    from ..checkpoints import SafetensorsFile, WeightSource
-
+def open_index(index: str | Path, describe: dict) -> WeightSource:
     index = Path(index)
     try:
         doc = json.loads(index.read_text())

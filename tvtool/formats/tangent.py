@@ -14,6 +14,7 @@ import re
 import torch
 
 from ..errors import TVToolError
+from .arch import register_builtin
 
 _INDEXED = re.compile(r"^(?:.*\.)?(params0?)\.(\d+)$")
 
@@ -38,10 +39,7 @@ def _lists(obj: dict, origin: str) -> tuple[list[torch.Tensor], list[torch.Tenso
 
 def encoder_parameter_names(arch: str) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of an ImageEncoder around open_clip ``arch`` without its text transformer, in parameter order."""
-    import open_clip
-
-    from .. import models  # noqa: F401  registers tvtool-mini
-
+    open_clip = register_builtin()
     if arch not in open_clip.list_models():
         raise TVToolError(f"unknown open_clip architecture {arch!r} for the linearized checkpoint; pass --model")
     with torch.device("meta"):

@@ -12,7 +12,6 @@ leaves out): ``pip install 'tvtool[hf]'``.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -23,9 +22,14 @@ import torch
 
 from ..errors import TVToolError
 from ..fileio import atomic_path, check_output
+from ..safetensors_io import write_safetensors
+from ..weight_source import ModelConfig, WeightSource
+from ..weights_spec import folder_weights, transformers_model_type
+from . import sharded
+from .arch import match_config, register_config
+from .safe_pickle import load_pickle
 
 INSTALL_HINT = "reading or writing transformers CLIP folders needs transformers: pip install 'tvtool[hf]'"
-CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
 
 # transformers name <-> open_clip name, outside the transformer layers ("T": transposed).
 _TOP = [
@@ -63,19 +67,6 @@ def require_transformers():
     except ImportError:
         raise TVToolError(INSTALL_HINT) from None
     return transformers
-
-
-def folder_model_type(path: str | os.PathLike) -> str | None:
-    """The CLIP ``model_type`` of a transformers folder, or None when ``path`` is not one."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        doc = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return None
-    kind = doc.get("model_type") if isinstance(doc, dict) else None
-    return kind if kind in CLIP_MODEL_TYPES else None
 
 
 # ------------------------------------------------------------------------------------------------ key mapping
@@ -166,9 +157,9 @@ def planned_shape(op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     return (shapes[0][0] // 3, *shapes[0][1:])
 
 
-def mapped_source(source, plan: Mapping[str, tuple], describe: dict):
+def mapped_source(source, plan: Mapping[str, tuple], describe: dict,
+                  config: ModelConfig | None = None) -> WeightSource:
     """A WeightSource whose tensors are computed from ``source`` by ``plan``, lazily."""
-    from ..checkpoints import WeightSource
 
     def get(key):
         op, ins = plan[key]
@@ -183,13 +174,13 @@ def mapped_source(source, plan: Mapping[str, tuple], describe: dict):
             source.release(k)
 
     return WeightSource(list(plan), get, describe, shape=shape, dtype=lambda k: source.dtype(plan[k][1][0]),
-                        release=release)
+                        release=release, config=config)
 
 
 # ---------------------------------------------------------------------------------------------------- configs
 def load_config(folder: str | os.PathLike):
     transformers = require_transformers()
-    kind = folder_model_type(folder)
+    kind = transformers_model_type(folder)
     cls = transformers.CLIPConfig if kind == "clip" else transformers.CLIPVisionConfig
     try:
         return cls.from_pretrained(str(folder), local_files_only=True)
@@ -251,27 +242,23 @@ def hf_config(model_cfg: dict, vision_only: bool = False):
 
 
 # ------------------------------------------------------------------------------------------------ read / write
-def _raw_weights(folder: Path, trust_pickle: bool):
-    from ..checkpoints import WeightSource, load_pickle
-    from . import sharded
-
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
-        path = folder / name
-        if not path.is_file():
-            continue
-        describe = {"model": None, "pretrained": str(path)}
-        if name.endswith(".index.json"):
-            return sharded.open_index(path, describe)
-        if name.endswith(".bin"):
-            return WeightSource.from_state_dict(load_pickle(path, trust_pickle, strip_prefixes=False), describe)
-        return WeightSource.from_safetensors(path, describe)
-    raise TVToolError(f"{folder}: transformers folder without model.safetensors(.index.json) or pytorch_model.bin")
+def _raw_weights(folder: Path, trust_pickle: bool) -> WeightSource:
+    """The folder's transformers-named tensors, from the file :func:`tvtool.weights_spec.folder_weights` chose."""
+    chosen = folder_weights(folder)
+    if chosen.kind != "transformers":
+        raise TVToolError(f"{folder}: not a transformers CLIP folder (its weights are open_clip's {chosen.file.name})")
+    path, kind = chosen.file, chosen.file_kind
+    describe = {"model": None, "pretrained": str(path)}
+    if kind == "index":
+        return sharded.open_index(path, describe)
+    if kind == "pickle":
+        return WeightSource.from_state_dict(load_pickle(path, trust_pickle, strip_prefixes=False), describe)
+    return WeightSource.from_safetensors(path, describe)
 
 
-def open_folder(folder: str | os.PathLike, *, trust_pickle: bool = False):
-    """A transformers CLIP folder as a WeightSource with open_clip names (lazy); ``.open_clip_cfg`` is attached."""
-    from .arch import match_config, register_config
-
+def open_folder(folder: str | os.PathLike, *, trust_pickle: bool = False) -> WeightSource:
+    """A transformers CLIP folder as a WeightSource with open_clip names (lazy); its ``config`` holds the
+    transformers config and the open_clip model config it corresponds to."""
     folder = Path(folder).resolve()
     config = load_config(folder)
     model_cfg = open_clip_config(config)
@@ -279,10 +266,8 @@ def open_folder(folder: str | os.PathLike, *, trust_pickle: bool = False):
     plan = hf_to_open_clip_plan(raw.keys(), vision_only="text_cfg" not in model_cfg)
     # A config no open_clip architecture has (tiny test models, custom widths) is registered under a stable name.
     arch = match_config(model_cfg) or (register_config(model_cfg) if "text_cfg" in model_cfg else None)
-    source = mapped_source(raw, plan, {"model": arch, "pretrained": str(folder), "format": "transformers"})
-    source.open_clip_cfg = model_cfg
-    source.hf_config = config
-    return source
+    return mapped_source(raw, plan, {"model": arch, "pretrained": str(folder), "format": "transformers"},
+                         ModelConfig(open_clip=model_cfg, transformers=config))
 
 
 def write_folder(out: str | os.PathLike, items, specs: Mapping[str, tuple], config=None, *,
@@ -294,11 +279,9 @@ def write_folder(out: str | os.PathLike, items, specs: Mapping[str, tuple], conf
     preprocessor and tokenizer files): ``apply`` onto a transformers base gives a folder of the same kind. A
     vision-only config (``CLIPVisionModel``) keeps only the image tower.
     """
-    from ..taskvector import write_safetensors
-
     out = check_output(out, force, directory=True)  # before any work; atomic_path checks again at the end
     if copy_from is not None:
-        kind = folder_model_type(copy_from)
+        kind = transformers_model_type(copy_from)
     else:
         kind = getattr(config, "model_type", "clip")
     vision_only = kind == "clip_vision_model"
