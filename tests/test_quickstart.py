@@ -160,7 +160,8 @@ def test_mini_paper_table_selects_lambda_on_mean_val_and_reports_paired_differen
     assert full["paired"]["finetuned_acc"]["mean"] == pytest.approx(-15.0)
     lora = table["modes"]["lora"]
     assert lora["chosen_lambda"] == 0.01
-    assert lora["paired"]["abs_acc"]["mean"] == pytest.approx(0.0) and lora["paired"]["abs_acc"]["beyond_noise"] is False
+    assert lora["paired"]["abs_acc"]["mean"] == pytest.approx(0.0)
+    assert lora["paired"]["abs_acc"]["beyond_noise"] is False
     text = capsys.readouterr().out
     assert ("| full | FT + OrthoReg | 0.1 | 75.00 +- 2.00 | 67.00 +- 1.00 | "
             f"{orth['norm_acc']:.2f} +- {orth['norm_acc_std']:.2f} | ") in text

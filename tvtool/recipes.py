@@ -22,8 +22,9 @@ eval:                      # optional steps, run per variant
     - {method: ties, options: {k: 20}}
 ```
 After the evaluation steps the run's figures are summarized (``tvtool.results``) and written to
-``OUT_DIR/summary.json``. Outputs that already exist are skipped when the settings digest they record (``settings_digest`` in a vector's
-metadata, in each evaluation JSON) matches the recipe's, and redone (saying so) when it does not, so an interrupted
+``OUT_DIR/summary.json``. Outputs that already exist are skipped when the settings digest they record
+(``settings_digest`` in a vector's metadata, in each evaluation JSON) matches the recipe's (and a vector's base
+fingerprint the base's), and redone (saying so) when it does not, so an interrupted
 recipe picks up where it stopped and an edited one never shows stale results. Everything is validated before any
 model is built (``Recipe.validate``). Files are read with ``yaml.SafeLoader`` with bounded alias expansion; errors
 name the file, the line and the key.
@@ -475,7 +476,8 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
                     if base_then == base_now:
                         log(f"skip {out} (exists, same settings)")
                         continue
-                    why = f"was taken against base {base_then}, the model {cfg.model}:{cfg.pretrained} is now {base_now}"
+                    why = (f"was taken against base {base_then}, the model {cfg.model}:{cfg.pretrained} is now "
+                           f"{base_now}")
                 else:  # the recipe owns its outputs: one made with other settings (or unknown ones) is redone
                     why = ("records no settings" if recorded is None else f"was made with other settings ({recorded})"
                            if recorded != wanted else f"was trained for {trained_epochs} epochs, the run now has "

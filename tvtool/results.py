@@ -294,9 +294,10 @@ def tables(summary_: dict) -> list[dict]:
             if not d or d["mean"] is None:
                 cells.append("-")
                 continue
-            text = f"{d['mean']:+.{4 if m == 'cosine' else 2}f}"
+            digits = 4 if m == "cosine" else 2
+            text = f"{d['mean']:+.{digits}f}"
             if d["se"] is not None:
-                text += f" (SE {d['se']:.{4 if m == 'cosine' else 2}f}, t {'-' if d['t'] is None else format(d['t'], '+.2f')})"
+                text += f" (SE {d['se']:.{digits}f}, t {'-' if d['t'] is None else format(d['t'], '+.2f')})"
             cells.append(text)
         prow.append([f"{name} - {g['baseline']}", str(p[diff_metrics[0]]["n"]) if diff_metrics[0] in p else "-"]
                     + cells)
