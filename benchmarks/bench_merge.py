@@ -2,9 +2,13 @@
 
     python benchmarks/bench_merge.py --methods sum,mean,ties,dare,dare-ties,breadcrumbs,consensus,iso-c
     python benchmarks/bench_merge.py --size 0.5 --methods tsv,iso-c   # TSV's 10 SVDs per layer: ~8 min at 1.0
+    python benchmarks/bench_merge.py --size 0.5 --methods sum,iso-c,iso-cts,della,breadcrumbs-ties,lines
+    python benchmarks/bench_merge.py --size 0.25 --methods sum,iso-c,wudi  # WUDI: 300 Adam steps per layer
 
---size scales the tower's width (1.0 = ViT-B-32: width 768, 12 blocks; parameters grow as size^2). Each method
-runs in a fresh process that reports its own wall time and peak RSS (ru_maxrss), next to an idle process that only
+--size scales the tower's width (1.0 = ViT-B-32: width 768, 12 blocks; parameters grow as size^2, the per-layer
+methods' work as size^3). Every method runs with its default options (`tvtool merge --list`), on the GPU when the
+method uses one and there is one (tsv, iso-c, iso-cts, wudi; `benchmarks/gpu_suite.py` times GPU against CPU).
+Each method runs in a fresh process that reports its own wall time and peak RSS (ru_maxrss), next to an idle process that only
 imports tvtool (the interpreter + torch floor). Inputs are written once to a temporary folder (deleted after) and
 read memory-mapped, as the CLI does; after the first run they sit in the page cache.
 """
@@ -91,7 +95,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=float, default=1.0, help="width scale; 1.0 = ViT-B-32 (~88M params/vector)")
     ap.add_argument("--vectors", type=int, default=8)
-    ap.add_argument("--methods", default="sum,mean,ties,dare,dare-ties,breadcrumbs,consensus,tsv,iso-c")
+    ap.add_argument("--methods", default="sum,mean,ties,dare,dare-ties,breadcrumbs,breadcrumbs-ties,della,consensus,"
+                                         "tsv,iso-c,iso-cts,wudi,lines")
     # 1 thread by default: on a shared 2-core machine, multi-threaded LAPACK oversubscribes and runs 2-20x slower
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=int, default=400, help="per-method limit in seconds")

@@ -345,7 +345,9 @@ def test_fer2013_unlabelled_kaggle_split_is_explained(tmp_path):
     (tmp_path / "fer2013" / "train.csv").write_text("emotion,pixels\n")
     with pytest.raises(TVToolError, match="no labels; get fer2013.csv"):
         get_dataset("fer2013").listing("test", tmp_path)
-    (tmp_path / "fer2013" / "fer2013.csv").write_text("emotion,pixels,Usage\n3,1 2,Training\nhappy,1 2,Training\n")
+    pixels = " ".join(["1"] * 48 * 48)
+    (tmp_path / "fer2013" / "fer2013.csv").write_text(f"emotion,pixels,Usage\n3,{pixels},Training\n"
+                                                      f"happy,{pixels},Training\n")
     with pytest.raises(TVToolError, match=r"fer2013.csv:3: emotion 'happy' is not a label"):
         get_dataset("fer2013").listing("train", tmp_path)
     (tmp_path / "fer2013" / "fer2013.csv").unlink()

@@ -160,15 +160,16 @@ def test_folder_outputs_publish_atomically_and_force_replaces_folders_and_files_
                 raise RuntimeError("disk gone")
 
     write()
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name != fileio.FOLDER_MARKER) == ["config.json"]
     with pytest.raises(TVToolError, match="--force"):
         write()
+    assert (out / fileio.FOLDER_MARKER).is_file()  # what lets --force know tvtool wrote it
     (out / "stale.bin").write_text("old")
     write(force=True)  # replaced whole: nothing of the old folder survives
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name != fileio.FOLDER_MARKER) == ["config.json"]
     with pytest.raises(RuntimeError):
         write(force=True, fail=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # the old output stays
+    assert sorted(p.name for p in out.iterdir() if p.name != fileio.FOLDER_MARKER) == ["config.json"]  # the old output stays
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # and no temp folder is left
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

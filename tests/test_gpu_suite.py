@@ -17,14 +17,20 @@ NUMBER = (int, float)
 REQUIRED = {
     "device": str, "model": str, "batch": int,
     "train.reference_images_per_s": NUMBER, "train.tvtool_images_per_s": NUMBER,
-    "train.tvtool_compile_images_per_s": NUMBER, "train.mfu": NUMBER,
+    "train.tvtool_compile_images_per_s": NUMBER, "train.mfu": NUMBER, "train.mfu_compile": NUMBER,
+    "train.speedup_vs_reference": NUMBER, "train.speedup_compile_vs_reference": NUMBER,
     "train.peak_memory_gb.without_penalty": NUMBER, "train.peak_memory_gb.with_penalty": NUMBER,
     "orthoreg.exact_overhead": NUMBER, "orthoreg.hutchinson_overhead": NUMBER, "orthoreg.exact_tf32_overhead": NUMBER,
+    "orthoreg.compiled_exact_overhead": NUMBER,
+    "vitl.images_per_s": NUMBER, "vitl.step_s": NUMBER, "vitl.exact_overhead": NUMBER, "vitl.mfu": NUMBER,
+    "vitl.minutes_per_2000_steps": NUMBER, "vitl.memory_overhead": NUMBER,
+    "vitl.peak_memory_gb.without_penalty": NUMBER, "vitl.peak_memory_gb.with_penalty": NUMBER,
     "eval.evaluator_s": NUMBER, "eval.rebuild_s": NUMBER,
     "merge.tsv.gpu_s": NUMBER, "merge.tsv.cpu_s": NUMBER, "merge.iso-c.gpu_s": NUMBER, "merge.iso-c.cpu_s": NUMBER,
 }
 CHECKS = ("bf16_matches_fp32", "compiled_matches_eager", "compiled_grads_match_eager", "penalty_same_in_bf16",
-          "random_resized_crop_matches_torchvision", "ddp_matches_single")
+          "random_resized_crop_matches_torchvision", "ddp_matches_single", "fsdp_matches_single",
+          "sdpa_fused_in_training")
 
 
 def _get(d: dict, path: str):
@@ -49,7 +55,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-suite")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=240, cwd=out)
+                          capture_output=True, text=True, env=env, timeout=600, cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "suite.json").read_text()), proc.stdout
 
@@ -68,8 +74,11 @@ def test_smoke_writes_every_required_field_with_its_type(smoke):
                 assert value > 0, (path, value)
     # on the CPU exactly the GPU-only figures are null, each with its reason
     nulls = {p for p in REQUIRED if _get(res, p) is None}
-    assert nulls == {"train.mfu", "train.peak_memory_gb.without_penalty", "train.peak_memory_gb.with_penalty",
-                     "merge.tsv.gpu_s", "merge.iso-c.gpu_s"}, nulls
+    assert nulls == {"train.mfu", "train.mfu_compile", "train.peak_memory_gb.without_penalty",
+                     "train.peak_memory_gb.with_penalty", "merge.tsv.gpu_s", "merge.iso-c.gpu_s", "vitl.mfu",
+                     "vitl.peak_memory_gb.without_penalty", "vitl.peak_memory_gb.with_penalty",
+                     "vitl.memory_overhead"}, nulls
+    assert res["vitl"]["grad_accum"] == 2 and res["vitl"]["micro_batch"] == 4 and res["vitl"]["model"] == "tvtool-mini"
 
 
 def test_smoke_checks_are_booleans_from_real_comparisons(smoke):
@@ -79,7 +88,13 @@ def test_smoke_checks_are_booleans_from_real_comparisons(smoke):
     detail = res["checks_detail"]
     assert len(detail["bf16_vs_fp32"]["curve_fp32"]) == len(detail["bf16_vs_fp32"]["curve_bf16"]) == 4
     assert detail["bf16_vs_fp32"]["curve_fp32"] != detail["bf16_vs_fp32"]["curve_bf16"]  # two precisions really ran
-    assert detail["ddp"]["world"] == 2 and detail["ddp"]["backend"] == "gloo"
+    for strategy in ("ddp", "fsdp"):
+        d = detail[strategy]
+        assert d["world"] == 2 and d["backend"] == "gloo" and d["strategy"] == strategy and d["lam"] > 0, d
+    # the fp32 variant of the gradient check is a CUDA-only extra (on the CPU the main check is fp32 already)
+    assert res["checks"]["compiled_grads_match_eager_fp32"] is None
+    assert res["skipped"]["checks.compiled_grads_match_eager_fp32"]
+    assert detail["sdpa"]["fused_calls"] == detail["sdpa"]["blocks"] == 4 and detail["sdpa"]["softmax_ops"] == 0
     assert detail["random_resized_crop"]["samples"] == 500
     # the smoke run exercised the compiled finetune, the equality of the two eval paths and the penalty check
     assert res["train"]["compile_backend"] == "aot_eager"
@@ -88,13 +103,15 @@ def test_smoke_checks_are_booleans_from_real_comparisons(smoke):
     assert detail["penalty_bf16"]["fp32"] > 0
     grads = detail["compiled_grads_vs_eager"]
     assert len(grads["per_batch"]) == 3 and res["checks"]["compiled_grads_match_eager"] is True, grads
+    assert grads["tolerance"] == 1e-6 and min(grads["penalty_share_of_gradient"]) > 1e-3, grads
 
 
 def test_smoke_prints_the_markdown_table(smoke):
     _, stdout = smoke
     assert "| tvtool-mini, batch 8," in stdout
-    for row in ("reference-style loop", "torch.compile", "exact penalty", "alpha search", "merge: tsv",
-                "check: ddp_matches_single"):
+    for row in ("reference-style loop", "--compile-mode aot_eager", "exact penalty", "inside the compiled step",
+                "vitl: tvtool-mini, 4 x 2 accumulation", "alpha search", "merge: tsv", "check: ddp_matches_single",
+                "check: fsdp_matches_single"):
         assert row in stdout, row
 
 

@@ -89,15 +89,42 @@ def ref_tsv(vs, fraction=None):
 # --------------------------------------------------------------------------------------------------- registry
 def test_registry_lists_every_method_with_options_and_citation():
     names = [m.name for m in mg.list_methods()]
-    assert names == ["sum", "mean", "ties", "dare", "dare-ties", "breadcrumbs", "tsv", "iso-c", "consensus"]
+    assert names == ["sum", "mean", "ties", "dare", "dare-ties", "breadcrumbs", "breadcrumbs-ties", "della", "tsv",
+                     "iso-c", "iso-cts", "consensus", "wudi", "lines"]
     for m in mg.list_methods():
-        assert any(str(y) in m.doc for y in (2022, 2023, 2024, 2025)), m.name  # paper cited
+        assert any(str(y) in m.doc and str(y) in m.paper for y in (2022, 2023, 2024, 2025)), m.name  # paper cited
+        assert m.url.startswith("https://arxiv.org/abs/") and m.code and m.alpha_source, m.name
+        assert m.kind in mg.KINDS
+        grid = mg.alpha_grid(m)  # every default search parses, and is the paper's
+        assert grid and all(0 < a <= 3 for a in grid if a), m.name
     assert mg.get_method("tsv").per_layer and mg.get_method("iso-c").per_layer
     assert mg.get_method("dare").random and not mg.get_method("ties").random
+    # the papers' alphas: TSV-M merges at 1, WUDI and LiNeS rescale nothing, Iso-C/CTS search above 1
+    assert mg.alpha_grid("tsv") == [1.0] and mg.alpha_grid("wudi") == [1.0] and mg.alpha_grid("lines") == [1.0]
+    iso = mg.alpha_grid("iso-c")
+    assert iso == mg.alpha_grid("iso-cts") and min(iso) == 0.1 and max(iso) == 3.0 and 1.5 in iso
+    assert mg.alpha_grid("sum") == [round(0.05 * i, 10) for i in range(21)]
+
+
+def test_options_have_one_default_each():
+    """Issue 20: a default lives in the Option only; the function cannot carry a second, disagreeing one."""
+    import inspect
+    for m in mg.list_methods():
+        params = inspect.signature(m.fn).parameters
+        for name in m.options:
+            assert params[name].default is inspect.Parameter.empty, (m.name, name)
+    assert mg.resolve_options("ties")["scope"] == "global"
+    with pytest.raises(ValueError, match="repeat their option's default"):
+        @mg.register("x-test", kind="arithmetic", paper="p", url="u", code="c", alpha_grid="1", alpha_source="s",
+                     options={"k": mg.Option(float, 1.0, "k")})
+        def _bad(tensors, key, *, k=2.0):
+            return tensors[0]
+    assert "x-test" not in mg.REGISTRY
 
 
 def test_options_are_typed_defaulted_and_checked():
-    assert mg.resolve_options("ties", {"k": "35"}) == {"k": 35.0, "sign": "mass", "scope": "global"}
+    assert mg.resolve_options("ties", {"k": "35"}) == {"k": 35.0, "sign": "mass", "scope": "global",
+                                                       "disjoint": "mean"}
     assert mg.parse_option_strings(["k=5", "sign=count"]) == {"k": "5", "sign": "count"}
     for bad, msg in [({"kk": 1}, "unknown option 'kk'"), ({"k": "abc"}, "not a valid float"),
                      ({"k": 101}, "out of range"), ({"sign": "vote"}, "must be one of")]:
@@ -246,14 +273,15 @@ def test_iso_c_flattens_the_spectrum_of_the_sum():
     np.testing.assert_allclose(np.linalg.svd(out, compute_uv=False), s_mean, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["tsv", "iso-c"])
+@pytest.mark.parametrize("name", ["tsv", "iso-c", "iso-cts", "wudi"])
 def test_per_layer_methods_fall_back_on_non_matrices(name):
+    # the authors' code (TSV-M, Iso-C/CTS, FusionBench's WUDI) averages biases, norms and the class token
     for shape in [(7,), (2, 3, 4), ()]:
         vs = [_t(_randn(*shape, seed=s)) for s in range(3)]
-        np.testing.assert_allclose(mg.merge_tensor(name, vs).numpy(), np.sum([v.numpy() for v in vs], 0),
-                                   rtol=1e-6)
-        np.testing.assert_allclose(mg.merge_tensor(name, vs, options={"fallback": "mean"}).numpy(),
-                                   np.mean([v.numpy() for v in vs], 0), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(mg.merge_tensor(name, vs).numpy(), np.mean([v.numpy() for v in vs], 0),
+                                   rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(mg.merge_tensor(name, vs, options={"fallback": "sum"}).numpy(),
+                                   np.sum([v.numpy() for v in vs], 0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("k,lam", [(0, 0.4), (1, 0.4), (2, 0.4), (2, 1.0), (3, 0.2)])
@@ -325,7 +353,7 @@ def test_merge_files_match_in_memory_and_record_provenance(files, tmp_path, caps
     assert all(torch.equal(got[k], expect[k]) for k in expect)
     entry = meta["history"][-1]
     assert entry["op"] == "merge" and entry["method"] == "dare-ties" and entry["seed"] == 11
-    assert entry["options"] == {"p": 0.5, "sign": "count"} and entry["alpha"] == 0.5
+    assert entry["options"] == {"p": 0.5, "sign": "count", "disjoint": "mean"} and entry["alpha"] == 0.5
     assert [i["fingerprint"] for i in entry["inputs"]] == [_load(p)[1]["fingerprint"] for p in files]
     json.dumps(meta)  # provenance is plain JSON
     # global TIES through files: the prepass streams from the memory-mapped inputs
@@ -472,3 +500,181 @@ def test_rtol_option_is_checked_and_widens_the_cut():
     assert torch.linalg.matrix_rank(mg.merge_tensor("iso-c", [x], "w")) == 2
     out = mg.merge_tensor("iso-c", [x], "w", {"rtol": 1e-3})
     torch.testing.assert_close(out, u[:, :1] @ v[:, :1].T, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------- composed methods
+def test_generalized_parts_compose_the_sparse_family():
+    """ties / dare / breadcrumbs with sign consensus come from the same parts: checked against loop references."""
+    vs = [_randn(6, 5, seed=s) for s in range(4)]
+    tv = [_t(v) for v in vs]
+    # breadcrumbs-ties = breadcrumbs' drop, then election and disjoint mean
+    kept = [ref_breadcrumbs([v], 10, 30) for v in vs]
+    np.testing.assert_allclose(mg.merge_tensor("breadcrumbs-ties", tv, "w", {"beta": 10, "gamma": 30}).numpy(),
+                               ref_elect_merge(kept, "mass"), rtol=1e-6, atol=1e-7)
+    # disjoint=sum: the agreeing entries summed instead of averaged (FusionBench's merge_func=sum)
+    trimmed = [ref_topk_keep(v, 40) for v in vs]
+    mean_ref = ref_elect_merge(trimmed, "mass")
+    counts = np.zeros_like(mean_ref)
+    for idx in np.ndindex(mean_ref.shape):
+        s = np.sign(sum(float(v[idx]) for v in trimmed))
+        counts[idx] = sum(1 for v in trimmed if v[idx] != 0 and np.sign(v[idx]) == s)
+    got = mg.merge_tensor("ties", tv, "w", {"k": 40, "disjoint": "sum"}).numpy()
+    np.testing.assert_allclose(got, mean_ref * np.maximum(counts, 1), rtol=1e-5, atol=1e-6)
+
+
+def _della_reference_drop(v: np.ndarray, p: float, eps: float) -> np.ndarray:
+    """Per row: drop probability p + eps - 2 eps (rank-1)/(n-1), rank 1 = smallest |value| (a loop)."""
+    rows = v.reshape(v.shape[0], -1) if v.ndim >= 2 else v.reshape(1, -1)
+    out = np.zeros(rows.shape)
+    for i, row in enumerate(rows):
+        order = sorted(range(len(row)), key=lambda j: (abs(row[j]), j))
+        for rank, j in enumerate(order):
+            out[i, j] = p + eps - 2 * eps * rank / (len(row) - 1)
+    return out.reshape(v.shape)
+
+
+def test_della_keeps_by_magnitude_rank_and_rescales_each_survivor():
+    x = _randn(40, 250, seed=3)
+    out = mg.merge_tensor("della", [_t(x)], "w", {"p": 0.5, "eps": 0.3}, seed=9).numpy()
+    drop = _della_reference_drop(x, 0.5, 0.3)
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], x[kept] / (1 - drop[kept]), rtol=1e-5)  # each by its own probability
+    # keep rates follow the ranks: 0.2-0.25 for each row's smallest 8%, 0.75-0.8 for its largest 8%
+    for group in (drop > 0.75, drop < 0.25, drop == drop):
+        expect, draws = float((1 - drop[group]).mean()), int(group.sum())
+        assert abs(kept[group].mean() - expect) < 4 * np.sqrt(0.25 / draws), (expect, draws)  # 4 sd
+    assert np.array_equal(out, mg.merge_tensor("della", [_t(x)], "w", {"p": 0.5, "eps": 0.3}, seed=9).numpy())
+    # eps = 0: every entry dropped with probability p by the same draws as dare-ties
+    vs = [_t(_randn(8, 9, seed=s)) for s in range(3)]
+    a = mg.merge_tensor("della", vs, "w", {"p": 0.4, "eps": 0.0}, seed=4)
+    b = mg.merge_tensor("dare-ties", vs, "w", {"p": 0.4}, seed=4)
+    assert torch.equal(a != 0, b != 0)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    with pytest.raises(TVToolError, match="keep probabilities"):
+        mg.merge_tensor("della", vs, "w", {"p": 0.9, "eps": 0.2})
+
+
+def test_iso_cts_flat_spectrum_and_iso_c_limit():
+    vs = [torch.tensor(_randn(14, 10, seed=s)) for s in range(3)]
+    out = mg.merge_tensor("iso-cts", vs, "w")
+    sv = torch.linalg.svdvals(out.double())
+    torch.testing.assert_close(sv, sv.mean().expand(10), rtol=1e-4, atol=0)  # isotropic, full rank
+    # the common subspace alone (fraction 1) is Iso-C
+    torch.testing.assert_close(mg.merge_tensor("iso-cts", vs, "w", {"fraction": 1.0}), mg.merge_tensor("iso-c", vs),
+                               rtol=1e-4, atol=1e-5)
+    # the sizes follow the authors' rounding: task part a multiple of T, half to even
+    from tvtool.merge.methods.iso_cts import subspace_sizes
+    assert subspace_sizes(768, 8, 0.8) == (616, 19) and subspace_sizes(10, 4, 0.8) == (10, 0)
+    assert subspace_sizes(12, 4, 0.8) == (8, 1)
+
+
+def test_iso_cts_rank_deficient_inputs_stay_in_their_span():
+    clean = _lora_like(40, 32, 2, 4, seed=5)
+    a = mg.merge_tensor("iso-cts", _noisy(clean, 1), "w")
+    b = mg.merge_tensor("iso-cts", _noisy(clean, 2), "w")
+    assert float(torch.linalg.norm(a - b) / torch.linalg.norm(a)) < 1e-4
+    assert _outside_span(a, torch.cat(clean, 1)) < 1e-4
+    assert torch.count_nonzero(mg.merge_tensor("iso-cts", [torch.zeros(5, 4)] * 3, "w")) == 0
+
+
+def _wudi_loss(m, taus):
+    return sum(float(torch.linalg.norm((m - t) @ t.T) ** 2 / torch.linalg.norm(t) ** 2) for t in taus)
+
+
+def test_wudi_gradient_and_descent():
+    taus = [torch.tensor(_randn(12, 7, seed=s)) * 1e-3 for s in range(4)]
+    # the closed-form gradient 2 (M S - B) is autograd's gradient of the loss
+    m = (sum(taus) + 1e-4 * torch.randn(12, 7, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    loss = sum(torch.linalg.norm((m - t) @ t.T) ** 2 / torch.linalg.norm(t) ** 2 for t in taus)
+    loss.backward()
+    s_mat = sum(t.T @ t / torch.linalg.norm(t) ** 2 for t in taus)
+    b_mat = sum(t @ t.T @ t / torch.linalg.norm(t) ** 2 for t in taus)
+    torch.testing.assert_close(m.grad, 2 * (m.detach() @ s_mat - b_mat), rtol=1e-4, atol=1e-9)
+    out = mg.merge_tensor("wudi", taus, "w")
+    assert _wudi_loss(out, taus) < 0.5 * _wudi_loss(sum(taus), taus)
+    assert torch.equal(mg.merge_tensor("wudi", taus, "w", {"iters": 0}), mg.merge_tensor("sum", taus))
+    # a task whose update is zero in this layer adds nothing (no division by zero)
+    with_zero = mg.merge_tensor("wudi", taus + [torch.zeros(12, 7)], "w")
+    torch.testing.assert_close(with_zero, out, rtol=1e-6, atol=1e-9)
+
+
+def test_lines_scales_the_base_merge_by_block_depth():
+    blocks = 4
+    gen = np.random.default_rng(7)
+    keys = [f"visual.transformer.resblocks.{i}.mlp.c_fc.weight" for i in range(blocks)] + ["visual.proj",
+                                                                                         "visual.ln_post.bias"]
+    vecs = [{k: torch.tensor(gen.standard_normal((6, 5) if "weight" in k or "proj" in k else (5,)),
+                             dtype=torch.float32) for k in keys} for _ in range(3)]
+    base = mg.merge_tensors("ties", vecs, {"k": 30})
+    got = mg.merge_tensors("lines", vecs, {"base": "ties", "base.k": 30, "beta": 0.6})
+    l1_sum = sum(float(sum(v[k] for v in vecs).abs().sum()) for k in keys)
+    l1_base = sum(float(base[k].abs().sum()) for k in keys)
+    floor = l1_sum / (3 * l1_base)  # the authors' multi-task floor
+    for k in keys:
+        depth = next((i for i in range(blocks) if f".{i}." in k), None)
+        expect = floor + (0.6 * depth / (blocks - 1) if depth is not None else 0.0)
+        torch.testing.assert_close(got[k], base[k] * expect, rtol=1e-5, atol=1e-7)
+    fixed = mg.merge_tensors("lines", vecs, {"floor": 0.25, "beta": 1.0, "blocks": 8})  # base sum
+    torch.testing.assert_close(fixed[keys[2]], sum(v[keys[2]] for v in vecs) * (0.25 + 2 / 7), rtol=1e-6, atol=0)
+    with pytest.raises(TVToolError, match="unknown option 'base.q'"):
+        mg.resolve_options("lines", {"base": "ties", "base.q": 1})
+    with pytest.raises(TVToolError, match="must be one of"):
+        mg.resolve_options("lines", {"base": "lines"})
+    assert mg.get_method("lines").is_random(mg.resolve_options("lines", {"base": "dare"}))
+    assert not mg.get_method("lines").is_random(mg.resolve_options("lines", {"base": "ties"}))
+
+
+def test_lines_through_files_records_base_options_and_seed(files, tmp_path):
+    from tvtool.cli import main
+    out = tmp_path / "lines.st"
+    assert main(["merge", "-m", "lines", "-O", "base=dare", "-O", "base.p=0.5", "-O", "beta=0.3", *map(str, files),
+                 "--seed", "3", "-o", str(out)]) == 0
+    got, meta = _load(out)
+    expect = mg.merge_tensors("lines", [_load(p)[0] for p in files], {"base": "dare", "base.p": 0.5, "beta": 0.3},
+                              seed=3)
+    assert all(torch.equal(got[k], expect[k]) for k in expect)
+    entry = meta["history"][-1]
+    assert entry["options"]["base"] == "dare" and entry["options"]["base.p"] == 0.5 and entry["seed"] == 3
+
+
+def test_on_device_pins_where_the_heavy_steps_run():
+    default = mg.compute_device()
+    with mg.on_device("cpu"):
+        assert mg.compute_device() == torch.device("cpu")
+        with mg.on_device("meta"):
+            assert mg.compute_device() == torch.device("meta")
+        assert mg.compute_device() == torch.device("cpu")
+    assert mg.compute_device() == default
+
+
+def test_every_method_merges_a_vit_shaped_vector_through_files(tmp_path):
+    """All methods at their defaults on the tensors a ViT image tower holds (conv, class token, positional
+    embedding, 2 blocks, projection), streamed from files: finite, right shapes, and each method's own result."""
+    from tvtool import taskvector as tv
+
+    w = 16
+    shapes = {"visual.class_embedding": (w,), "visual.positional_embedding": (5, w), "visual.conv1.weight": (w, 3, 2, 2),
+              "visual.proj": (w, 8), "visual.ln_post.weight": (w,)}
+    for i in range(2):
+        p = f"visual.transformer.resblocks.{i}."
+        shapes.update({p + "attn.in_proj_weight": (3 * w, w), p + "attn.in_proj_bias": (3 * w,),
+                       p + "attn.out_proj.weight": (w, w), p + "mlp.c_fc.weight": (4 * w, w),
+                       p + "mlp.c_proj.weight": (w, 4 * w)})
+    gen = torch.Generator().manual_seed(11)
+    paths = []
+    for t in range(3):
+        p = tmp_path / f"v{t}.st"
+        tv.write_vector(p, {k: torch.randn(s, generator=gen) * 1e-3 for k, s in shapes.items()},
+                        tv.new_meta(BASE, tasks=[f"task{t}"], mode="full"))
+        paths.append(p)
+    inputs = [_load(p)[0] for p in paths]
+    for name in mg.REGISTRY:
+        out = tmp_path / f"{name}.st"
+        mg.merge_files(name, paths, out, seed=1)
+        got, meta = _load(out)
+        assert meta["history"][-1]["method"] == name
+        for k, s in shapes.items():
+            assert tuple(got[k].shape) == s and bool(torch.isfinite(got[k]).all()), (name, k)
+        expect = mg.merge_tensors(name, inputs, seed=1)
+        assert all(torch.equal(got[k], expect[k]) for k in shapes), name
+        assert any(bool(got[k].any()) for k in shapes), name

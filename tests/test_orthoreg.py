@@ -220,3 +220,25 @@ def test_unknown_precision_refused():
 
     with pytest.raises(TVToolError, match="unknown OrthoReg precision 'bf16'"):
         OrthoReg({"w": (4, 4)}, precision="bf16")
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_custom_ops_pass_torch_library_opcheck(wide):
+    """The penalty's custom ops (what torch.compile captures): schema, fake kernels (shapes and strides, also for a
+    transposed input, as wide layers pass), autograd registration, all checked by torch.library.opcheck; and the
+    gradient against autograd through the formula."""
+    from tvtool.orthoreg import _gram_defect, _gram_defect_grad, gram_defect
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 5, 7, generator=g)
+    a = (a.transpose(1, 2).contiguous().transpose(1, 2) if wide else a).requires_grad_()
+    torch.library.opcheck(_gram_defect, (a, False))
+    m = torch.randn(3, 7, 7, generator=g)  # the k x k Gram defect of a (L, rows, k)
+    torch.library.opcheck(_gram_defect_grad, (a.detach(), m + m.transpose(1, 2), torch.rand(3, generator=g), False))
+    s = gram_defect(a)
+    (s * torch.arange(1.0, 4.0)).sum().backward()
+    ref = a.detach().double().requires_grad_()
+    eye = torch.eye(7, dtype=torch.float64)
+    ((ref.transpose(1, 2) @ ref - eye).square().sum(dim=(1, 2)) * torch.arange(1.0, 4.0, dtype=torch.float64)).sum() \
+        .backward()
+    torch.testing.assert_close(a.grad.double(), ref.grad, rtol=1e-5, atol=1e-5)

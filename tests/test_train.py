@@ -197,15 +197,21 @@ def test_cli_finetune_bad_input(tmp_path, capsys):
     assert not (tmp_path / "x.st").exists()
 
 
-def test_torchrun_two_processes_gloo(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_processes_gloo(tmp_path, strategy):
+    """`torchrun ... tvtool finetune` with DDP (the default) and with --fsdp (FSDP2), OrthoReg on, equals one process.
+    The step gradients agree to 1e-5 (tests/test_parallel.py); after 2 AdamW steps the vectors to 1e-3."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    flags = ["--fsdp"] if strategy == "fsdp" else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           "29533" if strategy == "ddp" else "29534",
            "-m", "tvtool", "finetune", TASK, "--device", "cpu", "--max-steps", "2", "--batch-size", "16",
-           "--warmup-steps", "1", "--lr", "1e-3", "--no-eval", "-q", "-o", str(tmp_path / "ddp.st")]
+           "--warmup-steps", "1", "--lr", "1e-3", "--lambda", "0.5", "--no-eval", "-q", *flags,
+           "-o", str(tmp_path / "ddp.st")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     v = open_vector(tmp_path / "ddp.st")
-    assert v.meta["train"]["world_size"] == 2
+    assert v.meta["train"]["world_size"] == 2 and v.meta["train"]["fsdp"] == (strategy == "fsdp")
     # every rank draws the same crops for the global batch and takes its slice: the same run in one process
     # gives the same vector up to the float summation order of the gradient all-reduce (measured ~1e-4; with
     # rank-seeded crops, as before, the two differed by ~0.5)
@@ -214,6 +220,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tvtool", *single], capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     one = open_vector(tmp_path / "one.st")
+    assert one.keys() == v.keys()
     a = torch.cat([v.get(k).flatten().float() for k in v.keys()])
     b = torch.cat([one.get(k).flatten().float() for k in v.keys()])
     assert float((a - b).norm() / b.norm()) < 1e-3
@@ -389,37 +396,45 @@ def test_speed_options_leave_the_digest_and_precision_changes_it():
 
     a = small(lam=10.0)
     assert a.settings_digest() == small(lam=10.0, compile=True, compile_mode="reduce-overhead").settings_digest()
+    assert a.settings_digest() == small(lam=10.0, compile=True, compile_backend="aot_eager").settings_digest()
+    assert a.settings_digest() == small(lam=10.0, fsdp=True).settings_digest()  # same results, sharded
     assert a.settings_digest() != small(lam=10.0, orthoreg_precision="tf32").settings_digest()
     # the defaults add no key, so digests recorded before these options existed still match
-    assert not {"compile", "compile_mode", "orthoreg_precision"} & set(_config_key(a.resolved()))
+    assert not {"compile", "compile_mode", "compile_backend", "fsdp", "orthoreg_precision"} & \
+        set(_config_key(a.resolved()))
 
 
 @pytest.mark.parametrize("bad, message", [
     (dict(compile_mode="fast"), "--compile-mode 'fast'"),
     (dict(orthoreg_precision="bf16"), "--orthoreg-precision 'bf16'"),
     (dict(compile="yes"), "compile must be true or false"),
+    (dict(fsdp=1), "fsdp must be true or false"),
+    (dict(fsdp=True, mode="linear"), "--fsdp does not support --mode linear"),
+    (dict(fsdp=True, compile=True), "--fsdp with --compile is not supported yet"),
+    (dict(compile=True, compile_backend=""), "compile_backend must be a torch.compile backend name"),
 ])
 def test_speed_options_checked(bad, message):
     with pytest.raises(TVToolError, match=message):
         small(**bad).resolved()
 
 
-def test_compile_wraps_the_classifier_with_its_mode(tmp_path, monkeypatch):
-    """--compile hands the classifier to torch.compile with --compile-mode; the run is otherwise the same."""
+def test_compile_wraps_the_whole_step_with_its_mode(tmp_path, monkeypatch):
+    """--compile hands the whole training step (classifier, task loss and penalty) to torch.compile with
+    --compile-mode; the run is otherwise the same."""
     import torch
 
     calls = []
 
     def fake_compile(module, mode=None, dynamic=None):
-        calls.append((type(module).__name__, mode, dynamic))
+        calls.append((type(module).__name__, type(module.reg).__name__, mode, dynamic))
         return module
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    plain = finetune(small(max_steps=2), tmp_path / "a.st")
-    compiled = finetune(small(max_steps=2, compile=True, compile_mode="max-autotune-no-cudagraphs"),
+    plain = finetune(small(max_steps=2, lam=0.5), tmp_path / "a.st")
+    compiled = finetune(small(max_steps=2, lam=0.5, compile=True, compile_mode="max-autotune-no-cudagraphs"),
                         tmp_path / "b.st")
     # static shapes: the short last batch of an epoch gets its own graph, later steps keep the full-batch one
-    assert calls == [("ImageClassifier", "max-autotune-no-cudagraphs", False)]
+    assert calls == [("TrainStep", "OrthoReg", "max-autotune-no-cudagraphs", False)]
     assert compiled.task_loss == plain.task_loss
 
 
@@ -437,7 +452,7 @@ def test_compile_failure_is_one_line_with_the_way_out(tmp_path, monkeypatch):
     import torch
     from torch._dynamo.exc import TorchDynamoException
 
-    def failing(x):
+    def failing(*inputs):
         raise TorchDynamoException("CppCompileError: no C++ compiler found\nlong trace ...")
 
     monkeypatch.setattr(torch, "compile", lambda module, mode=None, dynamic=None: failing)
@@ -472,7 +487,7 @@ def test_compile_failure_in_the_backward_is_one_line_too(tmp_path, monkeypatch):
             raise TorchDynamoException("InductorError: backward lowering failed")
 
     def compile_(module, mode=None, dynamic=None):
-        return lambda x: FailsBackward.apply(module(x))
+        return lambda *inputs: (FailsBackward.apply(module(*inputs)[0]), None)
 
     monkeypatch.setattr(torch, "compile", compile_)
     with pytest.raises(TVToolError, match=r"failed for --mode full: TorchDynamoException: InductorError: backward "

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from . import __version__, defaults
 from .errors import TVToolError
+from .checks import parse_grid  # noqa: F401  (the one grid parser; evaluate.parse_grid is its public name here too)
 
 VISUAL = "visual."
 DEFAULT_THRESHOLD = 0.95
@@ -40,40 +41,6 @@ def _say(progress: Progress | None, line: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- grids
-def parse_grid(text: str) -> list[float]:
-    """``start:stop:step`` (inclusive of stop), a comma list ``0,0.3,0.5``, or a comma list of both
-    (``0:0.3:0.01,0.35:1:0.05``: fine where the choice falls, coarse elsewhere) -> sorted unique floats."""
-    text = text.strip()
-    try:
-        values = []
-        for piece in (p.strip() for p in text.split(",")):
-            if not piece:
-                continue
-            if ":" not in piece:
-                values.append(float(piece))
-                continue
-            parts = [float(p) for p in piece.split(":")]
-            if len(parts) != 3:
-                raise ValueError
-            start, stop, step = parts
-            if step <= 0 or stop < start:
-                raise TVToolError(f"grid {text!r}: needs start <= stop and step > 0, e.g. 0:1:0.05")
-            n = int(math.floor((stop - start) / step + 1e-9)) + 1
-            if n + len(values) > 10_000:
-                raise TVToolError(f"grid {text!r} has {n + len(values)} points; use a coarser step")
-            values += [round(start + i * step, 10) for i in range(n)]  # i*step, not repeated addition: no drift
-    except ValueError:
-        raise TVToolError(f"cannot read grid {text!r}; write START:STOP:STEP (e.g. 0:1:0.05) or a list 0,0.3,0.5"
-                          ) from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise TVToolError(f"grid {text!r} is empty or not finite; write START:STOP:STEP, e.g. 0:1:0.05")
-    from .checks import check_alpha
-
-    for v in values:
-        check_alpha(f"grid {text!r}: alpha", v)
-    return sorted(set(values))
-
-
 DEFAULT_GRID = tuple(parse_grid(defaults.ALPHA_GRID))  # 0, 0.05, ..., 1 (protocol)
 DEFAULT_DISENTANGLEMENT_GRID = tuple(parse_grid(defaults.DISENTANGLEMENT_GRID))  # -2 .. 2, 9 points
 

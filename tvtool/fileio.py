@@ -84,6 +84,43 @@ def open_input(path: str | os.PathLike, what: str = "an input file"):
         raise
 
 
+# ------------------------------------------------------------------------------------------------- appending
+def check_append(path: str | os.PathLike, what: str = "a log file") -> None:
+    """Before any work: a file to append to (``--log``) must be a regular file, a character device (/dev/null, a
+    terminal) or not exist yet in an existing folder. A FIFO would block the run at its end, waiting for a reader."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise TVToolError(f"{path}: its folder does not exist; expected {what}") from None
+        return
+    except OSError as exc:
+        raise TVToolError(f"{path}: cannot check it ({exc.strerror or exc})") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+        raise TVToolError(f"{path}: is {_kind(mode)}, not a regular file; expected {what}")
+
+
+def open_append(path: str | os.PathLike, what: str = "a log file"):
+    """Open ``path`` for appending text (created if missing) without ever blocking on a FIFO."""
+    check_append(path, what)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:  # ENXIO: a FIFO (swapped in since the check) with no reader
+        raise TVToolError(f"{path}: cannot write it ({exc.strerror or exc}); expected {what}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+            raise TVToolError(f"{path}: is {_kind(mode)}, not a regular file; expected {what}")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "a")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 # --------------------------------------------------------------------------------------------------- outputs
 def check_output(path: str | os.PathLike, force: bool, *, directory: bool = False) -> Path:
     """Refuse to overwrite unless ``force``, and never replace anything but a regular file (or, for a ``directory``
@@ -109,10 +146,41 @@ def check_output(path: str | os.PathLike, force: bool, *, directory: bool = Fals
             what = "a dangling symlink" if mode is None else _kind(mode)
             only = "regular files and folders" if directory else "regular files"
             raise TVToolError(f"{path}: is {what}; --force replaces {only} only")
+        if folder and not written_by_tvtool(path):
+            raise TVToolError(f"{path}: is a folder not written by tvtool (it has no {FOLDER_MARKER}); --force "
+                              "replaces only folders tvtool wrote, never other files: remove it yourself or give "
+                              "another output")
     parent = path.parent
     if not parent.is_dir():
         raise TVToolError(f"{parent}: output folder does not exist")
     return path
+
+
+# Written into every folder output: `--force` replaces a folder only when it holds this file, so a user's folder
+# (with their other files in it) is never taken for an old output.
+FOLDER_MARKER = ".tvtool-output"
+
+
+def written_by_tvtool(folder: str | os.PathLike) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(Path(folder) / FOLDER_MARKER).st_mode)
+    except OSError:
+        return False
+
+
+def check_not_input(out: str | os.PathLike, inputs) -> None:
+    """Refuse a folder output that is (or holds) one of the ``inputs``: replacing it would destroy what is read."""
+    out = Path(out)
+    if not out.exists():
+        return
+    top = os.path.realpath(out)
+    for inp in inputs:
+        if inp is None or not os.path.exists(inp):
+            continue
+        real = os.path.realpath(inp)
+        if real == top or real.startswith(top + os.sep):
+            raise TVToolError(f"{out}: is the input {inp}" + ("" if real == top else " (holds it)")
+                              + "; write the output to another folder")
 
 
 _TEMP_TAG = "tvtmp"
@@ -201,16 +269,17 @@ def _temp_name(path: Path) -> Path:
 
 
 _RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
 
 
-def _renameat2_noreplace(src: Path, dst: Path) -> bool:
-    """Rename without replacing; False where the kernel or libc lacks renameat2 (then use link + unlink)."""
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(2) with ``flags``; False where the kernel, libc or filesystem lacks it (callers fall back)."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):
         return False
     AT_FDCWD = -100
-    rc = fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+    rc = fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags)
     if rc == 0:
         return True
     err = ctypes.get_errno()
@@ -219,17 +288,42 @@ def _renameat2_noreplace(src: Path, dst: Path) -> bool:
     raise OSError(err, os.strerror(err), str(dst))
 
 
+def _renameat2_noreplace(src: Path, dst: Path) -> bool:
+    """Rename without replacing; False where renameat2 is missing (then use link + unlink)."""
+    return _renameat2(src, dst, _RENAME_NOREPLACE)
+
+
+def _swap_folder(tmp: Path, path: Path) -> None:
+    """Put the finished folder ``tmp`` at ``path`` in place of what is there, then remove the old one.
+
+    One atomic exchange where renameat2 has RENAME_EXCHANGE: ``path`` is at every moment either the old output or
+    the new one. Elsewhere, the old output is first moved aside under a name that no stale-temp sweep removes; if
+    the new one cannot then be put in place, the old one is put back, or, if even that fails, the error says where
+    it is."""
+    if _renameat2(tmp, path, _RENAME_EXCHANGE):
+        _remove(tmp)  # tmp now holds the old output
+        return
+    backup = path.parent / f".{path.name}.tvtold-{secrets.token_hex(4)}"
+    os.rename(path, backup)
+    try:
+        os.rename(tmp, path)
+    except OSError as exc:
+        try:
+            os.rename(backup, path)
+        except OSError:
+            raise TVToolError(f"{path}: could not be replaced ({exc.strerror or exc}) nor put back; the previous "
+                              f"output is kept at {backup}: move it back yourself") from None
+        raise
+    _remove(backup)
+
+
 def publish(tmp: Path, path: Path, force: bool, *, directory: bool = False) -> None:
     """Move the finished temp file (or temp folder) to ``path``: atomically refusing an existing path, or
     (``force``) replacing a regular file (or, for a folder output, a folder)."""
     if force:
         check_output(path, force=True, directory=directory)  # what is there now must still be replaceable
-        if directory and path.exists():
-            # a folder cannot be renamed over a non-empty folder: move the old one aside, then remove it
-            old = _temp_name(path)
-            os.rename(path, old)
-            os.rename(tmp, path)
-            _remove(old)
+        if directory and os.path.lexists(path):  # a folder cannot be renamed over a non-empty folder: exchange
+            _swap_folder(tmp, path)
         else:
             os.replace(tmp, path)
         return
@@ -304,6 +398,7 @@ def atomic_path(path: str | os.PathLike, force: bool = False, *, directory: bool
             try:
                 if directory:
                     os.mkdir(tmp)  # usual permissions (umask applies)
+                    (tmp / FOLDER_MARKER).write_text("written by tvtool: `--force` may replace this folder\n")
                 else:
                     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
                     os.close(fd)  # created with the usual permissions (umask applies)
@@ -313,7 +408,9 @@ def atomic_path(path: str | os.PathLike, force: bool = False, *, directory: bool
                 raise  # already names its output (a nested write)
             except OSError as exc:
                 reason = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-                raise OutputError(f"{path}: cannot write the output ({reason})") from None
+                err = OutputError(f"{path}: cannot write the output ({reason})")
+                err.errno = exc.errno  # callers tell a full disk from a read-only cache
+                raise err from None
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 _remove(tmp)
@@ -324,3 +421,70 @@ def atomic_path(path: str | os.PathLike, force: bool = False, *, directory: bool
     if interrupted is not None:
         _die_by(interrupted)
         raise SystemExit(128 + interrupted)  # only if the signal did not end us at once
+
+
+# ------------------------------------------------------------------------------------------- undoing a step
+# `tvtool data prepare` undoes a failed download by removing what it created, and only that: another process may
+# be writing into the same data root. What this process creates is known from Python's audit events (files opened
+# for writing that did not exist, folders made, rename and link targets), recorded only inside the block.
+_RECORDERS: list[tuple[str, list[str]]] = []
+_HOOKED = False
+
+
+def _created_path(event: str, args) -> object:
+    if event == "open":
+        path, mode, flags = (tuple(args) + (None, None, None))[:3]
+        if isinstance(mode, str):
+            return path if any(c in mode for c in "wax+") else None
+        return path if isinstance(flags, int) and flags & os.O_CREAT else None
+    if event == "os.mkdir":
+        return args[0]
+    if event in ("os.rename", "os.link", "os.symlink"):
+        return args[1]
+    return None
+
+
+def _audit(event: str, args) -> None:
+    if not _RECORDERS or event not in ("open", "os.mkdir", "os.rename", "os.link", "os.symlink"):
+        return
+    try:
+        path = _created_path(event, args)
+        if path is None or isinstance(path, int):
+            return
+        path = os.path.abspath(os.fsdecode(path))
+        if os.path.lexists(path):  # the hook runs before the operation: only a new path is a creation
+            return
+        for top, created in _RECORDERS:
+            if path.startswith(top + os.sep):
+                created.append(path)
+    except Exception:  # an audit hook must never break the operation it watches
+        pass
+
+
+@contextlib.contextmanager
+def recording_creations(root: str | os.PathLike):
+    """Yield a list that fills with the paths under ``root`` this process creates inside the block."""
+    global _HOOKED
+    import sys
+
+    if not _HOOKED:  # audit hooks cannot be removed: one, idle outside these blocks
+        sys.addaudithook(_audit)
+        _HOOKED = True
+    entry = (os.path.abspath(root), [])
+    _RECORDERS.append(entry)
+    try:
+        yield entry[1]
+    finally:
+        _RECORDERS.remove(entry)
+
+
+def remove_created(paths) -> None:
+    """Remove what :func:`recording_creations` recorded, deepest first; a folder only once empty (something another
+    process put there stays, and so does the folder holding it)."""
+    for path in sorted(set(paths), key=lambda p: p.count(os.sep), reverse=True):
+        with contextlib.suppress(OSError):
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+

@@ -6,6 +6,7 @@ across every task vector applied to the same base model.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from pathlib import Path
@@ -17,8 +18,7 @@ from torch import nn
 
 from .defaults import cache_root
 from .errors import TVToolError
-from .fileio import atomic_path
-from .safetensors_io import fingerprint
+from .safetensors_io import fingerprint, write_safetensors
 
 HEAD_FORMAT = "tvtool-head-1"
 PLACEHOLDER = "{c}"
@@ -60,6 +60,8 @@ def _cache_path(key: dict) -> Path:
 def _read_cached(path: Path, key: dict, n_classes: int) -> torch.Tensor | None:
     from safetensors import safe_open
 
+    if not path.is_file():  # missing, or a FIFO someone left there (opening it would block)
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -71,16 +73,20 @@ def _read_cached(path: Path, key: dict, n_classes: int) -> torch.Tensor | None:
     return head
 
 
-def _write_cached(path: Path, key: dict, head: torch.Tensor) -> None:
-    from safetensors.torch import save_file
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+def _write_cached(path: Path, key: dict, head: torch.Tensor) -> None:
+    """Cache a head (streamed and atomic: the temp is removed on any failure). A read-only cache is tolerated (the
+    head is simply rebuilt next time); a full disk is one line naming the file, as it would fail the run later."""
+    head = head.detach().to("cpu", torch.float32).contiguous()
     try:
-        with atomic_path(path, force=True) as tmp:
-            save_file({"head": head.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
-                      metadata={"key": json.dumps(key, sort_keys=True)})
-    except OSError:
-        pass  # a read-only cache must not stop the run; the head is simply rebuilt next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path, [("head", head)], {"head": ("F32", tuple(head.shape))},
+                          {"key": json.dumps(key, sort_keys=True)}, force=True, check_finite=False)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise TVToolError(f"{exc}; free some space there or point TVTOOL_CACHE at another disk") from None
 
 
 @torch.no_grad()

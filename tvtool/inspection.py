@@ -73,7 +73,7 @@ def compare(paths: Sequence[str | os.PathLike], *, per_layer: bool = False, orth
     if len(paths) < 1:
         raise TVToolError("give at least one task vector")
     vecs: list[TaskVectorFile] = [open_vector(p) for p in paths]
-    keys = check_compatible(vecs, union=True)
+    keys = check_compatible(vecs, union=True, unknown_base_ok=True)  # comparing only: nothing is written
     n = len(vecs)
     gram = torch.zeros(n, n, dtype=torch.float64)
     conflicts = torch.zeros(n, n, dtype=torch.float64)

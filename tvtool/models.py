@@ -14,8 +14,7 @@ import contextlib
 import difflib
 import logging
 import os
-import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,7 +22,7 @@ import torch
 
 from .defaults import default_device
 from .errors import TVToolError
-from .formats import sharded, transformers_clip
+from .formats import hf_hub, sharded, transformers_clip
 from .formats.arch import register_builtin, register_config
 from .formats.safe_pickle import load_pickle
 from .safetensors_io import fingerprint
@@ -34,7 +33,6 @@ from .weights_spec import (
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MINI_WEIGHTS = DATA_DIR / f"{MINI_NAME}.safetensors"
 
-_OFFLINE_ENV = ("TVTOOL_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _LOCAL_HINT = "pass a local file instead: --pretrained path/to/open_clip_model.safetensors (or an open_clip folder)"
 
 
@@ -70,18 +68,6 @@ def _unknown_model(name: str) -> TVToolError:
     return TVToolError(f"unknown model architecture {name!r}; {hint} (open_clip.list_models() has all {len(names)})")
 
 
-def _is_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in _OFFLINE_ENV)
-
-
-def _reachable(host: str, timeout: float = 5.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _cached_tag_file(cfg: dict, cache_dir: str | None) -> str | None:
     """The local copy of a registry tag's weights, if any cache already holds it (no network)."""
     hub = cfg.get("hf_hub", "")
@@ -113,10 +99,10 @@ def _download_tag(name: str, tag: str, cfg: dict, cache_dir: str | None) -> str:
     from open_clip.pretrained import download_pretrained
 
     what = f"pretrained weights {name}:{tag} are not in the local cache"
-    if _is_offline():
+    if hf_hub.is_offline():
         raise TVToolError(f"{what} and downloads are disabled (offline mode); {_LOCAL_HINT}")
     host = "huggingface.co" if cfg.get("hf_hub") else urlparse(cfg.get("url", "")).hostname or "huggingface.co"
-    if not _reachable(host):
+    if not hf_hub.reachable(host):
         raise TVToolError(f"{what} and {host} is unreachable (offline?); {_LOCAL_HINT}")
     try:
         path = download_pretrained(cfg, cache_dir=cache_dir)
@@ -189,13 +175,21 @@ def load_clip(model_name: str, pretrained: str | os.PathLike | None = None, devi
     """Build an open_clip model and load its weights; returns a :class:`ClipBundle` in eval mode.
 
     ``pretrained``: an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...), a ``.safetensors`` state dict, an
-    open_clip folder (``open_clip_config.json`` + weights), a pickle (read without running code), ``random`` for a
-    random initialisation, or None: ``builtin`` for ``tvtool-mini``; any other architecture needs it.
+    open_clip folder (``open_clip_config.json`` + weights), a transformers CLIP folder or its Hugging Face hub id
+    (``ORG/NAME[@REVISION]``, from the local hub cache or downloaded), a pickle (read without running code),
+    ``random`` for a random initialisation, or None: ``builtin`` for ``tvtool-mini``; any other architecture needs it.
     """
     open_clip = register_builtin()
     device = device or default_device()
     spec = parse_pretrained(model_name, pretrained)
+    hub_label = None
+    if spec.kind == "hf-repo":  # a hub id is the folder it resolves to, recorded by its id
+        folder_path, hub_label = hf_hub.resolve(spec.pretrained)
+        spec = replace(spec, kind="folder", path=folder_path)
     folder = folder_weights(spec.path) if spec.kind == "folder" else None
+    if folder is not None and folder.kind == "peft":
+        raise TVToolError(f"{spec.path}: a PEFT adapter holds weight updates, not a model; pass its base model "
+                          f"here, or merge it first: tvtool convert {spec.path} -o merged.safetensors")
     create = {"pretrained": None, "device": "cpu"}
     converted = folder is not None and folder.kind == "transformers"
     if converted:  # the folder's config.json names the architecture
@@ -212,6 +206,7 @@ def load_clip(model_name: str, pretrained: str | os.PathLike | None = None, devi
         ckpt, label = state, str(spec.path.resolve())
     else:
         ckpt, label = _weights(open_clip, spec, folder, create, cache_dir, trust_pickle)
+    label = hub_label or label
 
     try:
         with _quiet_random_init_warning():
@@ -294,6 +289,9 @@ def check_pretrained(model: str, pretrained: str | os.PathLike | None) -> None:
     spec = parse_pretrained(model, pretrained)
     if spec.kind in ("random", "builtin") or spec.path is not None:
         return
+    if spec.kind == "hf-repo":
+        hf_hub.check_available(spec.pretrained)
+        return
     if spec.kind == "tag" and looks_like_path(spec.pretrained):
         raise TVToolError(f"--pretrained {spec.pretrained}: no such file")
     open_clip = register_builtin()
@@ -307,9 +305,9 @@ def check_pretrained(model: str, pretrained: str | os.PathLike | None) -> None:
 
 def _check_hub_reachable(name: str) -> None:
     what = f"{name} must be downloaded from the Hugging Face hub"
-    if _is_offline():
+    if hf_hub.is_offline():
         raise TVToolError(f"{what} and downloads are disabled (offline mode); {_LOCAL_HINT}")
-    if not _reachable("huggingface.co"):
+    if not hf_hub.reachable("huggingface.co"):
         raise TVToolError(f"{what} and huggingface.co is unreachable (offline?); {_LOCAL_HINT}")
 
 

@@ -45,6 +45,8 @@ import torch
 from torch import nn
 
 from .errors import TVToolError
+from . import parallel
+from .parallel import full
 
 FORMS = ("squared", "plain")
 PRECISIONS = ("fp32", "tf32")
@@ -90,28 +92,57 @@ def _group_by_shape(names: Sequence[str], shapes: Mapping[str, Sequence[int]]) -
     return [_Group(ns, shape) for shape, ns in groups.items()]
 
 
-class _GramDefect(torch.autograd.Function):
-    """s_l = ||a_l^T a_l - I_k||_F^2 for a (L, rows, k), with the hand-derived gradient 4 a_l M_l.
+# The exact penalty's kernel as two torch.library custom ops, so torch.compile captures it inside the compiled
+# training step (and CUDA graphs record it with the model) while keeping the hand-derived backward: autograd through
+# ``a^T a`` would run two batched products in the backward (one per operand); the symmetric M = a^T a - I needs one,
+# so the exact penalty costs 2 instead of 3 (L x rows x k x k) products. The ops are opaque to the compiler, so the
+# TF32 switch inside them holds in compiled and eager runs alike.
+@torch.library.custom_op("tvtool::gram_defect", mutates_args=())
+def _gram_defect(a: torch.Tensor, tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, M) with M_l = a_l^T a_l - I_k and s_l = ||M_l||_F^2, for a of shape (L, rows, k)."""
+    with matmul_tf32(tf32):
+        eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+        m = torch.baddbmm(-eye, a.transpose(1, 2), a)  # G - I in one kernel
+    return m.square().sum(dim=(1, 2)), m
 
-    Autograd through ``a^T a`` would run two batched matmuls in the backward (one per operand); the symmetric
-    M = a^T a - I needs only one, so the exact penalty costs 2 instead of 3 (L x rows x k x k) products.
-    """
 
-    @staticmethod
-    def forward(ctx, a, tf32: bool = False):
-        ctx.tf32 = tf32  # the backward runs later, inside loss.backward(): it sets the precision again itself
-        with matmul_tf32(tf32):
-            eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
-            m = torch.baddbmm(-eye, a.transpose(1, 2), a)  # G - I in one kernel
-        ctx.save_for_backward(a, m)
-        return m.square().sum(dim=(1, 2))
+@_gram_defect.register_fake
+def _(a, tf32):
+    return a.new_empty(a.shape[0]), a.new_empty(a.shape[0], a.shape[2], a.shape[2])
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_s):
-        a, m = ctx.saved_tensors
-        with matmul_tf32(ctx.tf32):
-            return torch.bmm(a, m).mul_(4 * grad_s.view(-1, 1, 1)), None
+
+@torch.library.custom_op("tvtool::gram_defect_grad", mutates_args=())
+def _gram_defect_grad(a: torch.Tensor, m: torch.Tensor, grad_s: torch.Tensor, tf32: bool) -> torch.Tensor:
+    """d(sum_l g_l s_l) / d a = 4 g_l a_l M_l (M symmetric)."""
+    with matmul_tf32(tf32):
+        return torch.bmm(a, m).mul_(4 * grad_s.view(-1, 1, 1))
+
+
+@_gram_defect_grad.register_fake
+def _(a, m, grad_s, tf32):
+    return a.new_empty(a.shape)  # contiguous, as bmm's result is, whatever a's strides (a transposed view: wide)
+
+
+def _gram_defect_setup(ctx, inputs, output):
+    a, tf32 = inputs
+    ctx.tf32 = tf32  # the backward runs later, inside loss.backward(): it sets the precision again itself
+    ctx.save_for_backward(a, output[1])
+
+
+def _gram_defect_backward(ctx, grad_s, grad_m):
+    # M is returned only to be saved for this backward (a custom op cannot save intermediates); it is never used
+    # downstream (gram_defect() below drops it), so its incoming gradient is zero and ignored
+    a, m = ctx.saved_tensors
+    return _gram_defect_grad(a, m, grad_s, ctx.tf32), None
+
+
+_gram_defect.register_autograd(_gram_defect_backward, setup_context=_gram_defect_setup)
+
+
+def gram_defect(a: torch.Tensor, tf32: bool = False) -> torch.Tensor:
+    """s_l = ||a_l^T a_l - I_k||_F^2 for a (L, rows, k), differentiable with the hand-derived gradient 4 a_l M_l;
+    eager and under torch.compile alike."""
+    return _gram_defect(a, tf32)[0]
 
 
 @contextmanager
@@ -128,6 +159,49 @@ def matmul_tf32(enabled: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# FSDP2 (tvtool.parallel.shard_tower): row shards a_r of each layer's a; the Gram is the sum of the local Grams
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks; the backward is the identity: every rank computes the same function of the sum, so the
+    gradient with respect to the sum is already the same on every rank (an all-reduce there would multiply it by
+    the number of ranks)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    return _AllReduceSum.apply(x, group)
+
+
+class ShardedGramDefect(torch.autograd.Function):
+    """s_l = ||sum_r a_{l,r}^T a_{l,r} - I||_F^2 for row shards a_r (L, rows_r, k) of a; gradient 4 a_r M (local,
+    as in gram_defect). Eager only (--fsdp does not compile)."""
+
+    @staticmethod
+    def forward(ctx, a, tf32: bool = False):
+        ctx.tf32 = tf32
+        with matmul_tf32(tf32):
+            g = torch.bmm(a.transpose(1, 2), a)
+        torch.distributed.all_reduce(g)
+        m = g - torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+        ctx.save_for_backward(a, m)
+        return m.square().sum(dim=(1, 2))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_s):
+        a, m = ctx.saved_tensors
+        with matmul_tf32(ctx.tf32):
+            return torch.bmm(a, m).mul_(4 * grad_s.view(-1, 1, 1)), None
 
 
 class OrthoReg(nn.Module):
@@ -174,6 +248,7 @@ class OrthoReg(nn.Module):
         self.groups = _group_by_shape(self.names, self.shapes)
         self._current: dict[str, torch.Tensor] | None = None  # key -> live parameter (not registered: not ours)
         self._lowrank: Callable[[], Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]] | None = None
+        self._sharded = False  # the bound weights are FSDP2 shards (see _bind)
 
     # ----------------------------------------------------------------------------------------------- constructors
     @classmethod
@@ -216,6 +291,7 @@ class OrthoReg(nn.Module):
         if tuned.mode == "lora":
             factors = tuned.lora_factors
             reg._lowrank = lambda: {k: v for k, v in factors().items() if k in reg.shapes}
+            reg._sharded = any(parallel.is_sharded(b) for b, _, _ in reg._lowrank().values())
         else:
             current = tuned.current()
             reg._bind(current, tuned.theta0)
@@ -224,9 +300,20 @@ class OrthoReg(nn.Module):
 
     def _bind(self, current: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]) -> None:
         self._current = {n: current[n] for n in self.names}
+        # FSDP2 (tvtool.parallel.shard_tower): the layers are sharded along their longer side, so the smaller Gram
+        # is the sum of the ranks' local Grams; theta_0 is kept as the same local shards
+        self._sharded = any(parallel.is_sharded(current[n]) for n in self.names)
         for i, g in enumerate(self.groups):
             with torch.no_grad():
-                stack = torch.stack([theta0[n].detach().to(current[n].device, torch.float32) for n in g.names])
+                ref = [theta0[n].detach().to(current[n].device, torch.float32) for n in g.names]
+                if self._sharded:
+                    for n in g.names:
+                        p = current[n]
+                        if not parallel.is_sharded(p) or p.placements[0].dim != parallel.shard_dim(p.shape):
+                            raise TVToolError(f"OrthoReg under FSDP needs {n} sharded along its longer side "
+                                              "(tvtool.parallel.shard_tower does this)")
+                    ref = [parallel.local_shard(t, current[n]) for t, n in zip(ref, g.names)]
+                stack = torch.stack(ref)
             # persistent=False: theta_0 comes from the base weights, not from a training checkpoint.
             self.register_buffer(f"theta0_{i}", stack, persistent=False)
 
@@ -239,30 +326,53 @@ class OrthoReg(nn.Module):
 
     # -------------------------------------------------------------------------------------------------- the value
     def forward(self, deltas: Mapping[str, torch.Tensor] | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, probes: Sequence[torch.Tensor] | None = None
+                ) -> torch.Tensor:
         """``lam * P`` (scaled: add it to the task loss)."""
-        return self.lam * self.penalty(deltas, generator)
+        return self.lam * self.penalty(deltas, generator, probes)
 
     def penalty(self, deltas: Mapping[str, torch.Tensor] | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """The unscaled penalty ``P`` (a 0-dim fp32 tensor on the weights' device, differentiable)."""
+                generator: torch.Generator | None = None, probes: Sequence[torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """The unscaled penalty ``P`` (a 0-dim fp32 tensor on the weights' device, differentiable).
+
+        Hutchinson: ``probes`` (from :meth:`draw_probes`) or else drawn here from ``generator``. A compiled training
+        step takes them as an input: torch.compile cannot trace a draw from a ``torch.Generator``."""
         device = self._device(deltas)
         with torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else nullcontext():
             if deltas is None and self._lowrank is not None and self.estimator == "exact":
                 return self._lowrank_penalty(self._lowrank())
             if deltas is None and self._lowrank is not None:
-                deltas = {k: (s * (b @ a)) for k, (b, a, s) in self._lowrank().items()}
+                gather = full if self._sharded else (lambda t: t)
+                deltas = {k: (s * (gather(b) @ gather(a))) for k, (b, a, s) in self._lowrank().items()}
             if deltas is None and self._current is None:
                 raise TVToolError("OrthoReg needs the current deltas: pass deltas= or build it with from_model()")
+            if self.estimator == "hutchinson" and probes is None:
+                probes = self.draw_probes(generator, device)
             total = torch.zeros((), device=device, dtype=torch.float32)
             for i, g in enumerate(self.groups):
+                z = probes[i] if probes is not None else None
                 if self.batched:
-                    total = total + self._group_terms(self._stacked(i, g, deltas), g, generator).sum()
+                    total = total + self._group_terms(self._stacked(i, g, deltas), g, z, deltas is None).sum()
                 else:  # per-layer loop: the reference against which the batched path is tested and timed
                     for j, n in enumerate(g.names):
                         dw = self._stacked(i, g, deltas, only=j)
-                        total = total + self._group_terms(dw, g, generator).sum()
+                        zj = None if z is None else z[j:j + 1]
+                        total = total + self._group_terms(dw, g, zj, deltas is None).sum()
             return total
+
+    def draw_probes(self, generator: torch.Generator | None = None,
+                    device: torch.device | str | None = None) -> list[torch.Tensor] | None:
+        """The Hutchinson estimator's Rademacher probes of one call, one (L, k, probes) fp32 tensor per shape group
+        (None for the exact estimator)."""
+        if self.estimator != "hutchinson":
+            return None
+        device = self._device(None) if device is None else torch.device(device)
+        out = []
+        for g in self.groups:
+            z = torch.empty(len(g.names), g.k, self.probes, device=device, dtype=torch.float32)
+            out.append(z.bernoulli_(0.5, generator=generator).mul_(2).sub_(1))  # Rademacher +-1
+        return out
 
     def penalty_at_zero(self) -> float:
         """P at dW = 0: sum of n_l (squared, n = columns) or sum of sqrt(k_l) (plain, k = min(rows, cols))."""
@@ -292,18 +402,24 @@ class OrthoReg(nn.Module):
         theta0 = getattr(self, f"theta0_{i}")
         if only is not None:
             theta0 = theta0[only:only + 1]
+        current = [self._current[n] for n in names]
+        if self._sharded:  # this rank's shards (differentiable: the gradient lands on the sharded parameters)
+            current = [t.to_local() for t in current]
         # in place on the fresh stack: one (L, m, n) buffer less; stack's backward does not need its output
-        return torch.stack([self._current[n] for n in names]).float().sub_(theta0)
+        return torch.stack(current).float().sub_(theta0)
 
-    def _group_terms(self, dw: torch.Tensor, g: _Group, generator) -> torch.Tensor:
-        """Per-layer terms of one group: ||dW^T dW - I_n||^2 (squared) or ||G_small - I_k||_F (plain)."""
+    def _group_terms(self, dw: torch.Tensor, g: _Group, z: torch.Tensor | None, bound: bool = False) -> torch.Tensor:
+        """Per-layer terms of one group: ||dW^T dW - I_n||^2 (squared) or ||G_small - I_k||_F (plain); ``z``: the
+        Hutchinson probes of the group's layers; ``bound``: ``dw`` comes from the bound weights (maybe shards)."""
+        sharded = bound and self._sharded  # row shards of a: the Gram (and a^T a z) is a sum over the ranks
         a = dw.transpose(1, 2) if g.wide else dw  # (L, rows, k): its column Gram is the smaller Gram
         if self.estimator == "exact":
-            s = _GramDefect.apply(a, self.precision == "tf32")
+            tf32 = self.precision == "tf32"
+            s = ShardedGramDefect.apply(a, tf32) if sharded else gram_defect(a, tf32)
         else:
-            z = torch.empty(a.shape[0], g.k, self.probes, device=dw.device, dtype=dw.dtype)
-            z.bernoulli_(0.5, generator=generator).mul_(2).sub_(1)  # Rademacher +-1
-            mz = torch.bmm(a.transpose(1, 2), torch.bmm(a, z)) - z
+            z = z.to(dw.dtype)
+            ata_z = torch.bmm(a.transpose(1, 2), torch.bmm(a, z))
+            mz = (all_reduce_sum(ata_z) if sharded else ata_z) - z
             s = mz.square().sum(dim=(1, 2)) / self.probes
         if self.form == "squared":
             return s + float(g.n - g.k)
@@ -318,6 +434,8 @@ class OrthoReg(nn.Module):
                 bs, as_, ss = zip(*(factors[n] for n in g.names))
             except KeyError as e:
                 raise TVToolError(f"OrthoReg: no LoRA factors for layer {e.args[0]!r}") from None
+            if self._sharded:  # FSDP2 shards gathered (B: m x r, A: r x n are small)
+                bs, as_ = [full(t) for t in bs], [full(t) for t in as_]
             b = torch.stack(bs).float()
             a = torch.stack(as_).float()
             scale = torch.tensor(ss, device=b.device, dtype=torch.float32).view(-1, 1, 1) ** 2

@@ -19,8 +19,11 @@ eval:                      # optional steps, run per variant
   negation: {control: imagenet, threshold: 0.95}
   cosine: true
   merge:                   # merged vectors, each followed by the addition alpha search applied to it
-    - {method: ties, options: {k: 20}}
+    - {method: ties, options: {k: 20}}          # alpha grid: the method's own (`tvtool merge --list`)
+    - {method: lines, options: {base: ties}, name: lines-ties, tune: "0.1:1.5:0.1"}  # beta searched on Val
 ```
+A merge step's alpha grid defaults to its method's paper grid; a method whose paper tunes an option instead
+(LiNeS' beta) has it searched on Val over ``tune`` (default: the paper's range) unless ``options`` fix it.
 After the evaluation steps the run's figures are summarized (``tvtool.results``) and written to
 ``OUT_DIR/summary.json``. Outputs that already exist are skipped when the settings digest they record
 (``settings_digest`` in a vector's metadata, in each evaluation JSON) matches the recipe's (and a vector's base
@@ -35,6 +38,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -43,8 +47,9 @@ import yaml
 
 from .checks import check_finite
 from .errors import TVToolError
+from .merge.registry import REGISTRY, get_method, resolve_options
 from .fileio import check_input
-from .train import MODES, TrainConfig
+from .train import MAX_SEED, MODES, TrainConfig
 
 TOP_KEYS = {"name", "model", "pretrained", "out_dir", "data_root", "tasks", "finetune", "variants", "eval", "seed",
             "seeds"}
@@ -52,7 +57,7 @@ TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "model
 VARIANT_KEYS = {"name", "mode", "lambda"} | TRAIN_KEYS
 EVAL_KEYS = {"addition": {"grid"}, "negation": {"control", "threshold", "grid"}, "cosine": None,
              "merge": None}
-MERGE_KEYS = {"method", "options", "seed", "grid"}
+MERGE_KEYS = {"method", "options", "seed", "grid", "name", "tune"}
 
 
 @dataclass
@@ -92,6 +97,7 @@ class Recipe:
 
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise TVToolError(f"{self.path}: out_dir {self.out_dir} exists and is not a folder")
+        self.check_outputs_are_ours()
         # what TrainConfig.validate checks per run, with each dataset listed and each weights spec checked once
         configs = [self.train_config(v, t, **({"device": device} if device else {})).resolved()
                    for v in self.variants for t in self.tasks]
@@ -113,6 +119,24 @@ class Recipe:
                     check_available(control, ("val", "test"), self.data_root)
                 except TVToolError as exc:
                     raise TVToolError(f"{self.path}: eval.negation.control: {exc}") from None
+
+    def check_outputs_are_ours(self) -> None:
+        """A recipe redoes its own outputs made with other settings; a file at one of its output paths that is not
+        a tvtool task vector at all (someone else's file) is never replaced: refused before any work."""
+        from .taskvector import open_vector
+
+        merged = [f"{merge_step_name(m)}.st" for m in self.eval.get("merge") or []]
+        for variant in self.variants:
+            paths = [self.output(variant, t) for t in self.tasks] + [self.out_dir / variant.name / m for m in merged]
+            for path in paths:
+                if not os.path.lexists(path):
+                    continue
+                try:
+                    open_vector(path).close()
+                except (TVToolError, OSError, ValueError) as exc:
+                    raise TVToolError(f"{self.path}: {path} exists and is not a task vector tvtool wrote "
+                                      f"({str(exc)[:100]}); the recipe replaces only its own outputs: move it away "
+                                      "or pick another out_dir") from None
 
     def train_config(self, variant: Variant, task: str, **overrides) -> TrainConfig:
         return TrainConfig(task=task, model=self.model, pretrained=self.pretrained, data_root=self.data_root,
@@ -201,10 +225,52 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise TVToolError(f"{path}:{exc.line}: cannot read this value ({exc})") from None
     except TypeError:
         raise TVToolError(f"{path}: keys must be plain names") from None
-    return parse_recipe(doc, str(path), lines)
+    return parse_recipe(doc, str(path), lines, folder=path.parent)
 
 
-def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) -> Recipe:
+def _nul_at(obj: Any, path: tuple = ()) -> tuple | None:
+    """The key path of the first text (key or value) holding a NUL byte: no file or folder name can."""
+    stack = [(obj, path)]
+    while stack:
+        o, p = stack.pop()
+        if isinstance(o, str) and "\x00" in o:
+            return p
+        if isinstance(o, dict):
+            for k, v in o.items():
+                if isinstance(k, str) and "\x00" in k:
+                    return p
+                stack.append((v, p + (k,)))
+        elif isinstance(o, list):
+            stack.extend((v, p + (i,)) for i, v in enumerate(o))
+    return None
+
+
+def _folder_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a variant's folder name inside out_dir (None if it can)."""
+    if not isinstance(name, str) or not name.strip():
+        return "each variant needs a name (a folder name)"
+    if name in (".", "..") or any(c in name for c in "/\\\x00") or name != name.strip():
+        return f"variant name {name!r} is not a plain folder name (no '.', '..', separators or surrounding spaces)"
+    return None
+
+
+def _recipe_relative(pretrained: str | None, folder: Path | None) -> str | None:
+    """A ``pretrained:`` weights path is relative to the recipe's folder (a tag such as ``openai`` is not a path)."""
+    if not pretrained or folder is None:
+        return pretrained
+    expanded = os.path.expanduser(pretrained)
+    if os.path.isabs(expanded):
+        return expanded
+    beside = folder / expanded
+    if Path(expanded).suffix or os.sep in expanded or os.path.lexists(beside):
+        return str(beside)
+    return pretrained
+
+
+def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None, *,
+                 folder: Path | None = None) -> Recipe:
+    """Validate a recipe document; ``folder`` (the recipe file's) is what a relative ``pretrained:`` path is
+    relative to."""
     lines = lines or {}
 
     def fail(keypath: tuple, msg: str):
@@ -214,6 +280,9 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
 
     if not isinstance(doc, dict):
         fail((), "expected a mapping of settings")
+    nul = _nul_at(doc)
+    if nul is not None:
+        fail(nul, "contains a NUL byte, which no name or path can hold")
     for k in doc:
         if k not in TOP_KEYS:
             if k in TRAIN_KEYS or k == "lambda":
@@ -228,15 +297,15 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
         if k in doc and not (isinstance(doc[k], str) and doc[k].strip()) and not (doc[k] is None and k != "out_dir"):
             fail((k,), f"expected a text value, got {doc[k]!r}")
     seed = doc.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        fail(("seed",), f"expected a whole number >= 0, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        fail(("seed",), f"expected a whole number from 0 to {MAX_SEED}, got {seed!r}")
     seeds = doc.get("seeds")
     if seeds is not None:
         if not isinstance(seeds, list) or not seeds:
             fail(("seeds",), "expected a non-empty list of seeds, e.g. [0, 1, 2]")
         for i, x in enumerate(seeds):
-            if isinstance(x, bool) or not isinstance(x, int) or x < 0:
-                fail(("seeds", i), f"expected a whole number >= 0, got {x!r}")
+            if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_SEED:
+                fail(("seeds", i), f"expected a whole number from 0 to {MAX_SEED}, got {x!r}")
         if len(set(seeds)) != len(seeds):
             fail(("seeds",), f"a seed is listed twice in {seeds}")
         if "seed" in doc:
@@ -273,8 +342,9 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
                 fail(("variants", i, k), _misplaced(k) or "unknown setting; expected one of name, mode, lambda or a "
                                                           "finetune setting")
         name = v.get("name")
-        if not isinstance(name, str) or not name or "/" in name:
-            fail(("variants", i), "each variant needs a name (a folder name)")
+        problem = _folder_name_problem(name)
+        if problem:
+            fail(("variants", i, "name") if "name" in v else ("variants", i), problem)
         if name in names:
             fail(("variants", i, "name"), f"duplicate variant name {name!r}")
         names.add(name)
@@ -291,7 +361,7 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
         for k, val in settings.items():
             _check_type(k, val, field_types.get(k, ""), lambda msg, kp=where(k): fail(kp, msg))
         try:  # values: finite numbers in range, valid choices (the same checks `tvtool finetune` makes)
-            TrainConfig(task=tasks[0], model=doc.get("model"), pretrained=doc.get("pretrained"),
+            TrainConfig(task=tasks[0], model=doc.get("model"), pretrained=_recipe_relative(doc.get("pretrained"), folder),
                         **{"seed": seed, **settings}).resolved()
         except TVToolError as exc:
             bad = next((k for k in settings if f"--{k.replace('_', '-')} " in f"{exc} "
@@ -319,7 +389,6 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
                 if opt not in allowed:
                     fail(("eval", k, opt), f"unknown option; expected one of {', '.join(sorted(allowed))}")
     if "merge" in ev:
-        from .merge import REGISTRY
 
         if not isinstance(ev["merge"], list):
             fail(("eval", "merge"), "expected a list like [{method: ties, options: {k: 20}}]")
@@ -344,12 +413,31 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
                 grid_points(m["grid"])
             except TVToolError as exc:
                 fail(("eval", "merge", i, "grid"), str(exc))
+    step_names: set[str] = set()
     for i, m in enumerate(ev.get("merge") or []):
         ms = m.get("seed", seed)
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
             fail(("eval", "merge", i, "seed"), f"expected a whole number >= 0, got {ms!r}")
         if m.get("options") is not None and not isinstance(m["options"], dict):
             fail(("eval", "merge", i, "options"), "expected a mapping of method options")
+        try:  # typed and range-checked now, not after the fine-tuning
+            resolve_options(m["method"], m.get("options") or {})
+        except TVToolError as exc:
+            fail(("eval", "merge", i, "options"), str(exc))
+        if "tune" in m:
+            if get_method(m["method"]).tune is None:
+                fail(("eval", "merge", i, "tune"), f"{m['method']} tunes no option (only alpha, over `grid`)")
+            try:
+                grid_points(m["tune"])
+            except TVToolError as exc:
+                fail(("eval", "merge", i, "tune"), str(exc))
+        name = merge_step_name(m)
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            fail(("eval", "merge", i, "name"), f"expected a plain file name like merge-ties, got {name!r}")
+        if name in step_names:
+            fail(("eval", "merge", i, "name" if "name" in m else "method"),
+                 f"a second step named {name}; give each merge step of the same method its own `name`")
+        step_names.add(name)
     if "negation" in ev and "threshold" in ev["negation"]:
         th = ev["negation"]["threshold"]
         try:
@@ -363,7 +451,7 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None) 
             fail(("eval", "negation", "control"), str(exc))
     if "negation" in ev and ev["negation"].get("control") in tasks:
         fail(("eval", "negation", "control"), "the control task must not be one of the recipe's tasks")
-    return Recipe(path=source, model=doc.get("model"), pretrained=doc.get("pretrained"),
+    return Recipe(path=source, model=doc.get("model"), pretrained=_recipe_relative(doc.get("pretrained"), folder),
                   out_dir=Path(os.path.expanduser(str(doc["out_dir"]))),
                   data_root=os.path.expanduser(doc["data_root"]) if doc.get("data_root") else None,
                   tasks=tasks, variants=variants, eval=ev, name=str(doc.get("name") or ""), seed=seed,
@@ -531,9 +619,9 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
         res = inspection.compare(paths)
         out["cosine"] = {"tasks": recipe.tasks, "matrix": res["cosine"],
                          "mean": inspection.mean_offdiagonal(res["cosine"])}
-    merges = {f"merge-{m['method']}": m for m in ev_cfg.get("merge", [])}
+    merges = {merge_step_name(m): m for m in ev_cfg.get("merge", [])}
     steps = [k for k in ("addition", "negation", *merges) if k in ev_cfg or k in merges]
-    digests = {k: _eval_digest(recipe, k, merges.get(k) or ev_cfg.get(k), paths,
+    digests = {k: _eval_digest(recipe, k, merge_step_settings(merges[k]) if k in merges else ev_cfg.get(k), paths,
                                seed=_merge_seed(recipe, variant, merges[k]) if k in merges else recipe.seed)
                for k in steps}
     todo = []
@@ -582,14 +670,7 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
     for name, m in merges.items():  # merged vector, then the addition alpha search applied to it
         if name not in todo:
             continue
-        from .merge import merge_files
-
-        merged_path = folder / f"{name}.st"
-        # rebuilt with the step: its inputs or options may have changed since the last one
-        merge_files(m["method"], paths, merged_path, m.get("options") or {}, seed=_merge_seed(recipe, variant, m),
-                    force=True)
-        merged = evaluate.open_vectors([merged_path])[0]
-        res = evaluate.addition(ev, vectors, grid_points(m.get("grid")), merged=merged, progress=say)
+        res = _merge_step(ev, vectors, paths, folder, name, m, seed=_merge_seed(recipe, variant, m), progress=say)
         res["settings_digest"] = digests[name]
         evaluate.write_json(res, folder / f"{name}.json", force=True)
         out[name] = res
@@ -600,6 +681,63 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
 def _merge_seed(recipe: Recipe, variant: Variant, step: dict) -> int:
     """A merge step's seed: its own, else the run's replicate seed (`seeds:`), else the recipe's seed."""
     return int(step.get("seed", variant.seed if variant.seed is not None else recipe.seed))
+
+
+def merge_step_name(step: dict) -> str:
+    """Where a merge step writes: OUT_DIR/VARIANT/<name>.st and <name>.json (default merge-<method>)."""
+    return step.get("name") or f"merge-{step['method']}"
+
+
+def merge_step_grid(step: dict) -> list[float]:
+    """The step's alpha grid: its own, else its method's paper grid (`tvtool merge --list` gives the source)."""
+    from .merge import alpha_grid
+
+    return grid_points(step["grid"]) if "grid" in step else alpha_grid(step["method"])
+
+
+def merge_step_tune(step: dict) -> tuple[str, list[float]] | None:
+    """(option, values) when the method's paper tunes an option on Val (LiNeS' beta) that the step leaves free."""
+    tune = get_method(step["method"]).tune
+    if tune is None or tune[0] in (step.get("options") or {}):
+        return None
+    return tune[0], grid_points(step.get("tune", tune[1]))
+
+
+def merge_step_settings(step: dict) -> dict:
+    """What a merge step's result depends on, defaults made explicit (a changed default reruns the step)."""
+    tune = merge_step_tune(step)
+    return {**step, "grid": merge_step_grid(step), "tune": list(tune) if tune else None}
+
+
+def _merge_step(ev, vectors, paths, folder: Path, name: str, step: dict, *, seed: int, progress) -> dict:
+    """Merge, then the addition search on the merged vector; with a tuned option, one merge per value, the one
+    with the best mean normalized Val accuracy (at its own Val-chosen alpha; ties: the first value) reported."""
+    from . import evaluate
+    from .merge import merge_files
+
+    grid, tune = merge_step_grid(step), merge_step_tune(step)
+    options = dict(step.get("options") or {})
+    if tune is None:
+        merged_path = folder / f"{name}.st"
+        # rebuilt with the step: its inputs or options may have changed since the last one
+        merge_files(step["method"], paths, merged_path, options, seed=seed, force=True)
+        merged = evaluate.open_vectors([merged_path])[0]
+        return evaluate.addition(ev, vectors, grid, merged=merged, progress=progress)
+    option, values = tune
+    best, tried = None, []
+    for value in values:
+        path = folder / f"{name}-{option}{value:g}.st"
+        merge_files(step["method"], paths, path, {**options, option: value}, seed=seed, force=True)
+        res = evaluate.addition(ev, vectors, grid, merged=evaluate.open_vectors([path])[0], progress=progress)
+        score = next(p["mean_val_norm_acc"] for p in res["curve"] if p["alpha"] == res["alpha"])
+        tried.append({"value": value, "alpha": res["alpha"], "mean_val_norm_acc": score, "abs_acc": res["abs_acc"],
+                      "merged": res["merged"]})
+        if best is None or score > best[0]:
+            best = (score, value, res)
+    res = best[2]
+    res["tuned"] = {"option": option, "chosen": best[1], "source": get_method(step["method"]).tune[2],
+                    "tried": tried}
+    return res
 
 
 def _read_json(path: Path) -> dict | None:

@@ -30,7 +30,7 @@ from . import __version__
 from .checkpoints import open_weights
 from .checks import check_alpha
 from .errors import TVToolError
-from .fileio import atomic_path, check_output  # noqa: F401  (re-exported: every writer uses them from here)
+from .fileio import atomic_path, check_not_input, check_output  # noqa: F401  (re-exported: every writer uses them from here)
 from .formats.arch import infer
 from .safetensors_io import (
     BLOCK, FLOAT_CODES, ITEMSIZE, META_KEY, NP_DTYPES, SafetensorsFile, array_to_tensor, code_of, dtype_code,
@@ -246,19 +246,31 @@ def open_vector(path: str | os.PathLike) -> TaskVectorFile:
     return TaskVectorFile(path)
 
 
-def check_compatible(vectors: Sequence[TaskVectorFile], *, union: bool = False) -> list[str]:
+def check_compatible(vectors: Sequence[TaskVectorFile], *, union: bool = False,
+                     unknown_base_ok: bool = False) -> list[str]:
     """Raise TVToolError unless the vectors share a base, a tensor set (unless ``union``) and shapes.
 
-    Returns the output key order (the first vector's order, then keys only others have, under ``union``).
+    Every recorded base fingerprint must agree (with each other, not only with the first vector's). Under
+    ``union`` the tensor sets differ, so nothing vouches that a vector recording no base fingerprint belongs to the
+    base of the others: it is refused beside one that records a base, as ``apply`` refuses it (``unknown_base_ok``
+    allows it, for read-only comparisons). Returns the output key order (the first vector's order, then keys only
+    others have, under ``union``).
     """
     if not vectors:
         raise TVToolError("no task vectors given")
     first = vectors[0]
-    for v in vectors[1:]:
-        a, b = first.base_fingerprint, v.base_fingerprint
-        if a and b and a != b:
-            raise TVToolError(f"{v.path} was taken against base {b} but {first.path} against {a}; task vectors of "
-                              "different base models cannot be combined")
+    known = [v for v in vectors if v.base_fingerprint]
+    for v in known[1:]:
+        a, b = known[0].base_fingerprint, v.base_fingerprint
+        if a != b:
+            raise TVToolError(f"{v.path} was taken against base {b} but {known[0].path} against {a}; task vectors "
+                              "of different base models cannot be combined")
+    if union and known and not unknown_base_ok:
+        unknown = next((v for v in vectors if not v.base_fingerprint), None)
+        if unknown is not None:
+            raise TVToolError(f"{unknown.path} records no base fingerprint, so with --union (different tensor sets) "
+                              f"nothing shows it belongs to the base of {known[0].path} "
+                              f"({known[0].base_fingerprint}); extract it again against that base")
     keys = list(first.keys())
     seen = set(keys)
     for v in vectors[1:]:
@@ -513,7 +525,8 @@ def extract(base: str | WeightSource, finetuned: str | WeightSource, out: str | 
         if model not in list_models():
             raise TVToolError(f"--model {model}: not an open_clip architecture; see `tvtool models` for names")
     base_src = base if isinstance(base, WeightSource) else open_weights(base, trust_pickle=trust_pickle)
-    ft_src = finetuned if isinstance(finetuned, WeightSource) else open_weights(finetuned, trust_pickle=trust_pickle)
+    ft_src = finetuned if isinstance(finetuned, WeightSource) else open_weights(finetuned, trust_pickle=trust_pickle,
+                                                                                    base=base_src)
     keys = [k for k in ft_src.keys() if k in base_src and ft_src.code(k) in FLOAT_CODES]
     if not keys:
         raise TVToolError("the fine-tuned and base weights share no tensor names; are they the same architecture?")
@@ -573,8 +586,10 @@ def apply(base: str | WeightSource, vectors: Sequence[str | os.PathLike], out: s
     to_transformers = base_src.config.transformers is not None
     if not to_transformers:
         check_output(out, force)
+    else:  # a folder output: never the base folder it reads (nor one holding an input)
+        check_not_input(out, [base_src.describe.get("pretrained"), *vectors])
     vecs = [open_vector(p) for p in vectors]
-    check_compatible(vecs, union=True)
+    check_compatible(vecs, union=True, unknown_base_ok=True)  # the base itself is checked below
     described = base_meta(base_src)  # the fingerprint is cheap: a strided sample per tensor
     if check_base:
         base_fp = described["fingerprint"]
@@ -618,7 +633,8 @@ def apply(base: str | WeightSource, vectors: Sequence[str | os.PathLike], out: s
 
         # the q/k/v split and transposes are torch ops: hand the converter tensors
         tensors = ((k, array_to_tensor(a, specs[k][0])) for k, a in patched())
-        transformers_clip.write_folder(out, tensors, specs, copy_from=base_src.describe["pretrained"], force=force)
+        transformers_clip.write_folder(out, tensors, specs, copy_from=base_src.config.transformers_folder,
+                                       force=force)
         return
     doc = {"format": "tvtool.model", "base": described,
            "history": [history_entry("apply", alpha=alpha, inputs=[v.describe_input() for v in vecs])]}

@@ -14,9 +14,15 @@ augmentation by (seed, step), so a run resumed from a checkpoint (trainable tens
 exactly where an unbroken one would. The learning rate is a pure function of the step. Checkpoints are written
 atomically and only after the loss was checked finite.
 
-Multi-GPU / multi-process: under `torchrun`, each rank takes a disjoint slice of every step's global batch and
-gradients are averaged with one all-reduce of a flat buffer; the per-epoch permutation plays the role of
-DistributedSampler.set_epoch.
+One step, one module: :class:`TrainStep` computes a micro-batch's task loss and the OrthoReg penalty, so
+``--compile`` compiles both into one graph and one backward (the penalty's hand-derived gradient is a custom op the
+compiler captures; ``reduce-overhead``'s CUDA graphs record it with the model), and DDP / FSDP2 wrap both.
+
+Multi-GPU / multi-process: under `torchrun`, each rank takes a disjoint slice of every step's global batch; PyTorch's
+DistributedDataParallel averages the gradients, its buckets all-reduced while the backward runs (micro-batches
+before the last of an accumulation step under ``no_sync``), or ``--fsdp`` shards the tower with FSDP2
+(tvtool/parallel.py, which also derives why the penalty's gradient is neither double-counted nor divided). The
+per-epoch permutation plays the role of DistributedSampler.set_epoch.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .errors import TVToolError
+from .fileio import check_append, open_append
 
 from .variants import MODES  # noqa: E402  one list of modes
 
@@ -70,6 +77,10 @@ class TrainConfig:
     compile: bool = False                # torch.compile the classifier (speed only: same function)
     compile_mode: str = "default"        # torch.compile mode: default | reduce-overhead | max-autotune ... (CUDA
                                          # graph modes need grad_accum 1)
+    compile_backend: str = "inductor"    # torch.compile backend (aot_eager: the same graphs without code
+                                         # generation, for tests on machines without a C++ compiler)
+    fsdp: bool = False                   # under torchrun: shard the tower with FSDP2 instead of DDP (towers that
+                                         # do not fit one device)
     eval: bool = True                    # evaluate zero-shot and fine-tuned accuracy (Val + test) for the metadata
     eval_batch_size: int = 256
     checkpoint_every: int = 0            # optimizer steps between checkpoints (0: none)
@@ -106,18 +117,29 @@ class TrainConfig:
             low = 0 if name in ("warmup_steps", "checkpoint_every", "seed") else 1
             if value < low:
                 raise TVToolError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+            high = UPPER_BOUNDS.get(name)
+            if high is not None and value > high:
+                why = UPPER_WHY.get(name, "")
+                raise TVToolError(f"--{name.replace('_', '-')} must be <= {high}, got {value}{why}")
         c.lr = check_finite("--lr", c.lr, low=0, high=10, low_open=True)
         c.weight_decay = check_finite("--weight-decay", c.weight_decay, low=0, high=100)
         c.lam = check_finite("--lambda", c.lam, low=0, high=1e6)
         c.lora_alpha = check_finite("--lora-alpha", c.lora_alpha, low=0, high=1e6, low_open=True)
         c.clip_grad = check_finite("--clip-grad", c.clip_grad, low=0)
-        for name in ("eval", "keep_checkpoints", "compile"):
+        for name in ("eval", "keep_checkpoints", "compile", "fsdp"):
             if not isinstance(getattr(c, name), bool):
                 raise TVToolError(f"{name} must be true or false, got {getattr(c, name)!r}")
         if c.precision not in ("auto", "fp32", "bf16"):
             raise TVToolError(f"--precision {c.precision!r}: use auto, fp32 or bf16")
         if c.compile_mode not in COMPILE_MODES:
             raise TVToolError(f"--compile-mode {c.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
+        if not isinstance(c.compile_backend, str) or not c.compile_backend:
+            raise TVToolError(f"compile_backend must be a torch.compile backend name, got {c.compile_backend!r}")
+        if c.fsdp and c.mode == "linear":
+            raise TVToolError("--fsdp does not support --mode linear (the jvp runs over the whole tower); use DDP "
+                              "(the default under torchrun) or another mode")
+        if c.fsdp and c.compile:
+            raise TVToolError("--fsdp with --compile is not supported yet; drop one of them")
         if c.compile and c.compile_mode in CUDA_GRAPH_MODES and c.grad_accum > 1:
             # each micro-batch's replay overwrites the graph-owned gradients the previous one left (pytorch#169545)
             raise TVToolError(f"--compile-mode {c.compile_mode} captures CUDA graphs, which cannot accumulate "
@@ -167,7 +189,26 @@ class TrainConfig:
                 "precision": self.orthoreg_precision}
 
 
+# Far above any real run, refused at once: a typo like 1e9 epochs would otherwise train until killed, and seeds
+# must fit the 64-bit generators (numpy's legacy seeding takes the seed modulo 2**32).
+MAX_SEED = 2**63 - 1
+UPPER_BOUNDS = {"epochs": 10_000, "max_steps": 10**9, "warmup_steps": 10**9, "seed": MAX_SEED,
+                "batch_size": 1 << 20, "eval_batch_size": 1 << 20, "orthoreg_probes": 1 << 10, "lora_rank": 1 << 14}
+UPPER_WHY = {"epochs": " (the protocol's longest run is 147 epochs)", "seed": " (seeds are 63-bit numbers)"}
+
+
 # ------------------------------------------------------------------------------------------------ small pieces
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The data order of one epoch: a permutation seeded by (seed, epoch) alone, so a resumed run sees the same."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
+    return torch.randperm(n, generator=g)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one optimizer step's augmentation (and Hutchinson probes)."""
+    return (seed * 7_919 + step * 131) % 2**64
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Linear warm-up then cosine decay to 0, as in the reference code's cosine_lr (per optimizer step)."""
     if step < cfg.warmup_steps:
@@ -262,7 +303,7 @@ def _seed_everything(seed: int) -> None:
     import numpy as np
 
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # the legacy global seeding takes 32 bits; smaller seeds are unchanged
     torch.manual_seed(seed)
 
 
@@ -280,22 +321,26 @@ def maybe_init_distributed(device: str) -> tuple[int, int]:
     return _dist_info()
 
 
-def _allreduce_grads(params: list[torch.Tensor], world: int) -> None:
-    """Average gradients across ranks with one all-reduce of a flat buffer (a missing gradient counts as zero, so
-    every rank contributes the same buffer layout)."""
-    if world == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-        offset += n
+class TrainStep(torch.nn.Module):
+    """One micro-batch's differentiable work: the classifier's task loss (mean cross-entropy; bf16 autocast around
+    the classifier when asked) and the unscaled OrthoReg penalty (fp32, or None without one).
+
+    One module so that torch.compile turns both into one graph and one backward, CUDA graphs capture both, and DDP
+    or FSDP2 see one forward per backward. ``probes``: the Hutchinson estimator's draws, made outside (a compiled
+    graph cannot draw from a ``torch.Generator``)."""
+
+    def __init__(self, classifier: torch.nn.Module, reg: torch.nn.Module | None, bf16: bool):
+        super().__init__()
+        self.classifier = classifier
+        self.reg = reg
+        self.bf16 = bf16
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, probes: list[torch.Tensor] | None = None):
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.classifier(x)
+        task_loss = F.cross_entropy(logits.float(), y)
+        penalty = self.reg.penalty(probes=probes) if self.reg is not None else None
+        return task_loss, penalty
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -308,7 +353,7 @@ def _config_key(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the run it continues (and that determine its vector)."""
     d = dataclasses.asdict(cfg)
     for k in ("device", "eval", "eval_batch_size", "checkpoint_every", "checkpoint_dir", "log_every", "data_root",
-              "keep_checkpoints", "compile", "compile_mode"):
+              "keep_checkpoints", "compile", "compile_mode", "compile_backend", "fsdp"):
         d.pop(k)
     if d["orthoreg_precision"] == "fp32":  # the default before the option existed: older digests stay valid
         d.pop("orthoreg_precision")
@@ -325,14 +370,14 @@ def check_weights_spec(model: str, pretrained: str) -> None:
 _CHECKPOINT_KEYS = {"step": int, "trainable": dict, "optimizer": dict, "config": str, "metrics": str}
 
 
-def save_checkpoint(path: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, cfg: TrainConfig,
-                    metrics: dict, output: Path | None = None, total_steps: int | None = None,
-                    base: str | None = None) -> None:
+def save_checkpoint(path: Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
+                    cfg: TrainConfig, metrics: dict, output: Path | None = None,
+                    total_steps: int | None = None, base: str | None = None) -> None:
     from .taskvector import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
-             "optimizer": optimizer.state_dict(), "config": json.dumps(_config_key(cfg)),
+             "optimizer": optimizer_state, "config": json.dumps(_config_key(cfg)),
              "metrics": json.dumps(metrics), "tvtool": __version__,
              # the schedule's length: the config key holds `epochs` as given (None = the dataset's table), so a
              # changed epoch table or train split would otherwise resume onto another cosine schedule
@@ -370,6 +415,25 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
     if state["step"] < 0 or not all(isinstance(v, torch.Tensor) for v in state["trainable"].values()):
         raise TVToolError(f"--resume: {path} is not a tvtool training checkpoint; {how}")
     return state
+
+
+def _checkpoint_output(path: Path) -> str | None:
+    """The output a tvtool checkpoint was written for, or None (not readable as one)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # foreign bytes, a truncated file: not one of ours
+        return None
+    return state.get("output") if isinstance(state, dict) and isinstance(state.get("output"), str) else None
+
+
+def check_checkpoint_slot(cfg: TrainConfig, ckpt: Path, out: Path) -> None:
+    """Before any model: a fresh run that will write checkpoints into a user's --checkpoint-dir may replace a
+    last.pt there only if it is a tvtool checkpoint of this same output (an earlier, unfinished try of it)."""
+    if not cfg.checkpoint_dir or cfg.checkpoint_every <= 0 or not os.path.lexists(ckpt):
+        return
+    if _checkpoint_output(ckpt) != str(Path(out).resolve()):
+        raise TVToolError(f"{ckpt}: already exists and is not a checkpoint of {out}; pass --resume to continue it, "
+                          "another --checkpoint-dir, or remove it yourself")
 
 
 def _remove_checkpoint(cfg: TrainConfig, ckpt: Path) -> None:
@@ -436,13 +500,15 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     ``stop_after`` ends the run after that many optimizer steps without writing the vector (tests use it to
     simulate a killed run).
     """
-    from . import datasets, heads, models, variants
+    from . import datasets, heads, models, parallel, variants
     from .orthoreg import OrthoReg
     from .taskvector import check_output, history_entry, new_meta, write_vector
 
     cfg = cfg.validate()  # options, dataset, data root, weights spec: before any model is built
     out = Path(out)
     ckpt = _checkpoint_path(cfg, out)
+    if log_path:
+        check_append(log_path, "a log file (--log)")
     state = None
     own_output = False
     if resume:
@@ -454,10 +520,16 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
         check_output(out, True)
     else:
         check_output(out, force)
+        check_checkpoint_slot(cfg, ckpt, out)
+    # the checkpoint file this run may remove when it finishes: one it resumed from or writes, or any in the
+    # default .OUTPUT.ckpt folder (named after this output); never a file in a user's folder it did not touch
+    owns_checkpoint = resume or not cfg.checkpoint_dir
     device = cfg.device or models.default_device()
+    if device.startswith("cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', 0)))}"
+        # before the process group: NCCL's communicators and FSDP2's device mesh use the current device
+        torch.cuda.set_device(torch.device(device))
     rank, world = maybe_init_distributed(device)
-    if device.startswith("cuda") and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     _seed_everything(cfg.seed)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.startswith("cuda"))
 
@@ -488,18 +560,28 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     # --- what is tuned, and the regularizer
     tuned = variants.prepare(bundle.model, cfg.mode, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
     classifier = heads.ImageClassifier(tuned.module, head).to(device)
+    no_sync = contextlib.nullcontext  # gradients stay local (accumulation micro-batches); DDP / FSDP2 set it
+    sharded = cfg.fsdp and world > 1
+    if sharded:  # before OrthoReg and the optimizer: both must hold the sharded parameters
+        no_sync = parallel.shard_tower(tuned, device)
     params = dict(tuned.named_trainable())
-    # torch.compile: fewer, fused kernels; on a GPU a ViT-B-32 step is bound by Python launching ~1,100 kernels
-    # (benchmarks/gpu_profile.py). reduce-overhead adds CUDA graphs (each step then marks its start, below).
-    # dynamic=False: the short last batch of an epoch compiles its own static graph once instead of turning every
-    # later step into a dynamic-shape one.
-    forward = torch.compile(classifier, mode=cfg.compile_mode, dynamic=False) if cfg.compile else classifier
-    graphs = cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES
     reg = None
     if cfg.lam > 0:
         reg = OrthoReg.from_tuned(tuned, scope=cfg.orthoreg_scope, form=cfg.orthoreg_form,
                                   estimator=cfg.orthoreg_estimator, probes=cfg.orthoreg_probes,
                                   precision=cfg.orthoreg_precision)
+    step_module = TrainStep(classifier, reg, use_bf16)
+    if world > 1 and not sharded:
+        step_module, no_sync = parallel.ddp(step_module, device)
+    # torch.compile: fewer, fused kernels; on a GPU a ViT-B-32 step is bound by Python launching ~1,100 kernels
+    # (benchmarks/gpu_profile.py). The penalty is inside the compiled step. reduce-overhead adds CUDA graphs (each
+    # step then marks its start, below). dynamic=False: the short last batch of an epoch compiles its own static
+    # graph once instead of turning every later step into a dynamic-shape one.
+    run_step = step_module
+    if cfg.compile:
+        backend = {} if cfg.compile_backend == "inductor" else {"backend": cfg.compile_backend}
+        run_step = torch.compile(step_module, mode=cfg.compile_mode, dynamic=False, **backend)
+    graphs = cfg.compile and cfg.compile_mode in CUDA_GRAPH_MODES and cfg.compile_backend == "inductor"
 
     # --- optimizer and schedule
     epochs = cfg.effective_epochs()
@@ -513,8 +595,15 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     step = 0
     if state is not None:
         try:
-            tuned.load_state_dict(state["trainable"])
-            optimizer.load_state_dict(state["optimizer"])
+            if sharded:  # the checkpoint holds whole tensors: each rank takes its shards
+                own = dict(tuned.named_trainable())
+                if set(own) != set(state["trainable"]):
+                    raise KeyError("trainable tensors differ")
+                parallel.load_trainable(own, state["trainable"])
+                optimizer.load_state_dict(parallel.shard_optimizer_state(state["optimizer"], list(params.values())))
+            else:
+                tuned.load_state_dict(state["trainable"])
+                optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise TVToolError(f"--resume: {ckpt} does not fit this model ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:120]}); delete {ckpt.parent} and start without "
@@ -531,7 +620,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                               f"name?); delete {ckpt.parent} and start without --resume")
 
     # --- the loop
-    log_file = open(log_path, "a") if log_path and rank == 0 else None
+    log_file = open_append(log_path, "a log file (--log)") if log_path and rank == 0 else None
     micro = cfg.batch_size // cfg.grad_accum
     per_rank = micro // world
     if per_rank * world != micro:
@@ -543,54 +632,55 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     t_log, seen_at_log = t_start, 0  # throughput is reported per logging interval
     perm, perm_epoch = None, -1
     record = {"task_loss": float("nan"), "penalty": 0.0}
-    classifier.train()
+    step_module.train()
     while step < total_steps:
         epoch = step // steps_per_epoch
         if epoch != perm_epoch:
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n_train, generator=g).to(device)
+            perm = epoch_permutation(cfg.seed, epoch, n_train).to(device)
             perm_epoch = epoch
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Seeded by the step alone, not the rank: every rank draws the same crops for the whole global batch and
         # takes its own slice, so a torchrun run sees exactly the images a one-process run sees.
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 7_919 + step * 131)
+        gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step))
         batch_idx = perm[(step % steps_per_epoch) * cfg.batch_size:][: cfg.batch_size]
         n_batch = batch_idx.numel()  # the last batch of an epoch can be short
         boxes = crop_boxes(n_batch, train_x.shape[-2], train_x.shape[-1], gen, device)
         positions = torch.arange(n_batch, device=device)
         for m in range(cfg.grad_accum):
-            # balanced slices: with a short last batch some ranks may get none, yet every rank still runs the
-            # backward and the all-reduce, so the processes stay in step
             pos = torch.tensor_split(positions[m * micro:(m + 1) * micro], world)[rank]
+            n_real = pos.numel()
+            if n_real == 0:
+                # a short last batch can leave this rank no image in this micro-batch: it still runs the step on one
+                # stand-in image weighted 0, so every rank runs the same forward and backward (DDP's gradient
+                # buckets, FSDP's gathers) and the penalty is still added once per micro-batch
+                pos = positions[:1]
             idx = batch_idx.index_select(0, pos)
-            loss = torch.zeros((), device=device)
-            if idx.numel():
-                x = train_x.index_select(0, idx).float().div_(255)
-                x = resized_crop(x, boxes.index_select(0, pos), size)
-                x = (x - mean) / std
-                y = train_y.index_select(0, idx)
-                if graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                    with _compile_errors(cfg):
-                        logits = forward(x)
-                task_loss = F.cross_entropy(logits.float(), y)
-                # a step's loss is the mean over the global batch: micro-batches and ranks carry their share
-                loss = task_loss * (idx.numel() * world / n_batch)
-                loss_acc += task_loss.detach() * (idx.numel() * world / n_batch)
-            if reg is not None:
-                pen = reg.penalty(generator=gen)  # fp32, every micro-batch, as the protocol prescribes
-                loss = loss + cfg.lam * pen / cfg.grad_accum
-                pen_acc += pen.detach() / cfg.grad_accum
-            if loss.requires_grad:
-                with _compile_errors(cfg):
-                    loss.backward()
-            seen += idx.numel() * world
-        _allreduce_grads(list(params.values()), world)
+            x = train_x.index_select(0, idx).float().div_(255)
+            x = resized_crop(x, boxes.index_select(0, pos), size)
+            x = (x - mean) / std
+            y = train_y.index_select(0, idx)
+            probes = reg.draw_probes(gen) if reg is not None else None
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            # the gradients of a micro-batch before the last stay local; the last one's backward averages the sum
+            with (no_sync() if m < cfg.grad_accum - 1 else contextlib.nullcontext()), _compile_errors(cfg):
+                task_loss, pen = run_step(x, y, probes)
+                # a step's loss is the mean over the global batch: micro-batches and ranks carry their share (see
+                # tvtool/parallel.py for why the penalty is added whole on every rank)
+                weight = n_real * world / n_batch
+                loss = task_loss * weight
+                loss_acc += task_loss.detach() * weight
+                if pen is not None:
+                    loss = loss + cfg.lam * pen / cfg.grad_accum
+                    pen_acc += pen.detach() / cfg.grad_accum
+                loss.backward()
+            seen += n_real * world
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip_grad if cfg.clip_grad > 0
                                                    else float("inf"))
+        if parallel.is_sharded(grad_norm):
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # non-finite loss, penalty or gradient: caught at the next logging step, before any checkpoint
@@ -619,19 +709,31 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-            if at_ckpt and rank == 0:
-                save_checkpoint(ckpt, step, params, optimizer, cfg, metrics, output=out, total_steps=total_steps,
-                                base=bundle.fingerprint)
+            if at_ckpt and sharded:  # whole tensors gathered by every rank, written by rank 0
+                trainable = parallel.gather_state(params)
+                opt_state = parallel.gather_optimizer_state(optimizer.state_dict())
+                if rank == 0:
+                    save_checkpoint(ckpt, step, trainable, opt_state, cfg, metrics, output=out,
+                                    total_steps=total_steps, base=bundle.fingerprint)
+            elif at_ckpt and rank == 0:
+                save_checkpoint(ckpt, step, params, optimizer.state_dict(), cfg, metrics, output=out,
+                                total_steps=total_steps, base=bundle.fingerprint)
+            owns_checkpoint = owns_checkpoint or at_ckpt  # written by this run: removed when it finishes
         if stop_after is not None and step >= stop_after:
             if log_file:
                 log_file.close()
+            if world > 1:  # every rank leaves after rank 0 has written its checkpoint
+                torch.distributed.barrier()
             return TrainResult(out, step, record["task_loss"], record["penalty"])
     elapsed = time.perf_counter() - t_start
     if log_file:
         log_file.close()
 
     # --- the task vector and its metadata
-    deltas = {k: v.detach().float().cpu() for k, v in tuned.deltas().items()}
+    if sharded:
+        deltas = parallel.gather_task_vector(tuned)
+    else:
+        deltas = {k: v.detach().float().cpu() for k, v in tuned.deltas().items()}
     if rank == 0:
         if eval_bundle is not None:
             if "zeroshot_val_acc" not in metrics:  # resumed from a checkpoint taken before they were known
@@ -642,15 +744,16 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                          if k not in ("device", "data_root", "checkpoint_dir", "keep_checkpoints")},
                       "steps": step, "epochs": epochs, "world_size": world, "final": final,
                       "seconds": elapsed, "device": device}
-        # a local weights path is recorded absolute, so `eval` finds the base from any working directory
-        pretrained = os.path.abspath(cfg.pretrained) if os.path.exists(cfg.pretrained) else cfg.pretrained
+        # a local weights path is recorded absolute, so `eval` finds the base from any working directory; anything
+        # else as the model loader names it (a hub id with the commit it resolved to)
+        pretrained = os.path.abspath(cfg.pretrained) if os.path.exists(cfg.pretrained) else bundle.pretrained
         meta = new_meta({"model": bundle.name or cfg.model, "pretrained": pretrained,
                          "fingerprint": bundle.fingerprint},
                         tasks=[cfg.task], mode=cfg.mode, orthoreg=cfg.orthoreg_settings(),
                         history=[history_entry("finetune", task=cfg.task, mode=cfg.mode, steps=step)], metrics=metrics,
                         train=train_info, settings_digest=cfg.settings_digest())
         write_vector(out, deltas, meta, force=force or own_output)
-        if not cfg.keep_checkpoints:
+        if not cfg.keep_checkpoints and owns_checkpoint:
             _remove_checkpoint(cfg, ckpt)
     if world > 1:
         torch.distributed.barrier()

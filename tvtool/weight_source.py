@@ -20,11 +20,13 @@ class ModelConfig:
 
     ``open_clip``: the open_clip model config (``model_cfg``: towers, widths, activation), e.g. read from a
     transformers folder's config.json. ``transformers``: the transformers ``CLIPConfig`` / ``CLIPVisionConfig`` of a
-    transformers folder; ``apply`` onto such a base writes a transformers folder of the same kind.
+    transformers folder; ``apply`` onto such a base writes a transformers folder of the same kind, copying the config
+    and processor files of ``transformers_folder`` (the folder they were read from).
     """
 
     open_clip: dict | None = None
     transformers: Any = None
+    transformers_folder: str | None = None
 
 
 class WeightSource:

@@ -5,8 +5,12 @@ A *weights spec* is one of
 - a torch pickle (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pkl``), read without running code;
 - a sharded safetensors index (``*.safetensors.index.json``);
 - a folder: an open_clip folder, a transformers CLIP folder or a folder holding a sharded index
-  (:func:`folder_weights` chooses its weights file);
+  (:func:`folder_weights` chooses its weights file), or a PEFT LoRA adapter folder (``adapter_config.json``: the
+  fine-tuned model is its base plus the adapter's update, ``tvtool.formats.peft_lora``);
 - ``hf-hub:ORG/NAME``: an open_clip model on the Hugging Face hub (open_clip downloads and builds it);
+- ``ORG/NAME`` or ``ORG/NAME@REVISION`` (a hub id, :func:`hub_id`) that names no local file or folder: a transformers
+  model on the Hugging Face hub, read from the local hub cache or downloaded (``tvtool.formats.hf_hub``); a local path
+  of the same name wins (``./ORG/NAME`` always names the path);
 - ``ARCH``, ``ARCH:TAG`` or ``ARCH:PATH``: an open_clip architecture with a pretrained tag (``random``: a random
   initialisation; none: the architecture's default) or a local file or folder; ``tvtool-mini`` (``:builtin``) is
   the bundled model, its weights shipped in tvtool/data.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,6 +43,11 @@ RANDOM_TAGS = ("random", "none")  # an explicit random initialisation (tests, ti
 MINI_NAME = "tvtool-mini"
 MINI_TAG = "builtin"
 HF_HUB_PREFIX = "hf-hub:"
+# A hub repository id as huggingface_hub spells them (one slash; letters, digits, "-", "_", ".") and a revision
+# (a branch, tag or commit; "refs/pr/1" has slashes).
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w.-]+(?:/[\w.-]+)*))?")
+# Names that end like a weights file are files that are missing, not hub ids.
+FILE_SUFFIXES = PICKLE_SUFFIXES | {".safetensors", ".st", ".json", ".npz", ".npy"}
 
 # Weight files looked for in an open_clip folder, safest first (safetensors before pickles), then sharded indexes.
 FOLDER_FILES = (
@@ -48,6 +58,8 @@ FOLDER_INDEXES = ("open_clip_model" + INDEX_SUFFIX, "model" + INDEX_SUFFIX)
 # A transformers CLIP folder's weights; the generic names (model.safetensors, ...) are transformers-named there.
 TRANSFORMERS_FILES = ("model.safetensors", "model" + INDEX_SUFFIX, "pytorch_model.bin")
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # safetensors first: a .bin is a pickle
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 # kinds of spec naming a local path (``path`` is set)
@@ -59,7 +71,8 @@ class WeightsSpec:
     """A parsed weights spec.
 
     ``kind``: "safetensors" | "pickle" | "index" | "folder" (``path`` set), "hf-hub" (``arch`` is the
-    ``hf-hub:ORG/NAME`` name), "tag" (``pretrained`` is an open_clip registry tag), "random", "builtin" (the bundled
+    ``hf-hub:ORG/NAME`` name), "hf-repo" (``pretrained`` is a hub id ``ORG/NAME[@REVISION]`` of a transformers
+    model), "tag" (``pretrained`` is an open_clip registry tag), "random", "builtin" (the bundled
     model's shipped weights) or "default" (no weights named: an error for every architecture but the bundled one). ``arch``: the open_clip architecture the spec names (the model is built by
     open_clip), None when the weights alone say what they are. ``pretrained``: the part after ``ARCH:`` (or the
     ``--pretrained`` value) as written.
@@ -110,6 +123,28 @@ def _hf_hub_spec(text: str) -> WeightsSpec | None:
     return None
 
 
+def hub_id(text: str) -> tuple[str, str | None] | None:
+    """(repo, revision or None) when ``text`` reads as a Hugging Face hub id ``ORG/NAME[@REVISION]``, else None.
+
+    Only the text is looked at: callers try local paths first (:data:`RECOGNIZERS` order), so a folder ``ORG/NAME``
+    that exists is the folder. A name ending like a weights file (``runs/cars.safetensors``) or written as a path
+    (``./x/y``, ``/x/y``, ``~/x``) is never a hub id: when missing, "no such file" is the right error.
+    """
+    m = HUB_ID.fullmatch(text)
+    if m is None:
+        return None
+    repo = m.group("repo")
+    if "--" in repo or ".." in repo or repo.endswith(".") or Path(repo).suffix.lower() in FILE_SUFFIXES:
+        return None
+    return repo, m.group("revision")
+
+
+def _hf_repo_spec(text: str) -> WeightsSpec | None:
+    if hub_id(text) is not None:
+        return WeightsSpec(text, "hf-repo", pretrained=text)
+    return None
+
+
 def _arch_spec(text: str) -> WeightsSpec:
     """Anything else: ``ARCH[:PRETRAINED]`` (whether ARCH exists is checked when the spec is opened)."""
     arch, _, pretrained = text.partition(":")
@@ -117,7 +152,7 @@ def _arch_spec(text: str) -> WeightsSpec:
 
 
 # Tried in order; the first that recognizes the text wins. The last one always does.
-RECOGNIZERS: tuple[Callable[[str], WeightsSpec | None], ...] = (_path_spec, _hf_hub_spec, _arch_spec)
+RECOGNIZERS: tuple[Callable[[str], WeightsSpec | None], ...] = (_path_spec, _hf_hub_spec, _hf_repo_spec, _arch_spec)
 
 
 def parse_weights(spec: str | os.PathLike) -> WeightsSpec:
@@ -148,6 +183,8 @@ def parse_pretrained(model: str, pretrained: str | os.PathLike | None) -> Weight
         return local
     if model.startswith(HF_HUB_PREFIX):  # the hub model's own weights; a tag means nothing there
         return WeightsSpec(text, "hf-hub", arch=model, pretrained=pretrained)
+    if hub_id(pretrained) is not None:  # open_clip tags have no slash: ORG/NAME is a hub id
+        return WeightsSpec(text, "hf-repo", arch=model, pretrained=pretrained)
     return WeightsSpec(text, "tag", arch=model, pretrained=pretrained)
 
 
@@ -156,8 +193,9 @@ def parse_pretrained(model: str, pretrained: str | os.PathLike | None) -> Weight
 class FolderWeights:
     """The weights file of a folder, as :func:`folder_weights` chose it.
 
-    ``kind``: "open_clip" (tensors named the open_clip way) or "transformers" (a transformers CLIP folder, read
-    through ``tvtool.formats.transformers_clip``). ``file``: a safetensors file, a pickle or a sharded index.
+    ``kind``: "open_clip" (tensors named the open_clip way), "transformers" (a transformers CLIP folder, read
+    through ``tvtool.formats.transformers_clip``) or "peft" (a PEFT adapter: weight updates of a base model, read
+    through ``tvtool.formats.peft_lora``). ``file``: a safetensors file, a pickle or a sharded index.
     """
 
     folder: Path
@@ -192,10 +230,16 @@ def transformers_model_type(folder: str | os.PathLike) -> str | None:
 def folder_weights(folder: str | os.PathLike) -> FolderWeights:
     """Which file of a folder holds its weights: the one place that decides it.
 
-    open_clip's own files first (hub repos often hold both namings: open_clip's is read as is), safetensors before
+    A PEFT adapter folder (``adapter_config.json``) holds updates, not weights, whatever else lies beside them. Then
+    open_clip's own files (hub repos often hold both namings: open_clip's is read as is), safetensors before
     pickles; a transformers CLIP folder without them is read through its config.json; then sharded indexes.
     """
     folder = Path(folder)
+    if (folder / ADAPTER_CONFIG).is_file():
+        for name in ADAPTER_FILES:
+            if (folder / name).is_file():
+                return FolderWeights(folder, "peft", folder / name)
+        raise TVToolError(f"{folder}: PEFT adapter folder without {' or '.join(ADAPTER_FILES)}")
     model_type = transformers_model_type(folder)
     native = [n for n in FOLDER_FILES if n.startswith("open_clip") and (folder / n).is_file()]
     if model_type and not native:

@@ -11,8 +11,9 @@ from ._app import app
 
 @app.command()
 def convert(
-    source: str = typer.Argument(..., help="A transformers CLIP folder, an open_clip state dict / folder / ARCH:TAG, "
-                                           "a torch pickle, or a tangent_task_arithmetic linearized checkpoint."),
+    source: str = typer.Argument(..., help="A transformers CLIP folder or its hub id (ORG/NAME), an open_clip state "
+                                           "dict / folder / ARCH:TAG, a torch pickle, a PEFT LoRA adapter folder "
+                                           "(written merged), or a tangent_task_arithmetic linearized checkpoint."),
     output: Path = typer.Option(..., "-o", "--output",
                                 help="FILE.safetensors: an open_clip state dict (or, from a linearized checkpoint, a "
                                      "linear-mode task vector); a folder: a transformers CLIP folder, or an open_clip "
@@ -21,6 +22,9 @@ def convert(
                                                               "read from it (e.g. ViT-B-32-quickgelu)."),
     vision_only: bool = typer.Option(False, "--vision-only", help="Write a transformers CLIPVisionModel (image "
                                                                   "tower only)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="The base model a PEFT adapter SOURCE is "
+                                                                        "merged onto (default: the base the adapter "
+                                                                        "names, base_model_name_or_path)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Fully unpickle SOURCE if the safe reader "
                                                                     "refuses it (runs code from the file)."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
@@ -32,6 +36,7 @@ def convert(
     """
     from ..formats import convert as conv
 
-    what = conv.convert(source, output, model=model, vision_only=vision_only, trust_pickle=trust_pickle, force=force)
+    what = conv.convert(source, output, model=model, vision_only=vision_only, trust_pickle=trust_pickle, force=force,
+                        pretrained=pretrained)
     typer.echo(f"wrote {output} ({what})")
 

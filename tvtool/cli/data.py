@@ -1,14 +1,15 @@
 """`tvtool data list | check | prepare`: what datasets exist, what is on disk, and how to get the rest."""
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from ..errors import TVToolError
+from ..fileio import recording_creations, remove_created
 from ._app import app
 
 data_app = typer.Typer(
@@ -139,7 +140,7 @@ def prepare_cmd(
 ) -> None:
     """Download a dataset into the conventional layout where torchvision can (MNIST, SVHN, GTSRB, DTD, EuroSAT and
     the 14/20-task additions except FER2013), arrange manually downloaded files where possible (SUN397), otherwise print the exact manual steps (exit 1).
-    A data root folder that this command created is removed again when it fails.
+    When it fails, what this command created under the data root is removed again, and nothing else.
 
     Example: tvtool data prepare mnist --data-root ~/data
     """
@@ -154,17 +155,18 @@ def prepare_cmd(
         data_root = resolve_data_root(None, name=name)
     root = Path(data_root).expanduser()
     created = [p for p in (root, *root.parents) if not p.exists()]
-    existing = set(root.iterdir()) if root.is_dir() else set()
     root.mkdir(parents=True, exist_ok=True)
-    try:
-        _prepare(spec, name, root)
-    except (TVToolError, typer.Exit, KeyboardInterrupt):
-        # No partial output: remove what this command put there (new entries of the root, folders it created).
-        for entry in set(root.iterdir()) - existing:
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        for folder in created:  # innermost first, each empty by now
-            folder.rmdir()
-        raise
+    with recording_creations(root) as made:
+        try:
+            _prepare(spec, name, root)
+        except (TVToolError, typer.Exit, KeyboardInterrupt):
+            # No partial output: remove what this command created under the root, and nothing else (another
+            # process may be writing there too), then the folders it made for the root, if empty by now.
+            remove_created(made)
+            for folder in created:  # innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
 
 
 def _prepare(spec, name: str, root: Path) -> None:

@@ -30,7 +30,8 @@ eval_app = typer.Typer(
 app.add_typer(eval_app, name="eval")
 
 _MODEL = typer.Option(None, "--model", help="open_clip architecture (default: the vectors' recorded base).")
-_PRETRAINED = typer.Option(None, "--pretrained", help="Tag, weights file or folder (default: the vectors' base).")
+_PRETRAINED = typer.Option(None, "--pretrained", help="Tag, weights file or folder, or a hub id "
+                                                             "ORG/NAME (default: the vectors' base).")
 _DATA_ROOT = typer.Option(None, "--data-root", help="Data root of the real datasets (default $TVTOOL_DATA).")
 _DEVICE = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")
 _BATCH = typer.Option(256, "--batch-size", help="Evaluation batch size.")
@@ -156,7 +157,9 @@ def accuracy_cmd(
                                    f"Example: tvtool eval addition cars.st dtd.st eurosat.st --grid {ALPHA_GRID}")
 def addition_cmd(
     vectors: List[Path] = typer.Argument(..., help="One single-task vector per task."),
-    grid: str = typer.Option(ALPHA_GRID, "--grid", help="START:STOP:STEP (inclusive) or a list 0,0.3,0.5."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="START:STOP:STEP (inclusive) or a list 0,0.3,0.5 "
+                                       f"(default: {ALPHA_GRID}, the protocol's; with --merged, the merge method's own "
+                                       "grid from its paper, see `tvtool merge --list`)."),
     merged: Optional[Path] = typer.Option(None, "--merged", help="A vector made by `tvtool merge` from VECTORS: the "
                                                                "alpha search scales it instead of their sum."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="BASE.st,... one vector per task (e.g. plain "
@@ -170,7 +173,7 @@ def addition_cmd(
 ):
     from .. import evaluate as ev
 
-    g = ev.parse_grid(grid)
+    g = ev.parse_grid(grid) if grid is not None else None
     base_paths = None
     if baseline is not None:
         base_paths = [Path(p.strip()) for p in baseline.split(",") if p.strip()]
@@ -197,6 +200,15 @@ def addition_cmd(
         ev.check_base([merged_vec], evaluator.bundle)
     if base_paths is not None:
         ev.check_base(base_vecs, evaluator.bundle)
+    if g is None:
+        g = list(ev.DEFAULT_GRID)
+        from ..merge import alpha_grid, get_method, merged_method
+
+        method = merged_method(merged_vec.meta) if merged_vec is not None else None
+        if method is not None:
+            g = alpha_grid(method)
+            _progress(f"addition: alpha grid {get_method(method).alpha_grid} ({method}'s default: "
+                      f"{get_method(method).alpha_source})")
     result = ev.addition(evaluator, vecs, g, merged=merged_vec, baseline=base_vecs if base_paths else None,
                          progress=_progress)
 

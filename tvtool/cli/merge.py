@@ -1,4 +1,4 @@
-"""`tvtool merge`: merge task vectors with a registered method (tvtool/merge.py)."""
+"""`tvtool merge`: merge task vectors with a registered method (tvtool/merge/)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,9 +20,9 @@ def _methods_help() -> str:
     for m in merging.list_methods():
         opts = ", ".join(f"{k}={'auto' if o.default is None else o.default}" for k, o in m.options.items())
         # no square brackets: typer's rich help would read them as markup
-        flags = " - per-layer: 2-D tensors only, plain addition elsewhere" if m.per_layer else ""
+        flags = " - per-layer: 2-D tensors only, the mean elsewhere" if m.per_layer else ""
         flags += " - random: reproducible from --seed" if m.random else ""
-        lines.append(f"{m.name}({opts}){flags}")
+        lines.append(f"{m.name}({opts}){flags} - alpha grid {m.alpha_grid}")
     return "\n\n".join(lines)
 
 
@@ -31,8 +31,10 @@ _HELP = """Merge task vectors with an established merging method; output = alpha
 Method options are typed KEY=VALUE pairs: --option k=20 --option sign=count. `tvtool merge --list` prints each \
 method with its options, their meaning and the paper it implements.
 
-Per-layer methods (tsv, iso-c) act on 2-D tensors only and fall back to plain addition (option fallback=mean for \
-the mean) on every other tensor. SVDs run on the GPU when there is one.
+Per-layer methods (tsv, iso-c, iso-cts, wudi) act on 2-D tensors only and average every other tensor, as their \
+authors' code does (option fallback=sum adds them). SVDs and WUDI's optimization run on the GPU when there is one. \
+Each method's paper, reference code and default alpha search (used by `eval addition --merged` and recipes) are \
+in `tvtool merge --list`.
 
 Example: tvtool merge --method ties --option k=20 cars.st dtd.st eurosat.st --alpha 0.4 -o ties.st
 """
@@ -47,12 +49,6 @@ class _MergeCommand(TyperCommand):
         return super().format_help(ctx, formatter)
 
 
-def _method_json(m) -> dict:
-    return {"name": m.name, "summary": m.summary, "doc": m.doc, "per_layer": m.per_layer, "random": m.random,
-            "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help,
-                            "choices": list(o.choices) if o.choices else None} for k, o in m.options.items()}}
-
-
 @app.command("merge", help=_HELP, cls=_MergeCommand)
 def merge(
     ctx: typer.Context,
@@ -63,7 +59,7 @@ def merge(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write the merged vector "
                                                                        "(required unless --list)."),
     alpha: float = typer.Option(1.0, "--alpha", help="Scaling coefficient applied to the merged vector."),
-    seed: int = typer.Option(0, "--seed", help="Seed of random methods (dare, dare-ties); recorded in the history."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random methods (dare, dare-ties, della); recorded in the history."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: fp32, bf16 or fp16 (default: the "
                                                               "inputs' dtype)."),
     union: bool = typer.Option(False, "--union", help="Allow inputs with different tensor sets; missing tensors "
@@ -77,7 +73,7 @@ def merge(
     if as_json and not list_:
         ctx.fail("--json goes with --list (the merged vector itself is written with -o).")
     if list_ and as_json:
-        typer.echo(json.dumps([_method_json(m) for m in merging.list_methods()], indent=1))
+        typer.echo(json.dumps([m.describe() for m in merging.list_methods()], indent=1))
         return
     if list_:
         typer.echo("\n\n".join(merging.describe_method(m) for m in merging.list_methods()))

@@ -18,8 +18,9 @@ def finetune(
                                                          "see --force)."),
     model: Optional[str] = typer.Option(None, "--model", help="open_clip architecture (default: ViT-B-32; "
                                                              "tvtool-mini for mini tasks)."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag, a .safetensors file or an "
-                                                                       "open_clip folder (default: openai / builtin)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag, a .safetensors file, an "
+                                                                       "open_clip or transformers CLIP folder, or a hub "
+                                                                       "id ORG/NAME (default: openai / builtin)."),
     mode: str = typer.Option("full", "--mode", help="full | attn (in_proj + out_proj weights) | lora | linear "
                                                    "(tangent-space model via torch.func.jvp)."),
     orthoreg: Optional[bool] = typer.Option(None, "--orthoreg/--no-orthoreg",
@@ -51,11 +52,17 @@ def finetune(
     data_root: Optional[str] = typer.Option(None, "--data-root", envvar="TVTOOL_DATA", help="Dataset root."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if available)."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model: faster steps on a GPU after a "
-                                                         "minute of compiling; the same function."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the training step (model, loss and "
+                                                         "OrthoReg penalty): faster steps on a GPU after a minute of "
+                                                         "compiling; the same function."),
     compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile's mode (implies "
                                                "--compile): default | reduce-overhead (CUDA graphs; needs "
                                                "--grad-accum 1) | max-autotune | max-autotune-no-cudagraphs."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard the image tower, its gradients and AdamW's "
+                                                  "state over the processes (FSDP2) instead of replicating it (DDP); "
+                                                  "for towers whose training state does not fit one device (the "
+                                                  "weights are loaded whole once, then sharded). Not with --compile "
+                                                  "or --mode linear."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the zero-shot / fine-tuned accuracy measurements."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
     checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="Default: .OUTPUT.ckpt/ beside it."),
@@ -73,6 +80,8 @@ def finetune(
       tvtool finetune cars --lambda 10 --orthoreg-form plain -o cars.st   (the paper's ViT-B-32 setting)
       tvtool finetune mini-shapes --lr 1e-3 --warmup-steps 10 -o shapes.st
       torchrun --nproc_per_node 4 -m tvtool finetune sun397 --mode attn -o sun.st
+      torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m tvtool finetune
+          sun397 --model ViT-H-14 --pretrained laion2b_s32b_b79k --fsdp -o sun.st   (on each node)
     """
     from ..errors import TVToolError
     from ..train import TrainConfig, finetune as run_finetune
@@ -88,7 +97,7 @@ def finetune(
                       epochs=epochs, max_steps=max_steps, lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed,
                       data_root=data_root, device=device, precision=precision,
                       compile=compile or compile_mode is not None,
-                      compile_mode=compile_mode or "default",
+                      compile_mode=compile_mode or "default", fsdp=fsdp,
                       eval=not no_eval,
                       checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, log_every=log_every,
                       keep_checkpoints=keep_checkpoints)

@@ -22,7 +22,8 @@ pickle_opt = typer.Option(False, "--trust-pickle",
 
 
 PRETRAINED_HELP = ("Pre-trained weights theta_0: ARCH[:TAG] (e.g. ViT-B-32:openai), a safetensors state dict, an "
-                   "open_clip or transformers CLIP folder, or a torch checkpoint (docs/CHECKPOINTS.md).")
+                   "open_clip or transformers CLIP folder, a transformers model's hub id ORG/NAME[@REV] (from the "
+                   "Hugging Face cache, or downloaded), or a torch checkpoint (docs/CHECKPOINTS.md).")
 # --base was this option's old name; kept, hidden, so existing scripts keep working (one name: the one
 # finetune and eval use).
 base_alias_opt = typer.Option(None, "--base", hidden=True, help="Old name of --pretrained.")
@@ -51,7 +52,9 @@ def _parse_weights(text: str, n: int) -> list[float]:
 def extract(
     ctx: typer.Context,
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help=PRETRAINED_HELP + " Required."),
-    finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned weights, in any form --pretrained accepts."),
+    finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned weights, in any form --pretrained "
+                                                                  "accepts, or a PEFT LoRA adapter folder (merged onto "
+                                                                  "--pretrained)."),
     output: Path = out_opt,
     keep_all: bool = typer.Option(False, "--all", help="Store every shared tensor, not only those that differ."),
     task: Optional[str] = typer.Option(None, "--task", help="Task name recorded in the metadata."),

@@ -222,7 +222,75 @@ def require(name: str, path: Path, what: str = "") -> Path:
 
 def class_folders(folder: Path) -> list[str]:
     """Sorted sub-folder names: the class order of ImageFolder-style layouts (and of their class-name files)."""
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    try:
+        return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    except OSError as exc:
+        raise TVToolError(f"{folder}: cannot list it ({exc.strerror or exc})") from None
+
+
+def _link_error(path: str, why: str) -> TVToolError:
+    return TVToolError(f"{path}: {why}; tvtool follows no folder link inside a dataset folder and no file link back "
+                       "into it (a loop or a second copy of the same images); replace the link by the folder or file "
+                       "itself, or remove it")
+
+
+def _walk_class(name: str, top: str, trees: tuple[str, ...], keep, extensions, budget: list[int]) -> list[str]:
+    """The image files under one class folder in ImageFolder's order (sorted walk, sorted files), without following
+    links to folders; a file link is read unless it points back into the dataset (a duplicate). Anything else with
+    an image name (FIFO, device, socket, dangling link) is refused: reading it would block or fail."""
+    found: list[tuple[str, list[str]]] = []
+    stack = [top]
+    while stack:
+        dirpath = stack.pop()
+        files = []
+        try:
+            entries = list(os.scandir(dirpath))
+        except OSError as exc:  # an unreadable sub-folder silently dropping its images would skew the labels
+            raise TVToolError(f"{dirpath}: cannot list it ({exc.strerror or exc}); fix its permissions") from None
+        budget[0] -= len(entries)
+        if budget[0] < 0:
+            raise TVToolError(f"{name}: more than {MAX_LISTED} entries under {top}; is the data root right?")
+        for e in entries:
+            wanted = e.name.lower().endswith(extensions) and (keep is None or keep(e.name))
+            if e.is_dir(follow_symlinks=False):
+                stack.append(e.path)
+            elif e.is_symlink():
+                if e.is_dir():
+                    raise _link_error(e.path, "a link to a folder")
+                if not wanted:
+                    continue
+                target = os.path.realpath(e.path)
+                if any(target == t or target.startswith(t + os.sep) for t in trees):
+                    raise _link_error(e.path, f"a link to {target}, inside the dataset")
+                if not e.is_file():
+                    raise TVToolError(f"{e.path}: a link to {target}, which is not a regular file; remove it")
+                files.append(e.name)
+            elif wanted:
+                if not e.is_file(follow_symlinks=False):
+                    kind = _special_kind(e.path)
+                    raise TVToolError(f"{e.path}: is {kind}, not an image file; remove it from the dataset folder")
+                files.append(e.name)
+        found.append((dirpath, sorted(files)))
+    return [os.path.join(d, f) for d, files in sorted(found) for f in files]
+
+
+def _special_kind(path: str) -> str:
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "unreadable"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+MAX_LISTED = 50_000_000  # entries walked per split folder: ImageNet's train split has 1.3 M
 
 
 def image_folder(
@@ -232,20 +300,32 @@ def image_folder(
 
     Classes are the sorted sub-folder names (label = position); inside a class, files come in sorted walk order,
     the order the reference's ImageFolder produces, so the seed-0 validation split picks the same examples.
-    ``keep(basename)`` filters files (RESISC45's split lists).
+    ``keep(basename)`` filters files (RESISC45's split lists). Links to folders inside a class are never followed
+    and a class folder that is a link must lead outside the split folder, to a folder no other class uses (see
+    ``_walk_class``): a link loop would otherwise multiply examples or relabel other classes' images.
     """
     require(name, folder)
     classes = class_folders(folder)
     if not classes:
         raise missing(name, folder, "one sub-folder per class")
+    top = os.path.realpath(folder)
+    targets: dict[str, str] = {}
+    for cls in classes:
+        path = os.path.join(folder, cls)
+        real = os.path.realpath(path)
+        if os.path.islink(path) and (real == top or real.startswith(top + os.sep) or top.startswith(real + os.sep)):
+            raise _link_error(path, f"a class folder linked to {real}, inside the split folder")
+        if real in targets.values():
+            raise _link_error(path, f"a class folder linked to {real}, the folder of another class")
+        targets[cls] = real
+    trees = (top, *sorted(set(targets.values())))
     paths: list[str] = []
     labels: list[int] = []
+    budget = [MAX_LISTED]
     for label, cls in enumerate(classes):
-        for dirpath, _dirs, files in sorted(os.walk(folder / cls, followlinks=True)):
-            for fname in sorted(files):
-                if fname.lower().endswith(extensions) and (keep is None or keep(fname)):
-                    paths.append(os.path.join(dirpath, fname))
-                    labels.append(label)
+        files = _walk_class(name, os.path.join(folder, cls), trees, keep, extensions, budget)
+        paths.extend(files)
+        labels.extend([label] * len(files))
     counts = torch.bincount(torch.tensor(labels, dtype=torch.int64), minlength=len(classes))
     empty = [cls for cls, n in zip(classes, counts.tolist()) if n == 0]
     if empty:  # a class with no examples silently skews the head and the accuracies
@@ -255,12 +335,18 @@ def image_folder(
     return classes, file_listing(root, paths, labels, source=str(folder))
 
 
-def file_listing(root: Path, paths: Sequence[str], labels: Sequence[int], source: str = "") -> Listing:
-    from PIL import Image
+def file_listing(root: Path, paths: Sequence[str], labels: Sequence[int], source: str = "",
+                 n_classes: int | None = None) -> Listing:
+    """A Listing of image files (opened with :func:`tvtool.datasets.files.open_image`, the one place dataset images
+    are opened). With ``n_classes``, labels are checked to be in range first."""
+    from .files import open_image, reject_nul
 
+    paths = [reject_nul(str(p), source or root) for p in paths]
+    if n_classes is not None:
+        check_labels(labels, n_classes, source or root)
     root_s = str(root).rstrip(os.sep) + os.sep
-    ids = [p[len(root_s):] if p.startswith(root_s) else p for p in map(str, paths)]
-    paths = [str(p) for p in paths]
+    ids = [p[len(root_s):] if p.startswith(root_s) else p for p in paths]
+
     def stamp(i: int) -> str:
         try:
             st = os.stat(paths[i])
@@ -268,18 +354,44 @@ def file_listing(root: Path, paths: Sequence[str], labels: Sequence[int], source
             return "missing"
         return f"{st.st_size}:{st.st_mtime_ns}"
 
-    return Listing(
-        ids, torch.tensor(labels, dtype=torch.int64), lambda i: Image.open(paths[i]), source=source, stamp=stamp
-    )
+    return Listing(ids, torch.tensor(labels, dtype=torch.int64), lambda i: open_image(paths[i]), source=source,
+                   stamp=stamp)
 
 
-def array_listing(images, labels, ids_prefix: str, files: Sequence[Path], source: str = "") -> Listing:
-    """Listing over an in-memory uint8 array ([N,H,W] grey or [N,H,W,3] RGB), e.g. MNIST idx or SVHN .mat."""
+def array_listing(images, labels, ids_prefix: str, files: Sequence[Path], source: str = "",
+                  n_classes: int | None = None) -> Listing:
+    """Listing over an in-memory uint8 array ([N,H,W] grey or [N,H,W,3] RGB), e.g. MNIST idx or SVHN .mat. With
+    ``n_classes`` the labels are checked first: whole numbers in range, one per image."""
     from PIL import Image
 
+    if n_classes is not None:
+        if len(labels) != len(images):
+            raise TVToolError(f"{source}: {len(labels)} labels for {len(images)} images; the files do not belong "
+                              "together, re-download them")
+        labels = check_labels(labels, n_classes, source)
     fp = ";".join(f"{Path(f).name}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files)
     ids = [f"{ids_prefix}#{i}" for i in range(len(images))]
     return Listing(ids, torch.as_tensor(labels, dtype=torch.int64), lambda i: Image.fromarray(images[i]), source, fp)
+
+
+def check_labels(labels, n_classes: int, where):
+    """Labels as int64 numpy, refused in one line unless they are whole numbers in 0..n_classes-1 (what the loss
+    and the cache accept); what `tvtool data check` reports."""
+    import numpy as np
+
+    arr = np.asarray(labels)
+    if arr.dtype == object or arr.ndim != 1:
+        raise TVToolError(f"{where}: labels are not a flat list of whole numbers; re-download the dataset")
+    if arr.size and arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            raise TVToolError(f"{where}: labels are not whole numbers (e.g. {arr[arr != np.round(arr)][:1]}); is "
+                              "this the right file?")
+    elif arr.size and arr.dtype.kind not in "iub":
+        raise TVToolError(f"{where}: labels are not whole numbers ({arr.dtype}); is this the right file?")
+    if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
+        raise TVToolError(f"{where}: labels span {int(arr.min())}..{int(arr.max())}, outside 0..{n_classes - 1}; is "
+                          "this the right file?")
+    return arr.astype(np.int64)
 
 
 def check_classes(name: str, found: int, where) -> None:

@@ -201,15 +201,38 @@ def read_cache(path: Path, key: str, image_size: int | None = None, num_classes:
     return images, labels
 
 
-def write_cache(path: Path, key: str, images: torch.Tensor, labels: torch.Tensor, **meta) -> None:
+def _save(tensors: dict, path: Path, metadata: dict) -> None:
+    """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are (the library wraps them
+    in its own exception type), so ``atomic_path`` names the file and removes the temp."""
+    import re
+
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from ..fileio import atomic_path
+    try:
+        save_file(tensors, str(path), metadata)
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+def write_cache(path: Path, key: str, images: torch.Tensor, labels: torch.Tensor, **meta) -> None:
+    """Write one split's cache atomically; a failure (a full disk) is one line naming the file and saying how to
+    make room, and no temp is left."""
+    from ..fileio import OutputError, atomic_path
+
     info = {"key": key, "preprocess": PREPROCESS_VERSION, **{k: str(v) for k, v in meta.items()}}
-    with atomic_path(path, force=True) as tmp:
-        save_file({"images": images.contiguous(), "labels": labels.to(torch.int64).contiguous()}, str(tmp), info)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, force=True) as tmp:
+            _save({"images": images.contiguous(), "labels": labels.to(torch.int64).contiguous()}, tmp, info)
+    except OutputError as exc:
+        raise OutputError(f"{exc}; free some space there or point TVTOOL_CACHE at another disk") from None
+    except OSError as exc:  # the cache folder itself cannot be made
+        raise OutputError(f"{path.parent}: cannot create the cache folder ({exc.strerror or exc}); point "
+                          "TVTOOL_CACHE at a writable folder") from None
 
 
 def load_cached(spec: DatasetSpec, split: str, data_root, image_size: int):

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from ..errors import TVToolError
 from .base import check_classes, file_listing, register_real, require
+from .files import loadmat, relative_name
 
 LAYOUT = (
     "ROOT/stanford_cars/{cars_train,cars_test}/*.jpg, ROOT/stanford_cars/devkit/{cars_meta.mat,cars_train_annos.mat} "
@@ -18,16 +22,16 @@ LAYOUT = (
 
 
 def _loadmat(path: Path):
-    import scipy.io
+    return loadmat(require("cars", path), "a Stanford Cars .mat file", squeeze_me=True)
 
-    from ..errors import TVToolError
 
+def _parse(path: Path, fn):
+    """``fn()`` on the contents of ``path``; a record of the wrong shape or type is one line naming the file."""
     try:
-        return scipy.io.loadmat(str(require("cars", path)), squeeze_me=True)
-    except TVToolError:
-        raise
-    except Exception as exc:  # scipy raises ValueError/TypeError/... on a damaged .mat
-        raise TVToolError(f"{path}: unreadable ({exc}); re-download it (see `tvtool data prepare cars`)") from None
+        return fn()
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, OverflowError) as exc:
+        raise TVToolError(f"{path}: not Stanford Cars metadata ({type(exc).__name__}: {str(exc)[:80]}); "
+                          "re-download it (see `tvtool data prepare cars`)") from None
 
 
 def listing(split: str, root: Path):
@@ -37,13 +41,15 @@ def listing(split: str, root: Path):
     else:
         annos, images = base / "cars_test_annos_withlabels.mat", base / "cars_test"
     require("cars", images)
-    classes = _loadmat(base / "devkit" / "cars_meta.mat")["class_names"]
-    check_classes("cars", len(classes), base / "devkit" / "cars_meta.mat")
-    records = _loadmat(annos)["annotations"]
-    records = records.reshape(-1)  # squeeze_me turns a single annotation into a scalar record
-    paths = [str(images / str(r["fname"])) for r in records]
-    labels = [int(r["class"]) - 1 for r in records]
-    return file_listing(root, paths, labels, source=str(images))
+    meta = base / "devkit" / "cars_meta.mat"
+    meta_mat = _loadmat(meta)
+    n_classes = _parse(meta, lambda: np.asarray(meta_mat["class_names"]).size)
+    check_classes("cars", n_classes, meta)
+    annos_mat = _loadmat(annos)
+    records = _parse(annos, lambda: np.asarray(annos_mat["annotations"]).reshape(-1))  # squeeze_me: 1 -> scalar
+    paths = _parse(annos, lambda: [str(images / relative_name(str(r["fname"]), annos)) for r in records])
+    labels = _parse(annos, lambda: [int(r["class"]) - 1 for r in records])
+    return file_listing(root, paths, labels, source=str(images), n_classes=n_classes)
 
 
 register_real("cars", listing, epochs=35, layout_help=LAYOUT)

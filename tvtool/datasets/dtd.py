@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import image_folder, link_or_copy, register_real, require, torchvision_download
+from .files import read_text, relative_name
 
 LAYOUT = (
     "ROOT/dtd/train/<class>/*.jpg (partition 1 train1.txt) and ROOT/dtd/val/<class>/*.jpg (test1.txt, used as the "
@@ -25,8 +26,9 @@ def prepare(root: Path, echo) -> None:
     torchvision_download("dtd", lambda: torchvision.datasets.DTD(str(root), split="train", partition=1, download=True), LAYOUT)
     src = require("dtd", root / "dtd" / "dtd")  # torchvision's extraction folder
     for lst, out in (("train1.txt", "train"), ("test1.txt", "val")):
-        names = (src / "labels" / lst).read_text().split()
+        names = read_text(src / "labels" / lst, "DTD's split list").split()
         for rel in names:  # "<class>/<file>.jpg"
+            relative_name(rel, src / "labels" / lst)
             link_or_copy(src / "images" / rel, root / "dtd" / out / rel)
         echo(f"dtd/{out}: {len(names)} images")
 

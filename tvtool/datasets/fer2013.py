@@ -18,6 +18,7 @@ import numpy as np
 from .._lazy import lazy_module
 from ..errors import TVToolError
 from .base import Listing, check_classes, missing, register_real
+from .files import MAX_EXAMPLES, not_utf8, open_text
 
 torch = lazy_module("torch")  # listing the registry must not import torch
 
@@ -32,7 +33,7 @@ SIDE = 48
 
 def _csv(root: Path) -> Path:
     for fname in ("fer2013.csv", "icml_face_data.csv"):
-        if (root / "fer2013" / fname).is_file():
+        if os.path.lexists(root / "fer2013" / fname):
             return root / "fer2013" / fname
     if (root / "fer2013" / "train.csv").is_file():
         raise TVToolError(
@@ -46,20 +47,35 @@ def listing(split: str, root: Path):
     path = _csv(root)
     pixels: list[str] = []
     labels: list[int] = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f, skipinitialspace=True)  # icml_face_data.csv has ' Usage', ' pixels'
-        fields = set(reader.fieldnames or ())
-        if not {"emotion", "pixels", "Usage"} <= fields:
-            raise TVToolError(f"{path}: expected columns emotion, pixels, Usage; got {sorted(fields)}")
-        for row in reader:
-            if row["Usage"] in USAGES[split]:
-                try:
-                    labels.append(int(row["emotion"]))
-                except (TypeError, ValueError):
-                    raise TVToolError(f"{path}:{reader.line_num}: emotion {row['emotion']!r} is not a label 0..6") from None
-                pixels.append(row["pixels"] or "")
-    if labels and not 0 <= min(labels) <= max(labels) < 7:
-        raise TVToolError(f"{path}: emotion labels outside 0..6; is this FER2013?")
+    line = 1
+    try:
+        with open_text(path, "FER2013's csv") as f:
+            reader = csv.DictReader(f, skipinitialspace=True)  # icml_face_data.csv has ' Usage', ' pixels'
+            fields = set(reader.fieldnames or ())
+            if not {"emotion", "pixels", "Usage"} <= fields:
+                raise TVToolError(f"{path}: expected columns emotion, pixels, Usage; got {sorted(fields)[:10]}")
+            for row in reader:
+                line = reader.line_num
+                if row["Usage"] in USAGES[split]:
+                    try:
+                        labels.append(int(row["emotion"]))
+                    except (TypeError, ValueError):
+                        raise TVToolError(f"{path}:{line}: emotion {str(row['emotion'])[:20]!r} is not a label "
+                                          "0..6") from None
+                    if not 0 <= labels[-1] < 7:
+                        raise TVToolError(f"{path}:{line}: emotion {labels[-1]} outside 0..6; is this FER2013?")
+                    p = row["pixels"] or ""
+                    if p.count(" ") != SIDE * SIDE - 1:  # cheap: a short row would fail to decode much later
+                        raise TVToolError(f"{path}:{line}: pixels holds {len(p.split())} values, expected "
+                                          f"{SIDE * SIDE} ({SIDE}x{SIDE}); the file is damaged, re-download it")
+                    pixels.append(p)
+                    if len(labels) > MAX_EXAMPLES:
+                        raise TVToolError(f"{path}: more than {MAX_EXAMPLES} rows; is this FER2013?")
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except csv.Error as exc:
+        raise TVToolError(f"{path}:{line + 1}: not a FER2013 row ({str(exc)[:80]}); the file is damaged, "
+                          "re-download it") from None
     check_classes("fer2013", 7, path)
 
     def open_image(i: int):

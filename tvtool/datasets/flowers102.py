@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import TVToolError
 from .base import check_classes, file_listing, register_real, require, torchvision_download
+from .files import loadmat
 
 LAYOUT = (
     "ROOT/flowers-102/{jpg/image_*.jpg,imagelabels.mat,setid.mat}; `tvtool data prepare flowers102` downloads them "
@@ -21,26 +24,27 @@ SET_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
 
 
 def _loadmat(path: Path):
-    import scipy.io
-
-    try:
-        return scipy.io.loadmat(str(require("flowers102", path)), squeeze_me=True)
-    except TVToolError:
-        raise
-    except Exception as exc:  # scipy raises ValueError/TypeError/... on a damaged .mat
-        raise TVToolError(f"{path}: unreadable ({exc}); re-download it with `tvtool data prepare flowers102`") from None
+    return loadmat(require("flowers102", path), "a Flowers102 .mat file", squeeze_me=True)
 
 
 def listing(split: str, root: Path):
     base = root / "flowers-102"
     images = require("flowers102", base / "jpg")
-    ids = [int(i) for i in _loadmat(base / "setid.mat")[SET_KEYS[split]].reshape(-1)]
-    labels_by_id = [int(v) - 1 for v in _loadmat(base / "imagelabels.mat")["labels"].reshape(-1)]
+    where = base / "setid.mat"
+    try:
+        ids = [int(i) for i in np.asarray(_loadmat(where)[SET_KEYS[split]]).reshape(-1)]
+        where = base / "imagelabels.mat"
+        labels_by_id = [int(v) - 1 for v in np.asarray(_loadmat(where)["labels"]).reshape(-1)]
+    except TVToolError:
+        raise
+    except (KeyError, ValueError, TypeError, OverflowError) as exc:
+        raise TVToolError(f"{where}: not Flowers102 metadata ({type(exc).__name__}: {str(exc)[:80]}); re-download "
+                          "it with `tvtool data prepare flowers102`") from None
     if ids and not (1 <= min(ids) and max(ids) <= len(labels_by_id)):
         raise TVToolError(f"{base / 'setid.mat'}: image ids beyond imagelabels.mat; re-download Flowers102")
     check_classes("flowers102", max(labels_by_id, default=-1) + 1, base / "imagelabels.mat")
     paths = [str(images / f"image_{i:05d}.jpg") for i in ids]
-    return file_listing(root, paths, [labels_by_id[i - 1] for i in ids], source=str(images))
+    return file_listing(root, paths, [labels_by_id[i - 1] for i in ids], source=str(images), n_classes=102)
 
 
 def prepare(root: Path, echo) -> None:

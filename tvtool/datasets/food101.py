@@ -7,11 +7,12 @@ masks. Epochs: 4 (TALL masks ``finetune.py``).
 """
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 from ..errors import TVToolError
-from .base import check_classes, file_listing, register_real, require, torchvision_download
+from .base import check_classes, file_listing, missing, register_real, torchvision_download
+from .files import read_json, relative_name
 
 LAYOUT = (
     "ROOT/food-101/images/<class>/*.jpg and ROOT/food-101/meta/{train,test}.json; `tvtool data prepare food101` "
@@ -21,15 +22,21 @@ LAYOUT = (
 
 def listing(split: str, root: Path):
     base = root / "food-101"
-    meta = require("food101", base / "meta" / f"{'train' if split == 'train' else 'test'}.json")
-    try:
-        entries = json.loads(meta.read_text())
-        classes = sorted(entries)
-        index = {c: i for i, c in enumerate(classes)}
-        paths = [str(base / "images" / f"{rel}.jpg") for c in entries for rel in entries[c]]
-        labels = [index[c] for c in entries for _ in entries[c]]
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise TVToolError(f"{meta}: not Food-101 metadata ({exc}); re-download it with `tvtool data prepare food101`") from None
+    meta = base / "meta" / f"{'train' if split == 'train' else 'test'}.json"
+    if not os.path.lexists(meta):
+        raise missing("food101", meta)
+    entries = read_json(meta, "Food-101's metadata")
+    how = "re-download it with `tvtool data prepare food101`"
+    if not isinstance(entries, dict):
+        raise TVToolError(f"{meta}: not Food-101 metadata (expected a mapping class -> list of images); {how}")
+    bad = next((c for c, v in entries.items() if not isinstance(v, list) or not all(isinstance(r, str) for r in v)),
+               None)
+    if bad is not None:
+        raise TVToolError(f"{meta}: class {bad[:60]!r} does not map to a list of image names; {how}")
+    classes = sorted(entries)
+    index = {c: i for i, c in enumerate(classes)}
+    paths = [str(base / "images" / f"{relative_name(rel, meta)}.jpg") for c in entries for rel in entries[c]]
+    labels = [index[c] for c in entries for _ in entries[c]]
     check_classes("food101", len(classes), meta)
     return file_listing(root, paths, labels, source=str(base / "images"))
 

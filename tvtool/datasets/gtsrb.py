@@ -8,9 +8,13 @@ examples come in CSV row order.
 from __future__ import annotations
 
 import csv
+import io
+import os
 from pathlib import Path
 
+from ..errors import TVToolError
 from .base import check_classes, file_listing, image_folder, missing, register_real, require, torchvision_download
+from .files import read_text, reject_nul
 
 LAYOUT = (
     "ROOT/gtsrb/GTSRB/Training/<00000..00042>/*.ppm, ROOT/gtsrb/GTSRB/Final_Test/Images/*.ppm and "
@@ -25,16 +29,34 @@ def listing(split: str, root: Path):
         return image_folder("gtsrb", root, base / "GTSRB" / "Training", extensions=(".ppm",))[1]
     images = require("gtsrb", base / "GTSRB" / "Final_Test" / "Images")
     for gt in (base / "GT-final_test.csv", images / "GT-final_test.csv"):
-        if gt.is_file():
+        if os.path.lexists(gt):
             break
     else:
         raise missing("gtsrb", base / "GT-final_test.csv", "test labels")
-    with open(gt, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter=";", skipinitialspace=True))
-    paths = [str(images / r["Filename"]) for r in rows]
-    labels = [int(r["ClassId"]) for r in rows]
+    paths, labels = [], []
+    how = "re-download it with `tvtool data prepare gtsrb`"
+    reader = csv.DictReader(io.StringIO(read_text(gt, "GTSRB's test labels (csv)")), delimiter=";",
+                            skipinitialspace=True)
+    try:
+        if not {"Filename", "ClassId"} <= set(reader.fieldnames or ()):
+            raise TVToolError(f"{gt}: expected the columns Filename and ClassId (';'-separated); got "
+                              f"{sorted(reader.fieldnames or ())[:8]}; {how}")
+        for row in reader:
+            where = f"{gt}:{reader.line_num}"
+            name, cls = row["Filename"] or "", (row["ClassId"] or "").strip()
+            if "/" in name or "\\" in name:  # the test images are one flat folder
+                raise TVToolError(f"{where}: Filename {name[:80]!r} is not a file of {images}; {how}")
+            reject_nul(name, where)
+            if not cls.isdigit():
+                raise TVToolError(f"{where}: ClassId {cls[:20]!r} is not a whole number; {how}")
+            if int(cls) >= N_CLASSES:
+                raise TVToolError(f"{where}: ClassId {cls} outside 0..{N_CLASSES - 1}; {how}")
+            paths.append(str(images / name))
+            labels.append(int(cls))
+    except csv.Error as exc:
+        raise TVToolError(f"{gt}:{reader.line_num}: not a GTSRB row ({str(exc)[:80]}); {how}") from None
     check_classes("gtsrb", N_CLASSES, gt)
-    return file_listing(root, paths, labels, source=str(images))
+    return file_listing(root, paths, labels, source=str(images), n_classes=N_CLASSES)
 
 
 def prepare(root: Path, echo) -> None:

@@ -7,10 +7,12 @@ masks ``finetune.py``).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import TVToolError
-from .base import check_classes, file_listing, register_real, require, torchvision_download
+from .base import check_classes, file_listing, missing, register_real, require, torchvision_download
+from .files import read_text, relative_name
 
 LAYOUT = (
     "ROOT/oxford-iiit-pet/images/*.jpg and ROOT/oxford-iiit-pet/annotations/{trainval,test}.txt; "
@@ -21,10 +23,13 @@ N_CLASSES = 37
 
 def listing(split: str, root: Path):
     base = root / "oxford-iiit-pet"
-    ann = require("oxfordiiitpet", base / "annotations" / f"{'trainval' if split == 'train' else 'test'}.txt")
+    ann = base / "annotations" / f"{'trainval' if split == 'train' else 'test'}.txt"
+    if not os.path.lexists(ann):
+        raise missing("oxfordiiitpet", ann)
+    text = read_text(ann, "Oxford-IIIT Pet's annotations")
     images = require("oxfordiiitpet", base / "images")
     paths, labels = [], []
-    for n, line in enumerate(ann.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
@@ -34,7 +39,7 @@ def listing(split: str, root: Path):
             raise TVToolError(f"{ann}:{n}: expected '<image id> <class id> ...'; re-download the annotations") from None
         if not 0 <= label < N_CLASSES:
             raise TVToolError(f"{ann}:{n}: class id {label + 1} outside 1..{N_CLASSES}; re-download the annotations")
-        paths.append(str(images / f"{fields[0]}.jpg"))
+        paths.append(str(images / f"{relative_name(fields[0], f'{ann}:{n}')}.jpg"))
         labels.append(label)
     check_classes("oxfordiiitpet", N_CLASSES, ann)
     return file_listing(root, paths, labels, source=str(images))

@@ -15,7 +15,9 @@ import numpy as np
 
 from .._lazy import lazy_module
 from ..errors import TVToolError
-from .base import Listing, check_classes, register_real, require, torchvision_download
+from ..fileio import check_input
+from .base import Listing, check_classes, check_labels, register_real, require, torchvision_download
+from .files import MAX_EXAMPLES, check_declared
 
 torch = lazy_module("torch")  # listing the registry must not import torch
 
@@ -34,19 +36,55 @@ def _h5py():
     return h5py
 
 
+SIDE = 96
+
+
+def _dataset(h5py, f, key: str, path: Path):
+    """``f[key]`` if it is an array (an h5 group or a missing key is one line)."""
+    obj = f.get(key)
+    if not isinstance(obj, h5py.Dataset):
+        what = "missing" if obj is None else f"not an array ({type(obj).__name__})"
+        raise TVToolError(f"{path}: '{key}' is {what}; re-download PCAM with `tvtool data prepare pcam`")
+    return obj
+
+
+def _check_storage(ds, path: Path, what: str) -> None:
+    """The bytes an h5 array declares must be plausibly stored: at most deflate's ratio over what the file has
+    allocated for it (a dataset declared with billions of entries and no data is refused before reading)."""
+    declared = ds.size * ds.dtype.itemsize
+    stored = ds.id.get_storage_size()
+    if ds.shape and ds.shape[0] > MAX_EXAMPLES:
+        raise TVToolError(f"{path}: declares {ds.shape[0]} {what} (more than any dataset has); re-download PCAM")
+    check_declared(path, declared, f"{what} of shape {ds.shape}", compressed=True, available=stored)
+
+
 def listing(split: str, root: Path):
     stem = root / "pcam" / f"camelyonpatch_level_2_split_{FILE_SPLITS[split]}"
     x_path, y_path = require("pcam", Path(f"{stem}_x.h5")), require("pcam", Path(f"{stem}_y.h5"))
+    for p in (x_path, y_path):
+        check_input(p, "a PCAM .h5 file")  # before h5py opens it: a FIFO must not block
     h5py = _h5py()  # after the files: a missing download is the more useful message
     try:
         with h5py.File(y_path, "r") as f:
-            labels = np.asarray(f["y"]).reshape(-1).astype(np.int64)
+            ys = _dataset(h5py, f, "y", y_path)
+            if ys.dtype.kind not in "iub":
+                raise TVToolError(f"{y_path}: labels are {ys.dtype}, not whole numbers; re-download PCAM")
+            _check_storage(ys, y_path, "labels")
+            labels = np.asarray(ys).reshape(-1)
         with h5py.File(x_path, "r") as f:
-            shape = f["x"].shape
-    except (OSError, KeyError) as exc:
-        raise TVToolError(f"{stem}_{{x,y}}.h5: unreadable ({exc}); re-download with `tvtool data prepare pcam`") from None
-    if len(shape) != 4 or shape[0] != labels.size or (labels.size and not 0 <= labels.min() <= labels.max() <= 1):
-        raise TVToolError(f"{x_path}: images {tuple(shape)} do not match {labels.size} labels in 0..1; re-download PCAM")
+            xs = _dataset(h5py, f, "x", x_path)
+            shape, dtype = xs.shape, xs.dtype
+    except TVToolError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:  # h5py's errors on a damaged file
+        raise TVToolError(f"{stem}_{{x,y}}.h5: unreadable ({type(exc).__name__}: {str(exc)[:120]}); re-download "
+                          "with `tvtool data prepare pcam`") from None
+    if dtype != np.uint8 or len(shape) != 4 or tuple(shape[1:]) != (SIDE, SIDE, 3):
+        raise TVToolError(f"{x_path}: images are {dtype} {tuple(shape)}, expected uint8 [N, {SIDE}, {SIDE}, 3] "
+                          f"({SIDE}x{SIDE} RGB); re-download PCAM")
+    if labels.size != shape[0]:
+        raise TVToolError(f"{y_path}: {labels.size} labels for {shape[0]} images in {x_path.name}; re-download PCAM")
+    labels = check_labels(labels, 2, y_path)
     check_classes("pcam", 2, y_path)
     handle: dict = {}
     lock = threading.Lock()

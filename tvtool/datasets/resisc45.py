@@ -6,9 +6,11 @@ validation part is 10% of ``train`` (seed 0); ``resisc45-val.txt`` is not used.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from .base import image_folder, register_real, require
+from .base import image_folder, missing, register_real
+from .files import read_text
 
 LAYOUT = (
     "ROOT/resisc45/NWPU-RESISC45/<class>/*.jpg and ROOT/resisc45/resisc45-{train,val,test}.txt. The split lists "
@@ -20,7 +22,10 @@ LAYOUT = (
 
 def listing(split: str, root: Path):
     base = root / "resisc45"
-    keep = set(require("resisc45", base / f"resisc45-{split}.txt", "split list").read_text().split())
+    lst = base / f"resisc45-{split}.txt"
+    if not os.path.lexists(lst):
+        raise missing("resisc45", lst, "split list")
+    keep = set(read_text(lst, "RESISC45's split list").split())
     return image_folder("resisc45", root, base / "NWPU-RESISC45", keep=keep.__contains__)[1]
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TVToolError
-from .base import array_listing, check_classes, register_real, require, torchvision_download
+from ..fileio import check_input
+from .base import array_listing, check_classes, check_labels, register_real, require, torchvision_download
+from .files import MAX_EXAMPLES, read_bytes
 
 LAYOUT = "ROOT/stl10_binary/{train,test}_{X,y}.bin; `tvtool data prepare stl10` downloads them via torchvision (2.6 GB)"
 SIDE = 96
@@ -22,10 +24,13 @@ def listing(split: str, root: Path):
     base = root / "stl10_binary"
     part = "train" if split == "train" else "test"
     x_path, y_path = require("stl10", base / f"{part}_X.bin"), require("stl10", base / f"{part}_y.bin")
-    labels = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1
-    raw = np.memmap(x_path, dtype=np.uint8, mode="r")  # lazily: only the decoded examples are read
-    if raw.size != labels.size * 3 * SIDE * SIDE or (labels.size and not 0 <= labels.min() <= labels.max() < 10):
-        raise TVToolError(f"{x_path}: {raw.size} bytes do not hold {labels.size} labelled 96x96 images; re-download STL-10")
+    size = check_input(x_path, "STL-10's images").st_size  # a FIFO must not reach numpy.memmap
+    labels = np.frombuffer(read_bytes(y_path, "STL-10's labels", MAX_EXAMPLES), dtype=np.uint8).astype(np.int64) - 1
+    if size != labels.size * 3 * SIDE * SIDE:
+        raise TVToolError(f"{x_path}: {size} bytes do not hold {labels.size} labelled 96x96 images; re-download STL-10")
+    labels = check_labels(labels, 10, y_path)
+    # lazily: only the decoded examples are read (an empty file cannot be memory-mapped)
+    raw = np.memmap(x_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
     images = raw.reshape(-1, 3, SIDE, SIDE).transpose(0, 3, 2, 1)  # [N, C, W, H] on disk -> [N, H, W, C]
     check_classes("stl10", 10, y_path)
     return array_listing(images, labels, x_path.name, [x_path, y_path], source=str(x_path))

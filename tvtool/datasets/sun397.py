@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import image_folder, link_or_copy, register_real
+from .files import read_text, relative_name
 
 LAYOUT = (
     "ROOT/sun397/train/<class>/*.jpg and ROOT/sun397/val/<class>/*.jpg (test set). The original host "
@@ -30,8 +31,9 @@ def prepare(root: Path, echo) -> None:
     if not all(p.is_file() for p in parts):
         raise TVToolError(f"sun397: cannot be downloaded automatically; manual steps: {LAYOUT}")
     for lst, out in zip(parts, ("train", "val")):
-        names = lst.read_text().split()
+        names = read_text(lst, "a SUN397 partition file").split()
         for rel in names:  # "/a/abbey/sun_xxx.jpg"
+            relative_name(rel.lstrip("/"), lst)
             cls = "_".join(rel.split("/")[1:-1])
             link_or_copy(src / rel.lstrip("/"), root / "sun397" / out / cls / rel.split("/")[-1])
         echo(f"sun397/{out}: {len(names)} images")

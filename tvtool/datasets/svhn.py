@@ -8,22 +8,25 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TVToolError
-from .base import array_listing, check_classes, register_real, require, torchvision_download
+from .base import array_listing, check_classes, check_labels, register_real, require, torchvision_download
+from .files import loadmat
 
 LAYOUT = "ROOT/svhn/{train,test}_32x32.mat; `tvtool data prepare svhn` downloads them via torchvision"
 
 
 def listing(split: str, root: Path):
-    import scipy.io
-
     path = require("svhn", root / "svhn" / f"{'train' if split == 'train' else 'test'}_32x32.mat")
-    try:
-        mat = scipy.io.loadmat(str(path))
-        x, y = mat["X"], mat["y"]
-    except Exception as exc:
-        raise TVToolError(f"{path}: unreadable ({exc}); re-download it with `tvtool data prepare svhn`") from None
+    mat = loadmat(path, "an SVHN .mat file")
+    x, y = mat.get("X"), mat.get("y")
+    how = "re-download it with `tvtool data prepare svhn`"
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else "missing"
+        raise TVToolError(f"{path}: 'X' is {got}, expected uint8 images 32x32x3xN; {how}")
+    if not isinstance(y, np.ndarray) or y.dtype == object or y.size != x.shape[3] or (y.ndim > 1 and y.shape[1:] != (1,)):
+        got = f"{y.size} labels" if isinstance(y, np.ndarray) else "no labels"
+        raise TVToolError(f"{path}: {got} for {x.shape[3]} images ('y' must hold one label per image); {how}")
+    labels = check_labels(y.reshape(-1), 11, path) % 10  # 1..10 in the file (0 tolerated): label 10 is the digit 0
     images = np.ascontiguousarray(np.transpose(x, (3, 0, 1, 2)))  # (32, 32, 3, N) -> (N, 32, 32, 3)
-    labels = y.astype(np.int64).reshape(-1) % 10  # label 10 is the digit 0
     check_classes("svhn", 10, path)
     return array_listing(images, labels, path.name, [path], source=str(path))
 

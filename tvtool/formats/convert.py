@@ -4,21 +4,28 @@
 - anything -> ``FILE.safetensors``: an open_clip state dict, its architecture recorded in the metadata
   (``open_clip_model``; a transformers source also records its full ``open_clip_config``);
 - a transformers folder -> a folder: an open_clip folder (open_clip_config.json + open_clip_model.safetensors);
+- a PEFT LoRA adapter -> its merged model (base + update; the base is ``pretrained`` or the adapter's
+  ``base_model_name_or_path``): to FILE.safetensors as above, to a folder of its base's kind when that is a
+  transformers folder (config and processor files copied), else as below;
 - anything else -> a folder: a transformers CLIP folder (``CLIPVisionModel`` when the source has no text tower or
   with ``vision_only``).
+
+A hub id (``ORG/NAME``) converts the folder it resolves to (``tvtool.formats.hf_hub``).
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from ..checkpoints import open_weights
 from ..errors import TVToolError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, check_not_input, check_output
 from ..safetensors_io import META_KEY, SafetensorsFile, fingerprint, write_safetensors
 from ..taskvector import FORMAT, history_entry, new_meta, write_vector
 from ..weights_spec import WeightsSpec, folder_weights, parse_weights
+from . import hf_hub
 from .arch import infer, register_builtin
 
 
@@ -89,11 +96,21 @@ def _refuse_task_vector(spec: WeightsSpec) -> None:
 
 
 def convert(source: str, output: str | os.PathLike, *, model: str | None = None, vision_only: bool = False,
-            trust_pickle: bool = False, force: bool = False) -> str:
-    """Convert ``source`` to ``output`` (see module docstring); returns a short description of what was written."""
-    src_path, out = Path(source), Path(output)
+            trust_pickle: bool = False, force: bool = False, pretrained: str | None = None) -> str:
+    """Convert ``source`` to ``output`` (see module docstring); returns a short description of what was written.
+
+    ``pretrained``: the base a PEFT adapter source is merged onto (default: the one the adapter names)."""
+    out = Path(output)
     spec = parse_weights(source)
+    label = None
+    if spec.kind == "hf-repo" and not spec.builds_model:
+        folder_path, label = hf_hub.resolve(spec.pretrained)
+        spec, source = replace(spec, text=str(folder_path), kind="folder", path=folder_path), str(folder_path)
+    src_path = Path(source)
     _refuse_task_vector(spec)
+    if out.suffix.lower() not in (".safetensors", ".st"):  # a folder output: checked before any work
+        check_not_input(out, [spec.path])  # never the folder being read
+        check_output(out, force, directory=True)
     if spec.kind == "pickle" and not spec.builds_model:
         from . import safe_pickle, tangent  # torch
 
@@ -102,17 +119,27 @@ def convert(source: str, output: str | os.PathLike, *, model: str | None = None,
             return _linearized(obj, spec.path, out, model, force)
     folder = folder_weights(spec.path) if spec.kind == "folder" and not spec.builds_model else None
     is_hf = folder is not None and folder.kind == "transformers"
+    is_adapter = folder is not None and folder.kind == "peft"
+    if pretrained is not None and not is_adapter:
+        raise TVToolError(f"--pretrained is the base of a PEFT adapter; {source} is no adapter folder (drop it)")
+    base = open_weights(pretrained, trust_pickle=trust_pickle) if pretrained is not None else None
     if out.suffix.lower() in (".safetensors", ".st"):
-        src = open_weights(source, trust_pickle=trust_pickle)
+        src = open_weights(source, trust_pickle=trust_pickle, base=base)
         arch = model or src.describe.get("model") or infer(src.keys(), src.shape)[0]
-        meta = {"open_clip_model": arch or "", "source": str(src.describe.get("pretrained") or source)}
-        if is_hf:
+        meta = {"open_clip_model": arch or "", "source": label or str(src.describe.get("pretrained") or source)}
+        if src.config.open_clip:  # a transformers folder (or an adapter on one) states its whole config
             meta["open_clip_config"] = json.dumps(src.config.open_clip)
         write_safetensors(out, src.items(), _specs(src), meta, force=force)
         return f"open_clip state dict, architecture {arch or 'not recorded (pass --model)'}"
     if is_hf:
         return _open_clip_folder(out, open_weights(source, trust_pickle=trust_pickle), force)
-    src = open_weights(source, trust_pickle=trust_pickle)
+    src = open_weights(source, trust_pickle=trust_pickle, base=base)
+    if is_adapter and src.config.transformers_folder:  # merged, in its base's own format
+        from . import transformers_clip  # torch
+
+        transformers_clip.write_folder(out, src.items(), _specs(src), copy_from=src.config.transformers_folder,
+                                       force=force)
+        return f"transformers folder of the merged adapter (config of {src.config.transformers_folder})"
     arch, cfg = _arch_config(src, model, src_path, folder.open_clip_config if folder is not None else None)
     has_text = "transformer.resblocks.0.ln_1.weight" in src
     if not has_text and not vision_only:

@@ -267,7 +267,7 @@ def open_folder(folder: str | os.PathLike, *, trust_pickle: bool = False) -> Wei
     # A config no open_clip architecture has (tiny test models, custom widths) is registered under a stable name.
     arch = match_config(model_cfg) or (register_config(model_cfg) if "text_cfg" in model_cfg else None)
     return mapped_source(raw, plan, {"model": arch, "pretrained": str(folder), "format": "transformers"},
-                         ModelConfig(open_clip=model_cfg, transformers=config))
+                         ModelConfig(open_clip=model_cfg, transformers=config, transformers_folder=str(folder)))
 
 
 def write_folder(out: str | os.PathLike, items, specs: Mapping[str, tuple], config=None, *,
