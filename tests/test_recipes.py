@@ -477,7 +477,7 @@ def test_run_reruns_a_vector_whose_base_weights_changed_under_the_same_name(tmp_
     first = open_vector(out).base_fingerprint
     logs.clear()
     run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
-    assert logs == [f"skip {out} (exists, same settings)"]
+    assert logs == [f"skip {out} (run 1 of 1: exists, same settings)"]
     make_base(1)
     logs.clear()
     run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")

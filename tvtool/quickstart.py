@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .trainconfig import FAMILY_DEFAULTS, FAMILY_FIELDS
 from .defaults import ALPHA_GRID
 
 MINI_LAMBDA = 0.1  # chosen by recipes/mini-lambda-sweep.yaml on Val (docs/MINI_WORLD.md)
 
-# Fine-tuning settings for the tiny model: the protocol's shape (AdamW, wd 0.1, cosine with warm-up, clip 1.0,
-# frozen head) with a learning rate, warm-up and batch (64: twice the updates per epoch) suited to a 1M-parameter
-# model trained for 60-210 steps; measured in docs/MINI_WORLD.md (every task >= 80%, mean ~92%).
-MINI_FINETUNE = {"lr": 1e-3, "warmup_steps": 10, "batch_size": 64}
+# Fine-tuning settings for the tiny model: the mini-world's defaults (tvtool/trainconfig.py FAMILY_DEFAULTS, where
+# the reasons are), written out in the recipe so that it reads the same as recipes/mini.yaml.
+MINI_FINETUNE = {k: FAMILY_DEFAULTS["mini"][k] for k in FAMILY_FIELDS}
 
 
 def quickstart_recipe(size: str = "full", out_dir: str | Path = "runs/quickstart", modes: str = "full") -> dict:
@@ -61,3 +61,28 @@ def json_summary(results: dict) -> dict:
     from .results import summary
 
     return summary(results)
+
+
+README_VARIANTS = {"ft": "FT", "ft-orthoreg": f"FT + OrthoReg (lambda {MINI_LAMBDA:g}, chosen on Val by "
+                                             "`recipes/mini-lambda-sweep.yaml`)"}
+MINI_WORLD_VARIANTS = {"ft": "FT", "ft-orthoreg": f"FT + OrthoReg (lambda {MINI_LAMBDA:g})"}
+
+
+def _cell(x, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_rows(summary: dict, *, detailed: bool = False) -> list[str]:
+    """The quickstart table of README (``detailed``: docs/MINI_WORLD.md's, which adds the chosen alpha) as markdown
+    rows, from what `tvtool quickstart --json` prints; tests keep both documents equal to docs/quickstart.json, the
+    committed output of that command. Columns: variant, mean single-task accuracy, Abs.Acc, the paper's Norm.Acc
+    (own denominators), Norm.Acc over plain FT's single-task accuracies, [alpha], Tar.Acc, Con.Acc, mean cosine."""
+    zs, names = summary["zeroshot"], MINI_WORLD_VARIANTS if detailed else README_VARIANTS
+    rows = [["zero-shot", "-", _cell(zs["abs_acc"]), "-", "-", *(["-"] if detailed else []),
+             _cell(zs["abs_acc"]), _cell(zs["con_acc"]), "-"]]
+    for key, label in names.items():
+        v = summary["variants"][key]
+        rows.append([label, _cell(v["finetuned_acc"]), _cell(v["abs_acc"]), _cell(v["norm_acc"]),
+                     _cell(v["norm_acc_vs_baseline"]), *([_cell(v["alpha"])] if detailed else []),
+                     _cell(v["tar_acc"]), _cell(v["con_acc"]), _cell(v["cosine"], 4)])
+    return ["| " + " | ".join(r) + " |" for r in rows]
