@@ -2,36 +2,32 @@
 
     tvtool run recipes/mini-paper.yaml && python scripts/mini_paper_table.py [recipes/mini-paper.yaml]
 
-The recipe fine-tunes the 8 mini tasks in each mode (full, attn, lora, linear) with lambda 0 and with the OrthoReg
-candidates at seed 0 and runs task addition on each. This script then
+The recipe (with `seeds:`; stage 1) fine-tunes the 8 mini tasks in each mode (full, attn, lora, linear) with lambda 0
+and with the OrthoReg candidates and runs task addition on each. This script then
 
 1. chooses lambda per mode on Val only: the candidate (lambda > 0) whose merged model has the highest Val accuracy at
-   its Val-chosen alpha, averaged over the seeds at which every candidate ran (the recipe's seed 0; the rule of
-   scripts/choose_mini_lambda.py; test figures play no part);
-2. trains and evaluates the further seeds (``--seeds``, default 1,2) of lambda 0 (FT) and of the chosen lambda
-   (FT + OrthoReg): it writes them as a recipe, OUT_DIR/seeds.yaml, and runs it (outputs already made with the same
-   settings are kept, as in `tvtool run`);
-3. reports test Abs.Acc and Norm.Acc, mean +- sample std over the seeds, for FT and FT + OrthoReg;
+   its Val-chosen alpha, averaged over the recipe's seeds (the rule of scripts/choose_mini_lambda.py; test figures
+   play no part);
+2. writes the lambda-0 and the chosen variant of each mode as a recipe, OUT_DIR/seeds.yaml, with the recipe's seeds
+   and the further ones (``--seeds``, default 1,2), and runs it like `tvtool run` (same out_dir: the stage-1 runs are
+   kept, only the further seeds train);
+3. reports, from that run's summary (tvtool.results), test Abs.Acc, the paper's Norm.Acc, Norm.Acc over plain FT's
+   single-task accuracies (the fixed denominator) and the single-task accuracy, mean +- sample std over the seeds,
+   and OrthoReg minus FT paired by seed (mean, SE, t; beyond noise when |t| exceeds the two-sided 5% critical value
+   of Student's t with n - 1 degrees of freedom: 4.30 for 3 seeds);
 4. adds the column-orthogonality statistic of `tvtool inspect --ortho` (per 2-D tensor of an update, the mean
    |angle - 90 deg| between pairs of its columns, averaged over the tensors and then over the 8 task vectors;
    lower = more orthogonal: the property dW^T dW ~ I that OrthoReg enforces) and the vectors' mean L2 norm, for
    every seed, and the weight-disentanglement error xi (`tvtool eval disentanglement`, mean over the alpha grid) of
    one task pair at the lowest seed; both are computed here on first use and stored beside the vectors (ortho.json,
-   disentanglement-A-B.json), recomputed when the vectors change;
-5. says per mode whether OrthoReg's effect exceeds seed noise, by a stated rule: |mean difference| > 2 standard
-   errors of the difference, SE = sqrt(s_FT^2 / n_FT + s_OR^2 / n_OR) (Welch's t > 2; with 3 seeds a lenient bar,
-   two-sided p about 0.1).
+   disentanglement-A-B.json), recomputed when the vectors change.
 
-A recipe that already runs every seed of every candidate needs no second stage: lambda is then chosen on the mean
-over all seeds. Prints the markdown table; writes the same figures as JSON (default OUT_DIR/table.json, replaced
-each run).
+Prints the markdown table; writes the same figures as JSON (default OUT_DIR/table.json, replaced each run).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -40,38 +36,14 @@ from pathlib import Path
 # images, so they are the pair most likely to interfere when added (and the two hardest tasks to fine-tune).
 DEFAULT_PAIR = ("mini-digits", "mini-mnist")
 DEFAULT_GRID = "0:1:0.5"  # the addition range; `tvtool eval disentanglement`'s -2:2:0.5 (81 points) costs ~1 min a pair
-NOISE_SE = 2.0  # the verdict's bar, in standard errors of the difference
 DEFAULT_SEEDS = "1,2"  # with the recipe's seed 0: 3 seeds per reported arm
+SHOWN = ("finetuned_acc", "abs_acc", "norm_acc", "norm_acc_vs_baseline")  # per arm, mean +- std over seeds
+DIFFS = ("abs_acc", "norm_acc_vs_baseline", "norm_acc", "finetuned_acc")  # OrthoReg - FT, paired by seed
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (n - 1); std is None for fewer than two values."""
-    if not values:
-        return None, None
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, None
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
-def noise_verdict(ft: list[float], orth: list[float], bar: float = NOISE_SE) -> dict:
-    """Does mean(orth) - mean(ft) exceed seed noise? |diff| > bar * sqrt(s_ft^2/n_ft + s_orth^2/n_orth)."""
-    m_ft, s_ft = mean_std(ft)
-    m_or, s_or = mean_std(orth)
-    if s_ft is None or s_or is None:
-        return {"diff": None if m_ft is None or m_or is None else m_or - m_ft, "se": None, "t": None,
-                "exceeds_noise": None}
-    diff = m_or - m_ft
-    se = math.sqrt(s_ft ** 2 / len(ft) + s_or ** 2 / len(orth))
-    if se == 0:  # identical runs in both arms: any difference at all exceeds a noise of zero
-        return {"diff": diff, "se": 0.0, "t": None, "exceeds_noise": diff != 0}
-    return {"diff": diff, "se": se, "t": diff / se, "exceeds_noise": abs(diff) > bar * se}
-
-
-def addition_figures(path: Path) -> dict:
-    """From one addition.json: the selection figure (mean Val accuracy of the merged model at the alpha chosen on
-    Val) and the test figures."""
-    res = json.loads(path.read_text())
+def addition_figures(res: dict) -> dict:
+    """From one addition result: the selection figure (mean Val accuracy of the merged model at the alpha chosen on
+    Val) and the test figures (fractions)."""
     at = next(p for p in res["curve"] if p["alpha"] == res["alpha"])
     report = res["splits"]["report"]
     ft = res["finetuned_acc"][report]
@@ -141,207 +113,181 @@ def disentanglement_figure(recipe, variant, pair: tuple[str, str], grid: str, co
     return None if doc is None else doc["mean_error"]
 
 
-def group_runs(recipe) -> dict:
-    """mode -> lambda -> seed -> variant, with both arms present in every mode."""
+def group_modes(recipe) -> dict:
+    """mode -> lambda -> the recipe variant (group) name, with a lambda-0 arm and a candidate in every mode."""
     from tvtool.errors import TVToolError
+    from tvtool.results import describe_runs
 
-    runs: dict = {}
-    for v in recipe.variants:
-        mode, lam = v.settings.get("mode", "full"), float(v.settings.get("lam", 0.0))
-        seed = int(v.settings.get("seed", recipe.seed))
-        if seed in runs.setdefault(mode, {}).setdefault(lam, {}):
-            raise TVToolError(f"{recipe.path}: two variants for mode {mode}, lambda {lam:g}, seed {seed}")
-        runs[mode][lam][seed] = v
-    for mode, by_lam in runs.items():
+    if not recipe.seeds:
+        raise TVToolError(f"{recipe.path}: the table needs a recipe with `seeds:` (e.g. seeds: [0]); its runs then "
+                          "live in OUT_DIR/VARIANT/seed-S/")
+    modes: dict = {}
+    for name, run in describe_runs(recipe).items():
+        by_lam = modes.setdefault(run["mode"], {})
+        if by_lam.setdefault(run["lambda"], run["group"]) != run["group"]:
+            raise TVToolError(f"{recipe.path}: variants {by_lam[run['lambda']]} and {run['group']} are both mode "
+                              f"{run['mode']}, lambda {run['lambda']:g}; keep one per (mode, lambda)")
+    for mode, by_lam in modes.items():
         if 0.0 not in by_lam or len(by_lam) < 2:
-            raise TVToolError(f"{recipe.path}: mode {mode} needs a lambda-0 arm and at least one lambda > 0")
-    return runs
+            raise TVToolError(f"{recipe.path}: mode {mode} needs a lambda-0 variant and at least one lambda > 0")
+    return modes
 
 
-def _arm(recipe, lam: float, by_seed: dict, hint: str) -> dict:
+def read_results(recipe, hint: str) -> dict:
+    """What `run_recipe` would return for a finished recipe, from its stored addition results (nothing computed)."""
     from tvtool.errors import TVToolError
+    from tvtool.results import describe_runs
 
-    seeds = sorted(by_seed)
-    figs = []
-    for s in seeds:
-        path = recipe.out_dir / by_seed[s].name / "addition.json"
+    variants = {}
+    for v in recipe.variants:
+        path = recipe.out_dir / v.name / "addition.json"
         if not path.is_file():
             raise TVToolError(f"{path}: missing; {hint}")
-        figs.append(addition_figures(path))
-    arm = {"lambda": lam, "seeds": seeds, "variants": [by_seed[s].name for s in seeds], "per_seed": figs}
-    for k in ("val_acc", "abs_acc", "norm_acc", "finetuned_acc"):
-        arm[k], arm[f"{k}_std"] = mean_std([f[k] for f in figs])
-    return arm
+        variants[v.name] = {"addition": json.loads(path.read_text())}
+    return {"recipe": recipe.path, "variants": variants, "runs": describe_runs(recipe), "seeds": recipe.seeds}
 
 
-def select_lambda(arms: dict) -> tuple[dict, list[int], dict]:
-    """The rule: among the lambda > 0 arms, the highest mean Val accuracy over the seeds every candidate ran
-    (ties: the smallest lambda). Returns (the chosen arm, those seeds, lambda -> its selection figures)."""
-    from tvtool.errors import TVToolError
+def choose_lambdas(recipe, results: dict) -> tuple[dict[str, float], dict]:
+    """Per mode, the lambda > 0 whose merged model has the highest mean Val accuracy at its Val-chosen alpha over
+    the recipe's seeds (ties: the smallest lambda). Returns (mode -> lambda, mode -> {lambda: selection figures})."""
+    from tvtool.results import mean_std
 
-    candidates = {lam: a for lam, a in sorted(arms.items()) if lam > 0}
-    common = sorted(set.intersection(*(set(a["seeds"]) for a in candidates.values())))
-    if not common:
-        raise TVToolError(f"no seed at which every lambda candidate ran ({sorted(candidates)}); run them at one "
-                          "shared seed")
-    scores = {}
-    for lam, a in candidates.items():
-        at = [f for s, f in zip(a["seeds"], a["per_seed"]) if s in common]
-        scores[lam] = {"val_acc": mean_std([f["val_acc"] for f in at]), "abs_acc": mean_std([f["abs_acc"] for f in at])}
-    best = max(candidates, key=lambda lam: scores[lam]["val_acc"][0])  # max keeps the first of equals: smallest
-    return candidates[best], common, scores
-
-
-def choose_lambdas(recipe, hint: str) -> dict[str, float]:
-    """The chosen lambda per mode from the recipe's own runs (stage 1)."""
-    runs = group_runs(recipe)
-    return {mode: select_lambda({lam: _arm(recipe, lam, by_seed, hint) for lam, by_seed in by_lam.items()})[0]
-            ["lambda"] for mode, by_lam in runs.items()}
+    runs = results["runs"]
+    chosen, scores = {}, {}
+    for mode, by_lam in group_modes(recipe).items():
+        scores[mode] = {}
+        for lam, group in sorted(by_lam.items()):
+            if lam == 0:
+                continue
+            figs = [addition_figures(results["variants"][name]["addition"]) for name, run in runs.items()
+                    if run["group"] == group]
+            val, val_std = mean_std([100 * f["val_acc"] for f in figs])  # in %, as the run summary
+            scores[mode][lam] = {"val_acc": val, "val_acc_std": val_std,
+                                 "abs_acc": mean_std([100 * f["abs_acc"] for f in figs])[0],
+                                 "seeds": sorted(run["seed"] for run in runs.values() if run["group"] == group)}
+        chosen[mode] = max(scores[mode], key=lambda lam: scores[mode][lam]["val_acc"])  # max keeps the first: smallest
+    return chosen, scores
 
 
-def plan_seeds(recipe, chosen: dict[str, float], seeds: list[int]) -> list:
-    """Variants for the seeds of lambda 0 and of each mode's chosen lambda that the recipe does not run yet: the
-    settings of that arm's first run with another seed."""
-    from tvtool.recipes import Variant
-
-    runs = group_runs(recipe)
-    names = {v.name for v in recipe.variants}
-    planned = []
-    for mode, by_lam in runs.items():
-        for lam in (0.0, chosen[mode]):
-            first = by_lam[lam][min(by_lam[lam])]
-            for seed in seeds:
-                if seed in by_lam[lam]:
-                    continue
-                name = f"{mode}-lam{lam:g}-s{seed}"
-                while name in names:
-                    name += "-seed"
-                names.add(name)
-                planned.append(Variant(name, {**first.settings, "seed": seed}))
-    return planned
-
-
-def seeds_recipe_yaml(recipe, variants: list) -> str:
-    """The planned variants as a recipe that `tvtool run` reads (same model, tasks, evaluation; absolute out_dir)."""
+def seeds_recipe_yaml(recipe, chosen: dict[str, float], seeds: list[int]) -> str:
+    """Each mode's lambda-0 and chosen variant as a recipe `tvtool run` reads: the same model, tasks, evaluation and
+    out_dir (absolute), the given seeds."""
     import yaml
+
+    keep = {group for mode, by_lam in group_modes(recipe).items() for lam, group in by_lam.items()
+            if lam in (0.0, chosen[mode])}
+    variants, seen = [], set()
+    for v in recipe.variants:
+        if v.group in keep and v.group not in seen:
+            seen.add(v.group)
+            variants.append({"name": v.group, **{("lambda" if k == "lam" else k): val for k, val in v.settings.items()
+                                                 if k != "seed"}})
 
     def absolute(path):  # the written recipe runs from any folder: paths that exist here are made absolute
         return os.path.abspath(path) if path is not None and os.path.exists(path) else path
 
-    doc = {"name": f"{recipe.name or 'recipe'}: further seeds", "model": recipe.model,
+    doc = {"name": f"{recipe.name or 'recipe'}: chosen lambdas, all seeds", "model": recipe.model,
            "pretrained": absolute(recipe.pretrained), "out_dir": str(recipe.out_dir.resolve()),
-           "data_root": absolute(recipe.data_root), "tasks": list(recipe.tasks),
-           "seed": recipe.seed,
-           "variants": [{"name": v.name, **{("lambda" if k == "lam" else k): val for k, val in v.settings.items()}}
-                        for v in variants],
-           "eval": recipe.eval}
+           "data_root": absolute(recipe.data_root), "tasks": list(recipe.tasks), "seeds": seeds,
+           "variants": variants, "eval": recipe.eval}
     doc = {k: val for k, val in doc.items() if val is not None}
-    return (f"# Written by scripts/mini_paper_table.py from {recipe.path}: the further seeds of lambda 0 and of each "
-            "mode's lambda chosen on Val.\n" + yaml.safe_dump(doc, sort_keys=False, width=120, default_flow_style=None))
+    return (f"# Written by scripts/mini_paper_table.py from {recipe.path}: lambda 0 and each mode's lambda chosen on "
+            "Val, every seed.\n" + yaml.safe_dump(doc, sort_keys=False, width=120, default_flow_style=None))
 
 
-def collect(recipe, *, pair=DEFAULT_PAIR, grid=DEFAULT_GRID, compute: bool = True, log=print,
-            hint: str | None = None) -> dict:
-    """Everything the table shows, as a JSON-ready dict (accuracies as fractions, as in the result files)."""
-    runs = group_runs(recipe)
-    hint = hint or f"run `tvtool run {recipe.path}` first"
+def collect(recipe, second, results: dict, chosen: dict, scores: dict, *, pair=DEFAULT_PAIR, grid=DEFAULT_GRID,
+            compute: bool = True, log=print) -> dict:
+    """Everything the table shows, as a JSON-ready dict (accuracies in %, as in the run summary)."""
+    from tvtool.results import mean_std, summary
+
+    summ = summary(results)
+    groups = summ["groups"]
+    variants = {v.name: v for v in second.variants}
     modes = {}
-    for mode, by_lam in runs.items():
-        arms = {lam: _arm(recipe, lam, by_seed, hint) for lam, by_seed in sorted(by_lam.items())}
-        chosen, selection_seeds, scores = select_lambda(arms)
-        shown = {"ft": arms[0.0], "orthoreg": chosen}
-        for arm in shown.values():
-            by_seed = runs[mode][arm["lambda"]]
+    for mode, by_lam in group_modes(recipe).items():
+        arms = {}
+        for key, lam in (("ft", 0.0), ("orthoreg", chosen[mode])):
+            g = groups[by_lam[lam]]
+            arm = {"lambda": lam, "group": by_lam[lam], "seeds": g["seeds"], "variants": g["variants"],
+                   "settings": g["settings"]}
+            for m in SHOWN:
+                arm[m], arm[f"{m}_std"] = g["figures"][m]["mean"], g["figures"][m]["std"]
+                arm[f"{m}_per_seed"] = g["figures"][m]["per_seed"]
             orth, norms = [], []
-            for s in arm["seeds"]:
+            for name in g["variants"]:
                 if compute:
-                    log(f"{mode} lambda {arm['lambda']:g} seed {s}: column orthogonality")
-                o, n = ortho_figures(recipe, by_seed[s], compute)
+                    log(f"{name}: column orthogonality")
+                o, n = ortho_figures(second, variants[name], compute)
                 orth.append(o)
                 norms.append(n)
             arm["ortho_deg_per_seed"], arm["norm_per_seed"] = orth, norms
             arm["ortho_deg"], arm["ortho_deg_std"] = mean_std([o for o in orth if o is not None])
             arm["norm"], arm["norm_std"] = mean_std([n for n in norms if n is not None])
-            s0 = arm["seeds"][0]
+            first = g["variants"][g["seeds"].index(min(g["seeds"]))]
             if compute:
-                log(f"{mode} lambda {arm['lambda']:g} seed {s0}: disentanglement {pair[0]} x {pair[1]}")
-            arm["xi_seed"] = s0
-            arm["xi"] = disentanglement_figure(recipe, by_seed[s0], pair, grid, compute)
-        modes[mode] = {
-            "candidates": {f"{lam:g}": {"val_acc": sc["val_acc"][0], "val_acc_std": sc["val_acc"][1],
-                                        "abs_acc": sc["abs_acc"][0], "seeds": selection_seeds}
-                           for lam, sc in scores.items()},
-            "chosen_lambda": chosen["lambda"], "ft": shown["ft"], "orthoreg": shown["orthoreg"],
-            "verdict": {k: noise_verdict([f[k] for f in shown["ft"]["per_seed"]],
-                                         [f[k] for f in shown["orthoreg"]["per_seed"]])
-                        for k in ("abs_acc", "norm_acc")},
-        }
+                log(f"{first}: disentanglement {pair[0]} x {pair[1]}")
+            arm["xi_seed"] = min(g["seeds"])
+            arm["xi"] = disentanglement_figure(second, variants[first], pair, grid, compute)
+            arms[key] = arm
+        paired = groups[by_lam[chosen[mode]]]["paired_vs_baseline"] or {}
+        modes[mode] = {"candidates": {f"{lam:g}": sc for lam, sc in scores[mode].items()},
+                       "chosen_lambda": chosen[mode], **arms, "paired": {m: paired.get(m) for m in DIFFS}}
     return {"recipe": recipe.path, "tasks": recipe.tasks, "pair": list(pair), "grid": grid,
             "rule": {"lambda": "per mode, the lambda > 0 with the highest Val accuracy of the merged model at its "
-                               "Val-chosen alpha, mean over the seeds at which every candidate ran",
-                     "noise": f"|mean(FT+OrthoReg) - mean(FT)| > {NOISE_SE:g} * sqrt(s1^2/n1 + s2^2/n2) "
-                              "(sample std over seeds)"},
+                               "Val-chosen alpha, mean over the recipe's seeds",
+                     "noise": "OrthoReg minus FT per seed; beyond noise when |mean / SE| exceeds the two-sided 5% "
+                              "critical value of Student's t with n - 1 degrees of freedom (SE = sd / sqrt(n))"},
             "modes": modes}
 
 
-def _pm(m, s, scale=100.0, digits=2) -> str:
+def _pm(m, s, digits=2) -> str:
     if m is None:
         return "-"
-    return f"{scale * m:.{digits}f}" + ("" if s is None else f" +- {scale * s:.{digits}f}")
+    return f"{m:.{digits}f}" + ("" if s is None else f" +- {s:.{digits}f}")
 
 
 def markdown(table: dict) -> str:
     pair = " x ".join(table["pair"])
-    lines = [f"| mode | variant | lambda | single-task FT | Abs.Acc | Norm.Acc | column orthogonality "
-             f"(mean abs(angle - 90 deg)) | mean vector norm | xi ({pair}, lowest seed) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| mode | variant | lambda | single-task | Abs.Acc | Norm.Acc (own) | Norm.Acc vs FT | column "
+             f"orthogonality (mean abs(angle - 90 deg)) | mean vector norm | xi ({pair}, lowest seed) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for mode, m in table["modes"].items():
         for label, key in (("FT", "ft"), ("FT + OrthoReg", "orthoreg")):
             a = m[key]
-            lines.append(f"| {mode} | {label} | {a['lambda']:g} | {_pm(a['finetuned_acc'], a['finetuned_acc_std'])} | "
-                         f"{_pm(a['abs_acc'], a['abs_acc_std'])} | {_pm(a['norm_acc'], a['norm_acc_std'])} | "
-                         f"{_pm(a['ortho_deg'], a['ortho_deg_std'], 1.0)} | {_pm(a['norm'], a['norm_std'], 1.0)} | "
+            lines.append(f"| {mode} | {label} | {a['lambda']:g} | "
+                         + " | ".join(_pm(a[k], a[f"{k}_std"]) for k in SHOWN)
+                         + f" | {_pm(a['ortho_deg'], a['ortho_deg_std'])} | {_pm(a['norm'], a['norm_std'])} | "
                          f"{'-' if a['xi'] is None else format(a['xi'], '.3f')} |")
-    lines += ["", "Lambda chosen on Val (the merged model's Val accuracy at its Val-chosen alpha, mean over the seeds at "
-                  "which every candidate ran):",
+    lines += ["", "Lambda chosen on Val (the merged model's Val accuracy at its Val-chosen alpha, mean over the "
+                  "recipe's seeds):",
               "", "| mode | seeds | lambda: Val acc (test Abs.Acc) | chosen |", "|---|---|---|---|"]
     for mode, m in table["modes"].items():
         cells = ", ".join(f"{lam}: {_pm(c['val_acc'], c['val_acc_std'])} ({_pm(c['abs_acc'], None)})"
                           for lam, c in m["candidates"].items())
         seeds = ", ".join(map(str, next(iter(m["candidates"].values()))["seeds"]))
         lines.append(f"| {mode} | {seeds} | {cells} | {m['chosen_lambda']:g} |")
-    lines += ["", f"Does OrthoReg's effect exceed seed noise? Rule: {table['rule']['noise']}.", "",
-              "| mode | Abs.Acc diff (t) | exceeds noise | Norm.Acc diff (t) | exceeds noise |", "|---|---|---|---|---|"]
+    lines += ["", f"OrthoReg minus FT, paired by seed: mean (SE, t); rule: {table['rule']['noise']}.", "",
+              "| mode | pairs | " + " | ".join(("Abs.Acc", "Norm.Acc vs FT", "Norm.Acc (own)", "single-task"))
+              + " | Abs.Acc beyond noise |", "|---|---|---|---|---|---|---|"]
 
-    def cell(v):
-        if v["diff"] is None:
-            return "-", "-"
-        t = "-" if v["t"] is None else f"{v['t']:+.2f}"
-        return f"{100 * v['diff']:+.2f} ({t})", {True: "yes", False: "no", None: "-"}[v["exceeds_noise"]]
+    def cell(d):
+        if not d or d["mean"] is None:
+            return "-"
+        return f"{d['mean']:+.2f}" + ("" if d["se"] is None else
+                                      f" ({d['se']:.2f}, {'-' if d['t'] is None else format(d['t'], '+.2f')})")
 
     for mode, m in table["modes"].items():
-        a, n = cell(m["verdict"]["abs_acc"]), cell(m["verdict"]["norm_acc"])
-        lines.append(f"| {mode} | {a[0]} | {a[1]} | {n[0]} | {n[1]} |")
+        p = m["paired"]
+        n = (p.get("abs_acc") or {}).get("n", "-")
+        verdict = {True: "yes", False: "no", None: "-"}[(p.get("abs_acc") or {}).get("beyond_noise")]
+        lines.append(f"| {mode} | {n} | " + " | ".join(cell(p.get(k)) for k in DIFFS) + f" | {verdict} |")
     return "\n".join(lines)
-
-
-def run_seeds(recipe, planned: list, log) -> Path:
-    """Write the planned variants as OUT_DIR/seeds.yaml and run it like `tvtool run` (finished outputs kept)."""
-    from tvtool.fileio import atomic_path
-    from tvtool.recipes import load_recipe, run_recipe
-
-    path = recipe.out_dir / "seeds.yaml"
-    recipe.out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, force=True) as tmp:  # the script owns this file: rewritten from the current choice
-        tmp.write_text(seeds_recipe_yaml(recipe, planned))
-    log(f"{len(planned)} further runs: {path}")
-    run_recipe(load_recipe(path), quiet=True, log=log)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     from tvtool.errors import TVToolError
-    from tvtool.recipes import load_recipe
+    from tvtool.fileio import atomic_path
+    from tvtool.recipes import load_recipe, run_recipe
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", nargs="?", default="recipes/mini-paper.yaml")
@@ -361,20 +307,32 @@ def main(argv: list[str] | None = None) -> int:
         if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(recipe.tasks):
             raise TVToolError(f"--pair {args.pair}: give two different tasks of the recipe, TASK1,TASK2")
         try:
-            seeds = sorted({int(x) for x in args.seeds.split(",") if x.strip()})
-            if any(x < 0 for x in seeds):
+            further = {int(x) for x in args.seeds.split(",") if x.strip()}
+            if any(x < 0 for x in further):
                 raise ValueError
         except ValueError:
             raise TVToolError(f"--seeds {args.seeds!r}: give whole numbers >= 0, comma-separated (e.g. 1,2)") from None
-        hint = f"run `tvtool run {recipe.path}` first"
-        planned = plan_seeds(recipe, choose_lambdas(recipe, hint), seeds)
-        if planned:
-            if args.no_compute:
-                hint = f"run `python scripts/mini_paper_table.py {recipe.path}` without --no-compute to train it"
-            else:
-                run_seeds(recipe, planned, log)
-        table = collect(dataclasses.replace(recipe, variants=recipe.variants + planned), pair=pair, grid=args.grid,
-                        compute=not args.no_compute, log=log, hint=hint)
+        group_modes(recipe)
+        chosen, scores = choose_lambdas(recipe, read_results(recipe, f"run `tvtool run {recipe.path}` first"))
+        seeds = sorted(set(recipe.seeds) | further)
+        path = recipe.out_dir / "seeds.yaml"
+        text = seeds_recipe_yaml(recipe, chosen, seeds)
+        if args.no_compute:
+            from tvtool.recipes import parse_recipe
+            import yaml
+
+            second = parse_recipe(yaml.safe_load(text), str(path))
+            results = read_results(second, f"run `python scripts/mini_paper_table.py {recipe.path}` without "
+                                           "--no-compute to train it")
+        else:
+            recipe.out_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path, force=True) as tmp:  # the script owns this file: rewritten from the current choice
+                tmp.write_text(text)
+            log(f"lambda per mode {chosen}; seeds {seeds}: {path}")
+            second = load_recipe(path)
+            results = run_recipe(second, quiet=True, log=log)
+        table = collect(recipe, second, results, chosen, scores, pair=pair, grid=args.grid,
+                        compute=not args.no_compute, log=log)
         out = args.json_out or recipe.out_dir / "table.json"
         from tvtool.evaluate import write_json
 

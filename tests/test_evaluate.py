@@ -166,7 +166,10 @@ def test_negation_threshold_logic_and_no_alpha_case():
 def test_parse_grid_errors_and_lists():
     assert ev.parse_grid("-2:2:0.5") == [-2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2]
     assert ev.parse_grid("0.5,0,0.5") == [0, 0.5]
-    for bad in ("1:0:0.1", "0:1:0", "a:b", "0:1", ""):
+    # ranges and values joined by commas: fine steps where the choice falls, coarse ones elsewhere
+    assert ev.parse_grid("0:0.3:0.1, 0.5:1:0.25,0.3") == [0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
+    assert len(ev.parse_grid("0:0.3:0.01,0.35:1:0.05")) == 31 + 14
+    for bad in ("1:0:0.1", "0:1:0", "a:b", "0:1", "", "0:1:0.5,x", "0:1:0.5,0:1"):
         with pytest.raises(TVToolError):
             ev.parse_grid(bad)
 
@@ -532,3 +535,146 @@ def test_cli_alpha_and_threshold_checked_before_any_model(mini_world, capsys, mo
 def test_eval_accuracy_alpha_bounded_in_the_api():
     with pytest.raises(TVToolError, match="must be >= -1000"):
         ev.eval_accuracy(None, [], alpha=1e300)
+
+
+def _tangent_world(seed=2, scale=0.3):
+    """A mini tower, two tasks' parts and a linear-mode vector big enough that the tangent model and the ordinary
+    model score it differently."""
+    import open_clip
+
+    import tvtool.models  # noqa: F401
+
+    torch.manual_seed(seed)
+    visual = open_clip.create_model("tvtool-mini", pretrained=None).visual
+    heads = {"t1": torch.nn.functional.normalize(torch.randn(5, 96), dim=-1) * 100}
+    inputs = {("t1", s): (torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 5, (64,)))
+              for s in ("val", "test")}
+    tau = {f"visual.{n}": scale * torch.randn_like(p) for n, p in visual.named_parameters() if p.ndim == 2}
+    return visual, heads, inputs, tau
+
+
+def _evaluator(visual, heads, inputs, linearized):
+    e = ev.Evaluator.from_parts(copy.deepcopy(visual), heads, inputs, [0.5] * 3, [0.25] * 3)
+    if linearized:
+        e._linearize()
+    return e
+
+
+def _direct(visual, heads, inputs, tau, linearized, split="test"):
+    """acc(theta_0 + tau) computed without the cache: a fresh evaluator, the weights set by hand."""
+    e = _evaluator(visual, heads, inputs, linearized)
+    e.set_weights(tau, 1.0)
+    return e.accuracy("t1", split)
+
+
+def test_finetuned_accuracy_cache_keeps_the_tangent_and_the_ordinary_model_apart(tmp_path):
+    """Issue 23: a linear-mode vector's single-task accuracy on the ordinary model was cached under a key without the
+    model, and returned as its tangent-model figure (and vice versa)."""
+    visual, heads, inputs, tau = _tangent_world()
+    vec_path = tmp_path / "lin.st"
+    write_vector(vec_path, tau, new_meta(BASE, tasks=["t1"], mode="linear", fingerprint="fp:lin-cache"))
+    vec = open_vector(vec_path)
+    ordinary, tangent = _direct(visual, heads, inputs, tau, False), _direct(visual, heads, inputs, tau, True)
+    assert ordinary != tangent  # the two models really disagree on this vector
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, False), vec, "test") == (ordinary, "computed")
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, True), vec, "test") == (tangent, "computed")
+    # each figure is cached under its own model
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, True), vec, "test") == (tangent, "cache")
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, False), vec, "test") == (ordinary, "cache")
+
+
+def test_recorded_metrics_are_used_only_on_the_model_they_were_measured_on(tmp_path):
+    """A linear-mode vector records its tangent-model accuracy: the ordinary model must measure its own."""
+    visual, heads, inputs, tau = _tangent_world(seed=3)
+    vec_path = tmp_path / "lin.st"
+    meta = new_meta(BASE, tasks=["t1"], mode="linear", fingerprint="fp:lin-meta")
+    meta["metrics"] = {"val_acc": 0.123, "test_acc": 0.456}
+    write_vector(vec_path, tau, meta)
+    vec = open_vector(vec_path)
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, True), vec, "test") == (0.456, "metadata")
+    ordinary = _direct(visual, heads, inputs, tau, False)
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, False), vec, "test") == (ordinary, "computed")
+
+
+def test_metrics_cache_is_keyed_by_the_head_and_the_examples(tmp_path):
+    """Same vector, same model: another head or other examples give another figure, never the cached one."""
+    visual, heads, inputs, tau = _tangent_world(seed=4)
+    write_vector(tmp_path / "v.st", tau, new_meta(BASE, tasks=["t1"], mode="full", fingerprint="fp:keyed"))
+    vec = open_vector(tmp_path / "v.st")
+    first = ev.finetuned_accuracy(_evaluator(visual, heads, inputs, False), vec, "test")
+    assert first[1] == "computed"
+    other_heads = {"t1": -heads["t1"]}
+    assert ev.finetuned_accuracy(_evaluator(visual, other_heads, inputs, False), vec, "test") == \
+        (_direct(visual, other_heads, inputs, tau, False), "computed")
+    x, y = inputs[("t1", "test")]
+    other_inputs = {**inputs, ("t1", "test"): (x, (y + 1) % 5)}
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, other_inputs, False), vec, "test") == \
+        (_direct(visual, heads, other_inputs, tau, False), "computed")
+    assert ev.finetuned_accuracy(_evaluator(visual, heads, inputs, False), vec, "test") == (first[0], "cache")
+
+
+def test_addition_against_a_baseline_divides_by_the_baselines_single_task_accuracy(tmp_path):
+    """norm_acc_vs_baseline = mean_t acc_merged(t) / acc(theta_0 + tau_baseline_t on t): checked against accuracies
+    computed by an independent forward; the paper's Norm.Acc keeps its own denominators."""
+    visual, heads, inputs, taus = _random_parts(seed=7)
+    _, _, _, base_taus = _random_parts(seed=8)
+    ref = copy.deepcopy(visual)
+    vecs = [_write(tmp_path / f"{t}.st", taus[t], t, metrics={"val_acc": 0.5, "test_acc": 0.4}) for t in ("t1", "t2")]
+    base = [_write(tmp_path / f"base-{t}.st", base_taus[t], t) for t in ("t2", "t1")]  # any order
+    e = ev.Evaluator.from_parts(visual, heads, inputs, mean=(0, 0, 0), std=(1, 1, 1))
+    res = ev.addition(e, vecs, [0.0, 0.5, 1.0], baseline=base)
+
+    def acc(terms, t):
+        x, y = inputs[(t, "test")]
+        return _direct_preds(ref, _combined(ref, terms), heads[t], x).eq(y).float().mean().item()
+
+    base_ft = {t: acc([(base_taus[t], 1.0)], t) for t in ("t1", "t2")}
+    assert all(0 < a < 1 for a in base_ft.values())
+    a = res["alpha"]
+    merged = {t: acc([(taus["t1"], a), (taus["t2"], a)], t) for t in ("t1", "t2")}
+    assert res["baseline"]["finetuned_acc"]["test"] == pytest.approx(base_ft)
+    assert res["norm_acc_vs_baseline"] == pytest.approx(np.mean([merged[t] / base_ft[t] for t in merged]))
+    assert res["norm_acc"] == pytest.approx(np.mean([merged[t] / 0.4 for t in merged]))  # own denominators
+    assert res["finetuned_mean_acc"] == pytest.approx(0.4)
+    assert res["baseline"]["finetuned_mean_acc"] == pytest.approx(np.mean(list(base_ft.values())))
+    assert [v["path"] for v in res["baseline"]["vectors"]] == [str(b.path) for b in base]
+    assert ev.addition(e, vecs, [0.0, 1.0])["norm_acc_vs_baseline"] is None  # no baseline, no figure
+    with pytest.raises(TVToolError, match="one baseline vector per task"):
+        ev.addition(e, vecs, [0.0, 1.0], baseline=base[:1])
+
+
+def test_cli_addition_baseline(mini_world, capsys):
+    from tvtool.cli import main
+
+    tmp, paths = mini_world
+    bases = []
+    for p, acc in zip(paths, (0.5, 0.25)):  # the same tensors, other recorded single-task accuracies
+        v = open_vector(p)
+        meta = dict(v.meta, metrics={"val_acc": 0.9, "test_acc": acc})
+        write_vector(tmp / f"base-{v.tasks[0]}.st", {k: v.get(k) for k in v.keys()}, meta)
+        bases.append(str(tmp / f"base-{v.tasks[0]}.st"))
+    assert main(["eval", "addition", *paths, "--grid", "0:1:0.5", "--baseline", ",".join(bases[::-1]), "--json",
+                 "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    test = res["test_acc"]
+    assert res["norm_acc_vs_baseline"] == pytest.approx((test["mini-shapes"] / 0.5 + test["mini-colors"] / 0.25) / 2)
+    assert res["norm_acc"] == pytest.approx((test["mini-shapes"] + test["mini-colors"]) / 2 / 0.8)
+    assert res["finetuned_mean_acc"] == pytest.approx(0.8) and res["baseline"]["finetuned_mean_acc"] == 0.375
+    assert main(["eval", "addition", *paths, "--grid", "0:1:0.5", "--baseline", ",".join(bases),
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "vs baseline" in out and "37.50" in out  # the baseline's mean single-task accuracy
+    # the wrong tasks, a missing file and a baseline of another mode: one line each, before any model
+    for bad, needle in ((bases[0], "one baseline vector per task"), (str(tmp / "nope.st"), "no such file")):
+        assert main(["eval", "addition", *paths, "--baseline", bad]) == 1
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1
+    linear = []
+    for b in bases:
+        v = open_vector(b)
+        write_vector(tmp / f"lin-{v.tasks[0]}.st", {k: v.get(k) for k in v.keys()}, dict(v.meta, mode="linear"))
+        linear.append(str(tmp / f"lin-{v.tasks[0]}.st"))
+    for bad in (",".join(linear), f"{linear[0]},{bases[1]}"):
+        assert main(["eval", "addition", *paths, "--baseline", bad]) == 1
+        err = capsys.readouterr().err
+        assert "--baseline vectors call for another model" in err and err.count("\n") == 1

@@ -296,3 +296,191 @@ def test_run_table_shows_only_the_steps_the_recipe_ran(capsys):
     out = capsys.readouterr().out
     for present in ("neg. ok", "Tar.Acc", "27.25", "94.40", "7/8", "0.0104", "zero-shot", "53.86"):
         assert present in out, present
+
+
+# ------------------------------------------------------------------ seeds: every variant once per seed
+SEEDED = """\
+model: tvtool-mini
+out_dir: {out}
+seeds: [0, 2]
+tasks: [mini-shapes]
+finetune: {{lr: 0.001, max_steps: 1, warmup_steps: 1, batch_size: 16, eval: false}}
+variants:
+  - {{name: ft, mode: full}}
+  - {{name: reg, mode: full, lambda: 10, orthoreg_form: plain, orthoreg_scope: reference}}
+eval:
+  addition: {{grid: "0,1"}}
+"""
+
+
+def test_seeds_run_every_variant_per_seed(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(SEEDED.format(out=tmp_path / "runs"))
+    r = load_recipe(p)
+    assert r.seeds == [0, 2]
+    assert [(v.name, v.group, v.seed) for v in r.variants] == [
+        ("ft/seed-0", "ft", 0), ("ft/seed-2", "ft", 2), ("reg/seed-0", "reg", 0), ("reg/seed-2", "reg", 2)]
+    assert [r.train_config(v, "mini-shapes").seed for v in r.variants] == [0, 2, 0, 2]
+    assert r.train_config(r.variants[3], "mini-shapes").lam == 10
+    assert r.output(r.variants[1], "mini-shapes") == tmp_path / "runs" / "ft" / "seed-2" / "mini-shapes.st"
+
+
+@pytest.mark.parametrize("old,new,line,needle", [
+    ("seeds: [0, 2]", "seeds: [0, 2]\nseed: 1", 4, "use either seed"),
+    ("seeds: [0, 2]", "seeds: [0, 0]", 3, "listed twice"),
+    ("seeds: [0, 2]", "seeds: [0, -1]", 3, "seeds.1: expected a whole number"),
+    ("seeds: [0, 2]", "seeds: []", 3, "non-empty list"),
+    ("seeds: [0, 2]", "seeds: 3", 3, "non-empty list"),
+    ("{name: ft, mode: full}", "{name: ft, mode: full, seed: 4}", 7, "variants.0.seed: the recipe's `seeds:` sets"),
+    ("eval: false", "eval: false, seed: 4", 5, "finetune.seed: the recipe's `seeds:` sets"),
+])
+def test_bad_seeds_name_line_and_key(tmp_path, old, new, line, needle):
+    p = tmp_path / "r.yaml"
+    text = SEEDED.format(out=tmp_path / "runs")
+    assert old in text
+    p.write_text(text.replace(old, new))
+    with pytest.raises(TVToolError) as exc:
+        load_recipe(p)
+    assert str(exc.value).startswith(f"{p}:{line}:") and needle in str(exc.value), str(exc.value)
+
+
+def test_seeded_run_end_to_end_summary_and_json(tmp_path, capsys):
+    """`tvtool run` on a seeded recipe: outputs per seed, summary.json with per-seed figures, mean +- std per group and
+    the paired difference, each recomputed here from the addition results; the table says the settings."""
+    import math
+
+    from cli_helpers import run_tvtool
+
+    p = tmp_path / "r.yaml"
+    p.write_text(SEEDED.format(out=tmp_path / "runs"))
+    r = run_tvtool("run", p, "-q", "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout)
+    stored = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    assert printed == stored
+    add = {(g, s): json.loads((tmp_path / "runs" / g / f"seed-{s}" / "addition.json").read_text())
+           for g in ("ft", "reg") for s in (0, 2)}
+    v = stored["variants"]["reg/seed-2"]
+    assert v["settings"] == {"mode": "full", "lambda": 10.0, "orthoreg_form": "plain", "orthoreg_scope": "reference",
+                             "seed": 2, "distinct": {}}
+    assert v["baseline"] == "ft/seed-2" and stored["variants"]["ft/seed-2"]["baseline"] == "ft/seed-2"
+    t = "mini-shapes"
+    for g, s in add:
+        fig = stored["variants"][f"{g}/seed-{s}"]
+        assert fig["abs_acc"] == pytest.approx(100 * add[g, s]["abs_acc"])
+        assert fig["norm_acc"] == pytest.approx(100 * add[g, s]["test_acc"][t] / add[g, s]["finetuned_acc"]["test"][t])
+        assert fig["norm_acc_vs_baseline"] == pytest.approx(
+            100 * add[g, s]["test_acc"][t] / add["ft", s]["finetuned_acc"]["test"][t])
+        assert fig["finetuned_acc"] == pytest.approx(100 * add[g, s]["finetuned_acc"]["test"][t])
+    reg = stored["groups"]["reg"]
+    assert reg["seeds"] == [0, 2] and reg["baseline"] == "ft" and stored["groups"]["ft"]["paired_vs_baseline"] is None
+    abs_acc = [100 * add["reg", s]["abs_acc"] for s in (0, 2)]
+    assert reg["figures"]["abs_acc"]["mean"] == pytest.approx(sum(abs_acc) / 2)
+    assert reg["figures"]["abs_acc"]["std"] == pytest.approx(abs(abs_acc[0] - abs_acc[1]) / math.sqrt(2))
+    diffs = [100 * (add["reg", s]["abs_acc"] - add["ft", s]["abs_acc"]) for s in (0, 2)]
+    pair = reg["paired_vs_baseline"]["abs_acc"]
+    assert pair["per_seed"] == pytest.approx(diffs) and pair["mean"] == pytest.approx(sum(diffs) / 2)
+    assert pair["n"] == 2 and pair["df"] == 1 and pair["t_crit_05"] == 12.706
+    if pair["se"]:
+        assert pair["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)  # sd / sqrt(2), sd = |d0 - d1| / sqrt(2)
+    # the table (the same run again, in-process: everything is skipped): one row per group with its settings, and
+    # the paired differences
+    from tvtool.cli.train import _print_results
+    from tvtool.recipes import run_recipe
+    from tvtool.results import markdown, summary
+
+    results = run_recipe(load_recipe(p), log=lambda m: None, quiet=True, device="cpu")
+    assert summary(results) == stored
+    _print_results(results, tmp_path / "runs")
+    out = capsys.readouterr().out
+    assert "full, lambda 10 plain/reference" in out and "full, lambda 0" in out
+    assert "Norm.Acc vs baseline" in out and "reg - ft" in out and "+-" in out
+    md = markdown(stored)
+    mean_std = f"{reg['figures']['abs_acc']['mean']:.2f} +- {reg['figures']['abs_acc']['std']:.2f}"
+    assert "| reg | full, lambda 10 plain/reference | 0,2 |" in md and mean_std in md
+
+
+def test_dose_recipe_is_the_reference_loss_at_the_stated_doses():
+    """recipes/mini-orthoreg-dose.yaml (issue 23): the reference loss, lambda 0 / 2.5 / 5 / 10 in full mode plus the
+    squared form at lambda 10's equivalent (lambda / (2 sqrt k), k the blocks' smaller dimension), attn and linear at
+    10, LoRA at 1 with 10x the learning rate, 3 paired seeds, each OrthoReg variant compared with its mode's FT."""
+    import math
+
+    from tvtool.models import load_clip
+    from tvtool.quickstart import MINI_FINETUNE
+    from tvtool.results import describe_runs
+
+    r = load_recipe(RECIPES / "mini-orthoreg-dose.yaml")
+    assert r.seeds == [0, 1, 2]
+    runs = describe_runs(r)
+    arms = {(x["mode"], x["lambda"], x["orthoreg_form"], x["distinct"]["lr"]) for x in runs.values()}
+    lr = MINI_FINETUNE["lr"]
+    assert {(m, lam) for m, lam, form, _ in arms if form == "plain"} == {
+        ("full", 2.5), ("full", 5), ("full", 10), ("attn", 10), ("linear", 10), ("lora", 1)}
+    assert all(x["orthoreg_scope"] == "reference" for x in runs.values() if x["lambda"])
+    k = min(load_clip("tvtool-mini", "builtin", device="cpu").model.visual.transformer.resblocks[0]
+            .attn.in_proj_weight.shape)
+    (squared,) = [lam for m, lam, form, _ in arms if form == "squared"]
+    assert squared == pytest.approx(10 / (2 * math.sqrt(k)), abs=0.005)
+    assert {m: x for m, _, _, x in arms} == {"full": lr, "attn": lr, "linear": lr, "lora": 10 * lr}
+    for name, x in runs.items():
+        base = runs[x["baseline"]]
+        assert base["lambda"] == 0 and base["mode"] == x["mode"] and base["seed"] == x["seed"]
+        assert base["distinct"] == x["distinct"]
+    assert len(grid_points(r.eval["addition"]["grid"])) == 45
+
+
+def test_eval_digest_names_the_data_root_of_tasks_that_read_one(tmp_path, monkeypatch):
+    """An addition result measured on one data root is not reused for another; the mini tasks read none."""
+    from tvtool.recipes import _eval_digest
+
+    monkeypatch.delenv("TVTOOL_DATA", raising=False)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+
+    def digest(tasks, root, step="addition", options=None):
+        doc = {"model": "tvtool-mini", "out_dir": str(tmp_path / "runs"), "tasks": tasks, "data_root": root,
+               "variants": [{"name": "ft", "mode": "full"}]}
+        return _eval_digest(parse_recipe(doc, "t"), step, options or {"grid": "0:1:0.5"}, [])
+
+    assert digest(["dtd"], str(tmp_path / "a")) != digest(["dtd"], str(tmp_path / "b"))
+    assert digest(["mini-shapes"], str(tmp_path / "a")) == digest(["mini-shapes"], str(tmp_path / "b"))
+    # negation also reads its control task's data
+    neg = {"control": "imagenet"}
+    assert digest(["mini-shapes"], str(tmp_path / "a"), "negation", neg) != \
+        digest(["mini-shapes"], str(tmp_path / "b"), "negation", neg)
+
+
+def test_run_reruns_a_vector_whose_base_weights_changed_under_the_same_name(tmp_path):
+    """The settings name the base (`pretrained: FILE`), not its content: a re-made base file must retrain."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tvtool.models import load_clip
+    from tvtool.recipes import run_recipe
+    from tvtool.taskvector import open_vector
+
+    weights = tmp_path / "base.safetensors"
+
+    def make_base(seed):
+        torch.manual_seed(seed)
+        model = load_clip("tvtool-mini", "random", device="cpu").model
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+
+    make_base(0)
+    doc = _tiny_recipe(tmp_path)
+    doc.update(pretrained=str(weights), eval={})
+    doc["variants"][0]["lambda"] = 0
+    logs = []
+    run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
+    out = tmp_path / "runs" / "ft" / "mini-shapes.st"
+    first = open_vector(out).base_fingerprint
+    logs.clear()
+    run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
+    assert logs == [f"skip {out} (run 1 of 1: exists, same settings)"]
+    make_base(1)
+    logs.clear()
+    run_recipe(parse_recipe(doc, "t"), log=logs.append, device="cpu")
+    now = load_clip("tvtool-mini", str(weights), device="cpu").fingerprint
+    assert now != first and open_vector(out).base_fingerprint == now
+    assert any(m.startswith(f"rerun {out}: it was taken against base {first}") and now in m for m in logs), logs

@@ -147,6 +147,29 @@ def test_resume_onto_another_schedule_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "v.st").exists()
 
 
+def test_resume_onto_another_base_refused(tmp_path):
+    """The config names the base (`--pretrained FILE`), not its content: a base file re-made between the crash and
+    the resume would continue the old run from other weights; the checkpoint records the base's fingerprint."""
+    from safetensors.torch import save_file
+
+    from tvtool.models import load_clip
+
+    weights = tmp_path / "base.safetensors"
+
+    def make_base(seed):
+        torch.manual_seed(seed)
+        model = load_clip("tvtool-mini", "random", device="cpu").model
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+
+    make_base(0)
+    cfg = small(pretrained=str(weights), model="tvtool-mini", checkpoint_every=1, checkpoint_dir=str(tmp_path / "ck"))
+    finetune(cfg, tmp_path / "v.st", stop_after=1)
+    make_base(1)
+    with pytest.raises(TVToolError, match=r"--resume: .* was trained from base fp1:\w+, the weights .* are now fp1:"):
+        finetune(cfg, tmp_path / "v.st", resume=True)
+    assert not (tmp_path / "v.st").exists()
+
+
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
     real = train.F.cross_entropy
     calls = {"n": 0}

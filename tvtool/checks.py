@@ -41,25 +41,30 @@ MAX_GRID_POINTS = 10_000
 
 
 def parse_grid(text: str) -> list[float]:
-    """``start:stop:step`` (inclusive of stop) or a comma list ``0,0.3,0.5`` -> sorted unique floats."""
+    """``start:stop:step`` (inclusive of stop), a comma list ``0,0.3,0.5``, or a comma list of both
+    (``0:0.3:0.01,0.35:1:0.05``: fine where the choice falls, coarse elsewhere) -> sorted unique floats."""
     text = text.strip()
+    values: list[float] = []
     try:
-        if ":" in text:
-            parts = [float(p) for p in text.split(":")]
-            if len(parts) != 3:
-                raise ValueError
-            start, stop, step = parts
-            if not all(math.isfinite(p) for p in parts):
-                raise TVToolError(f"grid {text!r}: start, stop and step must be finite numbers, e.g. 0:1:0.05")
-            if step <= 0 or stop < start:
-                raise TVToolError(f"grid {text!r}: needs start <= stop and step > 0, e.g. 0:1:0.05")
-            span = (stop - start) / step  # may overflow to inf (1e308 / 1e-300): then it is far too many points
-            if not span < MAX_GRID_POINTS:
-                raise TVToolError(f"grid {text!r} has more than {MAX_GRID_POINTS} points; use a coarser step")
-            n = int(math.floor(span + 1e-9)) + 1
-            values = [round(start + i * step, 10) for i in range(n)]  # i*step, not repeated addition: no drift
-        else:
-            values = [float(p) for p in text.split(",") if p.strip()]
+        for piece in (p.strip() for p in text.split(",")):
+            if not piece:
+                continue
+            if ":" not in piece:
+                values.append(float(piece))
+            else:
+                parts = [float(p) for p in piece.split(":")]
+                if len(parts) != 3:
+                    raise ValueError
+                start, stop, step = parts
+                if not all(math.isfinite(p) for p in parts):
+                    raise TVToolError(f"grid {text!r}: start, stop and step must be finite numbers, e.g. 0:1:0.05")
+                if step <= 0 or stop < start:
+                    raise TVToolError(f"grid {text!r}: needs start <= stop and step > 0, e.g. 0:1:0.05")
+                span = (stop - start) / step  # may overflow to inf (1e308 / 1e-300): then it is far too many points
+                if not span + len(values) < MAX_GRID_POINTS:
+                    raise TVToolError(f"grid {text[:40]!r} has more than {MAX_GRID_POINTS} points; use a coarser step")
+                n = int(math.floor(span + 1e-9)) + 1
+                values += [round(start + i * step, 10) for i in range(n)]  # i*step, not repeated addition: no drift
             if len(values) > MAX_GRID_POINTS:
                 raise TVToolError(f"grid {text[:40]!r}... has {len(values)} points; at most {MAX_GRID_POINTS}")
     except ValueError:

@@ -305,6 +305,26 @@ class Evaluator:
             self._inputs[key] = (x, data.labels.to(self.device))
         return self._inputs[key]
 
+    def head_identity(self, task: str) -> str:
+        """A digest of the task's head (text tower, class names, templates and logit scale all end up in it)."""
+        h = self.head(task)
+        return hashlib.sha256(h.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    def inputs_identity(self, task: str, split: str) -> str:
+        """A cheap digest of a split: its shape, all labels and every k-th image (64 of them; the same whether the
+        split is held on the device or streamed), remembered per split. Keys the metrics cache, so a regenerated or
+        re-decoded split is never answered from it."""
+        memo = self.__dict__.setdefault("_inputs_identity", {})
+        if (task, split) not in memo:
+            x, y = self.inputs(task, split)
+            rows = torch.arange(0, len(y), max(1, len(y) // 64))
+            sample = x.index_select(0, rows.to(x.device)) if isinstance(x, torch.Tensor) else x.data.read(rows)
+            h = hashlib.sha256(repr(tuple(x.shape)).encode())
+            h.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+            h.update(sample.to("cpu", torch.uint8).contiguous().numpy().tobytes())
+            memo[(task, split)] = h.hexdigest()[:16]
+        return memo[(task, split)]
+
     def _batches(self, task: str, split: str):
         """The split's uint8 images in evaluation batches, on the device (held or streamed)."""
         from .feed import batches
@@ -481,17 +501,26 @@ def finetuned_accuracy(ev: Evaluator, vec, split: str) -> tuple[float, str]:
     """The single-task fine-tuned accuracy of ``vec`` on its task: (value, source).
 
     From the vector's ``metrics`` when recorded; otherwise computed as acc(theta_0 + tau_t) on task t and cached
-    under ``$TVTOOL_CACHE/metrics/`` keyed by the vector and base fingerprints (the input file is never rewritten).
+    under ``$TVTOOL_CACHE/metrics/`` keyed by the vector and base fingerprints, the data, and the model evaluated
+    (the tangent model or not: a linear-mode vector's accuracy differs between the two); the input file is never
+    rewritten.
     """
     task = vector_task(vec)
     recorded = (vec.meta.get("metrics") or {}).get(f"{split}_acc")
-    # recorded figures are whole-split ones: a subset (max_examples) needs its own, computed on the same subset
-    if isinstance(recorded, (int, float)) and 0 <= recorded <= 1 and ev.max_examples is None:
+    # recorded figures are whole-split ones, measured on the model the vector was trained as (the tangent model for
+    # linear mode): a subset (max_examples) or the other model needs its own figure, computed here
+    trained_linear = (vec.meta.get("mode") or "full") == "linear"
+    if isinstance(recorded, (int, float)) and 0 <= recorded <= 1 and ev.max_examples is None \
+            and trained_linear == bool(ev.linearized):
         return float(recorded), "metadata"
     fp = vec.fingerprint
-    key = {"vector": fp, "base": (ev.bundle.fingerprint if ev.bundle else None), "task": task, "split": split,
-           "data_root": str(Path(ev.data_root).resolve()) if ev.data_root else os.environ.get("TVTOOL_DATA"),
-           "max_examples": ev.max_examples}
+    # everything the figure depends on: the vector, the model (weights, architecture: GELU and QuickGELU share
+    # weights; tangent or not), the head, the examples (identity of the split's tensors, not only their path)
+    key = {"vector": fp, "base": (ev.bundle.fingerprint if ev.bundle else None),
+           "model": ev.bundle.name if ev.bundle else None, "linearized": bool(ev.linearized), "task": task,
+           "split": split, "data_root": str(Path(ev.data_root).resolve()) if ev.data_root
+           else os.environ.get("TVTOOL_DATA"), "max_examples": ev.max_examples, "head": ev.head_identity(task),
+           "inputs": ev.inputs_identity(task, split)}
     path = _metrics_cache_path(vec, key) if fp != "unknown" else None
     if path is not None and path.is_file():
         try:
@@ -539,16 +568,37 @@ def eval_accuracy(ev: Evaluator, vectors=(), alpha: float = 1.0, tasks: Sequence
             "split": split, "tasks": tasks, "accuracy": acc, "mean_accuracy": _mean(acc.values())}
 
 
+def norm_vs_baseline(test_acc: Mapping[str, float], baseline_acc: Mapping[str, float]
+                     ) -> tuple[dict[str, float | None], float | None]:
+    """Merged accuracy over a fixed baseline's single-task accuracies: (per task, mean over tasks).
+
+    The paper's Norm.Acc divides by each method's *own* single-task accuracies, so a method that fine-tunes worse
+    scores higher; with one baseline (plain fine-tuning of the same tasks) as the denominator for every method, the
+    figure moves only with the merged model."""
+    per_task = {t: (a / baseline_acc[t] if baseline_acc.get(t) else None) for t, a in test_acc.items()}
+    known = [v for v in per_task.values() if v is not None]
+    return per_task, (_mean(known) if known and len(known) == len(per_task) else None)
+
+
 def addition(ev: Evaluator, vectors, grid: Sequence[float] = DEFAULT_GRID, *, val_split: str = "val",
-             test_split: str = "test", merged=None, progress: Progress | None = None) -> dict:
+             test_split: str = "test", merged=None, baseline=None, progress: Progress | None = None) -> dict:
     """The protocol's task addition: alpha from ``grid`` on Val by mean normalized accuracy; test Abs/Norm.Acc.
 
     With ``merged`` (a vector made by `tvtool merge`), the alpha search scales that vector instead of the sum of
     ``vectors``; the single-task ``vectors`` then only name the tasks and give the fine-tuned accuracies.
+    With ``baseline`` (one single-task vector per task, e.g. plain fine-tuning of the same tasks), the result also
+    holds ``norm_acc_vs_baseline``: the test accuracies over the baseline's single-task test accuracies, measured on
+    this evaluator's model (see :func:`norm_vs_baseline`). ``finetuned_mean_acc`` is the mean single-task test
+    accuracy of ``vectors`` (the paper's Norm.Acc denominators).
     """
     tasks = [vector_task(v) for v in vectors]
     if len(set(tasks)) != len(tasks):
         raise TVToolError(f"two vectors share a task ({tasks}); pass one vector per task")
+    if baseline is not None:
+        base_tasks = [vector_task(b) for b in baseline]
+        if sorted(base_tasks) != sorted(tasks):
+            raise TVToolError(f"the baseline vectors are for tasks {sorted(base_tasks)}, the vectors for "
+                              f"{sorted(tasks)}; pass one baseline vector per task of the vectors")
     ft = {s: {} for s in (val_split, test_split)}
     ft_source = {}
     for i, (v, t) in enumerate(zip(vectors, tasks), 1):
@@ -573,6 +623,17 @@ def addition(ev: Evaluator, vectors, grid: Sequence[float] = DEFAULT_GRID, *, va
     ev.set_weights(total, alpha)
     test = ev.accuracies(tasks, test_split)
     norm = {t: test[t] / ft[test_split][t] if ft[test_split][t] else None for t in tasks}
+    base = None
+    if baseline is not None:
+        base_acc, base_source = {}, {}
+        for i, b in enumerate(baseline, 1):
+            t = vector_task(b)
+            _say(progress, f"addition: baseline single-task accuracy of {t} ({i}/{len(baseline)})")
+            base_acc[t], base_source[t] = finetuned_accuracy(ev, b, test_split)
+        base_norm, base_mean = norm_vs_baseline(test, base_acc)
+        base = {"vectors": describe_vectors(baseline), "finetuned_acc": {test_split: base_acc},
+                "finetuned_source": base_source, "finetuned_mean_acc": _mean(base_acc.values()),
+                "test_norm_acc": base_norm}
     return {
         "kind": "addition", **ev.provenance(), "vectors": describe_vectors(vectors),
         "merged": describe_vectors([merged])[0] if merged is not None else None, "grid": list(grid),
@@ -581,6 +642,8 @@ def addition(ev: Evaluator, vectors, grid: Sequence[float] = DEFAULT_GRID, *, va
         "abs_acc": _mean(test.values()),
         "norm_acc": _mean(n for n in norm.values() if n is not None) if any(n is not None for n in norm.values())
         else None,
+        "finetuned_mean_acc": _mean(ft[test_split].values()),
+        "norm_acc_vs_baseline": base_mean if base is not None else None, "baseline": base,
         "curve": curve,
     }
 

@@ -52,58 +52,15 @@ def quickstart_recipe(size: str = "full", out_dir: str | Path = "runs/quickstart
     }
 
 
-def summarize(results: dict) -> list[dict]:
-    """A zero-shot row (theta_0 itself; from the negation results, which measure it), then one row per variant:
-    Abs.Acc, Norm.Acc (addition), Tar.Acc, Con.Acc (negation), mean inter-task cosine."""
-    rows = []
-    zs = zeroshot_row(results)
-    if zs is not None:
-        rows.append(zs)
-    for name, res in results["variants"].items():
-        add = res.get("addition") or {}
-        neg = res.get("negation") or {}
-        rows.append({"variant": name, "abs_acc": add.get("abs_acc"), "norm_acc": add.get("norm_acc"),
-                     "alpha": add.get("alpha"), "tar_acc": neg.get("tar_acc"), "con_acc": neg.get("con_acc"),
-                     "negation_qualified": f"{neg.get('qualified', 0)}/{neg.get('tasks', 0)}",
-                     "cosine": (res.get("cosine") or {}).get("mean")})
-    return rows
-
-
 def json_summary(results: dict) -> dict:
-    """What `tvtool quickstart --json` prints: accuracies in %, cosine as is, None where a figure was not computed.
-    ``{"zeroshot": {"abs_acc", "con_acc"}, "variants": {name: {"abs_acc", "norm_acc", "finetuned_acc", "alpha",
-    "tar_acc", "con_acc", "cosine"}}}``; ``finetuned_acc`` is the mean single-task test accuracy (Norm.Acc's
-    denominators)."""
-    def pct(x):
-        return None if x is None else 100 * x
+    """What `tvtool quickstart --json` prints: :func:`tvtool.results.summary` (accuracies in %, None where a figure was
+    not computed): ``{"zeroshot": {"abs_acc", "tar_acc", "con_acc"}, "variants": {name: {"settings", "baseline",
+    "abs_acc", "norm_acc", "norm_acc_vs_baseline", "finetuned_acc", "alpha", "tar_acc", "con_acc", "cosine"}}}``;
+    ``finetuned_acc`` is the mean single-task test accuracy (the paper's Norm.Acc denominators),
+    ``norm_acc_vs_baseline`` Norm.Acc over the single-task accuracies of the lambda-0 variant of the same mode."""
+    from .results import summary
 
-    zs = zeroshot_row(results)
-    variants = {}
-    for name, res in results["variants"].items():
-        add = res.get("addition") or {}
-        neg = res.get("negation") or {}
-        ft = (add.get("finetuned_acc") or {}).get((add.get("splits") or {}).get("report")) or {}
-        variants[name] = {
-            "abs_acc": pct(add.get("abs_acc")), "norm_acc": pct(add.get("norm_acc")),
-            "finetuned_acc": pct(sum(ft.values()) / len(ft)) if ft else None, "alpha": add.get("alpha"),
-            "tar_acc": pct(neg.get("tar_acc")), "con_acc": pct(neg.get("con_acc")),
-            "cosine": (res.get("cosine") or {}).get("mean")}
-    return {"zeroshot": {"abs_acc": pct(zs["abs_acc"]) if zs else None, "con_acc": pct(zs["con_acc"]) if zs else None},
-            "variants": variants}
-
-
-def zeroshot_row(results: dict) -> dict | None:
-    """The pre-trained model's own figures: mean zero-shot test accuracy over the tasks (its Abs.Acc and its Tar.Acc)
-    and the control task's zero-shot test accuracy; None when no variant ran negation."""
-    for res in results["variants"].values():
-        per_task = (res.get("negation") or {}).get("per_task") or []
-        if per_task:
-            target = [r["zeroshot"]["target_test_acc"] for r in per_task]
-            control = [r["zeroshot"]["control_test_acc"] for r in per_task]
-            mean = sum(target) / len(target)
-            return {"variant": "zero-shot", "abs_acc": mean, "norm_acc": None, "alpha": None, "tar_acc": mean,
-                    "con_acc": sum(control) / len(control), "negation_qualified": "-", "cosine": None}
-    return None
+    return summary(results)
 
 
 README_VARIANTS = {"ft": "FT", "ft-orthoreg": f"FT + OrthoReg (lambda {MINI_LAMBDA:g}, chosen on Val by "
@@ -116,15 +73,16 @@ def _cell(x, digits: int = 2) -> str:
 
 
 def markdown_rows(summary: dict, *, detailed: bool = False) -> list[str]:
-    """The quickstart table of README (``detailed``: docs/MINI_WORLD.md's, with single-task FT and alpha) as
-    markdown rows, from what `tvtool quickstart --json` prints; tests keep both documents equal to
-    docs/quickstart.json, the committed output of that command."""
+    """The quickstart table of README (``detailed``: docs/MINI_WORLD.md's, which adds the chosen alpha) as markdown
+    rows, from what `tvtool quickstart --json` prints; tests keep both documents equal to docs/quickstart.json, the
+    committed output of that command. Columns: variant, mean single-task accuracy, Abs.Acc, the paper's Norm.Acc
+    (own denominators), Norm.Acc over plain FT's single-task accuracies, [alpha], Tar.Acc, Con.Acc, mean cosine."""
     zs, names = summary["zeroshot"], MINI_WORLD_VARIANTS if detailed else README_VARIANTS
-    rows = [["zero-shot", *(["-"] if detailed else []), _cell(zs["abs_acc"]), "-", *(["-"] if detailed else []),
+    rows = [["zero-shot", "-", _cell(zs["abs_acc"]), "-", "-", *(["-"] if detailed else []),
              _cell(zs["abs_acc"]), _cell(zs["con_acc"]), "-"]]
     for key, label in names.items():
         v = summary["variants"][key]
-        rows.append([label, *([_cell(v["finetuned_acc"])] if detailed else []), _cell(v["abs_acc"]),
-                     _cell(v["norm_acc"]), *([_cell(v["alpha"])] if detailed else []), _cell(v["tar_acc"]),
-                     _cell(v["con_acc"]), _cell(v["cosine"], 4)])
+        rows.append([label, _cell(v["finetuned_acc"]), _cell(v["abs_acc"]), _cell(v["norm_acc"]),
+                     _cell(v["norm_acc_vs_baseline"]), *([_cell(v["alpha"])] if detailed else []),
+                     _cell(v["tar_acc"]), _cell(v["con_acc"]), _cell(v["cosine"], 4)])
     return ["| " + " | ".join(r) + " |" for r in rows]

@@ -6,6 +6,9 @@ pretrained: openai         # tag, .safetensors file or open_clip folder
 out_dir: runs/vitb32       # outputs: OUT_DIR/VARIANT/TASK.st and OUT_DIR/VARIANT/<eval>.json
 data_root: ~/data          # optional; else --data-root / $TVTOOL_DATA
 seed: 0                    # optional: default seed of every run (a finetune/variant `seed` overrides it) and merge
+seeds: [0, 1, 2]           # optional, instead of seed: every variant runs once per seed (OUT_DIR/VARIANT/seed-S/);
+                           # the results table shows mean +- std per variant and OrthoReg's paired difference to
+                           # the lambda-0 variant of its mode (tvtool.results)
 tasks: [cars, dtd, eurosat, gtsrb, mnist, resisc45, sun397, svhn]
 finetune: {lr: 1.0e-5}     # any `tvtool finetune` setting shared by every run (TrainConfig fields)
 variants:                  # one fine-tuning run per task and variant
@@ -21,8 +24,10 @@ eval:                      # optional steps, run per variant
 ```
 A merge step's alpha grid defaults to its method's paper grid; a method whose paper tunes an option instead
 (LiNeS' beta) has it searched on Val over ``tune`` (default: the paper's range) unless ``options`` fix it.
-Outputs that already exist are skipped when the settings digest they record (``settings_digest`` in a vector's
-metadata, in each evaluation JSON) matches the recipe's, and redone (saying so) when it does not, so an interrupted
+After the evaluation steps the run's figures are summarized (``tvtool.results``) and written to
+``OUT_DIR/summary.json``. Outputs that already exist are skipped when the settings digest they record
+(``settings_digest`` in a vector's metadata, in each evaluation JSON) matches the recipe's (and a vector's base
+fingerprint the base's), and redone (saying so) when it does not, so an interrupted
 recipe picks up where it stopped and an edited one never shows stale results. Everything is validated before any
 model is built (``Recipe.validate``). Files are read with ``yaml.SafeLoader`` with bounded alias expansion; errors
 name the file, the line and the key.
@@ -47,7 +52,8 @@ from .merge.registry import REGISTRY, get_method, resolve_options
 from .fileio import check_input
 from .trainconfig import MAX_SEED, MODES, TrainConfig
 
-TOP_KEYS = {"name", "model", "pretrained", "out_dir", "data_root", "tasks", "finetune", "variants", "eval", "seed"}
+TOP_KEYS = {"name", "model", "pretrained", "out_dir", "data_root", "tasks", "finetune", "variants", "eval", "seed",
+            "seeds"}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "model", "pretrained", "data_root"}
 VARIANT_KEYS = {"name", "mode", "lambda"} | TRAIN_KEYS
 EVAL_KEYS = {"addition": {"grid"}, "negation": {"control", "threshold", "grid"}, "cosine": None,
@@ -57,8 +63,10 @@ MERGE_KEYS = {"method", "options", "seed", "grid", "name", "tune"}
 
 @dataclass
 class Variant:
-    name: str
+    name: str       # its output folder under out_dir: the recipe's name, or NAME/seed-S with `seeds:`
     settings: dict  # TrainConfig fields
+    group: str = ""  # the recipe's variant name (the same as ``name`` without `seeds:`)
+    seed: int | None = None  # the replicate seed with `seeds:`, else None
 
 
 @dataclass
@@ -73,6 +81,7 @@ class Recipe:
     eval: dict
     name: str = ""
     seed: int = 0  # the default training (and merge) seed; a `finetune:` or variant `seed` overrides it
+    seeds: list[int] | None = None  # `seeds:`: every variant ran once per seed (``variants`` holds each run)
 
     def output(self, variant: Variant, task: str) -> Path:
         return self.out_dir / variant.name / f"{task}.st"
@@ -291,6 +300,17 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None, 
     seed = doc.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         fail(("seed",), f"expected a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    seeds = doc.get("seeds")
+    if seeds is not None:
+        if not isinstance(seeds, list) or not seeds:
+            fail(("seeds",), "expected a non-empty list of seeds, e.g. [0, 1, 2]")
+        for i, x in enumerate(seeds):
+            if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_SEED:
+                fail(("seeds", i), f"expected a whole number from 0 to {MAX_SEED}, got {x!r}")
+        if len(set(seeds)) != len(seeds):
+            fail(("seeds",), f"a seed is listed twice in {seeds}")
+        if "seed" in doc:
+            fail(("seed",), "use either seed (one run per variant) or seeds (one run per variant and seed)")
     tasks = doc["tasks"]
     if isinstance(tasks, str):  # a suite (ta8 / ta14 / ta20) or a comma-separated list
         tasks = [tasks]
@@ -350,7 +370,12 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None, 
             bad = next((k for k in settings if f"--{k.replace('_', '-')} " in f"{exc} "
                         or (k == "lam" and "--lambda" in str(exc))), None)
             fail(where(bad) if bad else ("variants", i), str(exc).replace("--", "", 1))
-        variants.append(Variant(name, settings))
+        if seeds is not None:
+            if "seed" in settings:
+                fail(where("seed"), "the recipe's `seeds:` sets every run's seed; drop this one")
+            variants += [Variant(f"{name}/seed-{x}", {**settings, "seed": x}, group=name, seed=x) for x in seeds]
+        else:
+            variants.append(Variant(name, settings, group=name))
     ev = doc.get("eval") or {}
     if not isinstance(ev, dict):
         fail(("eval",), "expected a mapping of evaluation steps")
@@ -432,7 +457,8 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None, 
     return Recipe(path=source, model=doc.get("model"), pretrained=_recipe_relative(doc.get("pretrained"), folder),
                   out_dir=Path(os.path.expanduser(str(doc["out_dir"]))),
                   data_root=os.path.expanduser(doc["data_root"]) if doc.get("data_root") else None,
-                  tasks=tasks, variants=variants, eval=ev, name=str(doc.get("name") or ""), seed=seed)
+                  tasks=tasks, variants=variants, eval=ev, name=str(doc.get("name") or ""), seed=seed,
+                  seeds=list(seeds) if seeds is not None else None)
 
 
 def _misplaced(key: str) -> str | None:
@@ -481,6 +507,27 @@ def _recorded(path: Path) -> tuple[str | None, int | None, int | None]:
     return digest if isinstance(digest, str) else None, whole(train.get("epochs")), whole(train.get("steps"))
 
 
+def _recorded_base(path: Path) -> str | None:
+    """The fingerprint of the base an existing task vector was taken against (None if not recorded)."""
+    from .taskvector import open_vector
+
+    try:
+        return open_vector(path).base_fingerprint
+    except (TVToolError, OSError, ValueError):
+        return None
+
+
+def _base_fingerprint(cfg, cache: dict) -> str:
+    """The image-tower fingerprint of the weights ``cfg`` fine-tunes from (the model is built once per spec)."""
+    from .models import load_clip
+
+    c = cfg.resolved()
+    key = (c.model, str(c.pretrained))
+    if key not in cache:
+        cache[key] = load_clip(c.model, c.pretrained, device="cpu").fingerprint
+    return cache[key]
+
+
 def _same_schedule(cfg, trained_epochs: int | None, trained_steps: int | None) -> bool:
     """Would this config train for as long as the recorded run? The digest holds ``epochs`` as given (None = the
     dataset's epoch table), so a changed table is caught here: same epochs, or a run capped by ``max_steps`` at the
@@ -497,9 +544,12 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
     evaluation steps per variant. Everything is validated first (``Recipe.validate``)."""
     from . import train
 
+    from .results import describe_runs
+
     recipe.validate(device=device, only_train=only_train)
-    results: dict = {"recipe": recipe.path, "variants": {}}
+    results: dict = {"recipe": recipe.path, "variants": {}, "runs": describe_runs(recipe), "seeds": recipe.seeds}
     recipe.out_dir.mkdir(parents=True, exist_ok=True)
+    bases: dict = {}  # (model, pretrained) -> the base fingerprint, loaded once when an output exists
     n_runs, run, trained_s, n_trained = len(recipe.variants) * len(recipe.tasks), 0, 0.0, 0
     for variant in recipe.variants:
         folder = recipe.out_dir / variant.name
@@ -513,12 +563,18 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
                 (recorded, trained_epochs, trained_steps), wanted = _recorded(out), cfg.settings_digest()
                 same_schedule = _same_schedule(cfg, trained_epochs, trained_steps)
                 if recorded == wanted and same_schedule:
-                    log(f"skip {out} (run {run} of {n_runs}: exists, same settings)")
-                    continue
-                # the recipe owns its outputs: one made with other settings (or unknown ones) is redone
-                why = ("records no settings" if recorded is None else f"was made with other settings ({recorded})"
-                       if recorded != wanted else f"was trained for {trained_epochs} epochs, the run now has "
-                       f"{cfg.effective_epochs()}")
+                    # the settings name the weights (`builtin`, a file), not their content: a re-made base
+                    # file leaves them equal, so the base the vector was taken against is compared too
+                    base_then, base_now = _recorded_base(out), _base_fingerprint(cfg, bases)
+                    if base_then == base_now:
+                        log(f"skip {out} (run {run} of {n_runs}: exists, same settings)")
+                        continue
+                    why = (f"was taken against base {base_then}, the model {cfg.model}:{cfg.pretrained} is now "
+                           f"{base_now}")
+                else:  # the recipe owns its outputs: one made with other settings (or unknown ones) is redone
+                    why = ("records no settings" if recorded is None else f"was made with other settings ({recorded})"
+                           if recorded != wanted else f"was trained for {trained_epochs} epochs, the run now has "
+                           f"{cfg.effective_epochs()}")
                 log(f"rerun {out}: it {why}; now {wanted}")
                 rerun = True
             started = time.monotonic()
@@ -537,6 +593,14 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
         if only_train:
             continue
         results["variants"][variant.name] = run_evaluations(recipe, variant, log=log, device=device)
+    if results["variants"]:
+        from .evaluate import write_json
+        from .results import summary
+
+        doc, path = summary(results), recipe.out_dir / "summary.json"
+        if _read_json(path) != json.loads(json.dumps(doc)):  # the recipe owns its out_dir; unchanged: left alone
+            write_json(doc, path, force=True)
+            log(f"wrote {path}")
     return results
 
 
@@ -574,7 +638,8 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
                          "mean": inspection.mean_offdiagonal(res["cosine"])}
     merges = {merge_step_name(m): m for m in ev_cfg.get("merge", [])}
     steps = [k for k in ("addition", "negation", *merges) if k in ev_cfg or k in merges]
-    digests = {k: _eval_digest(recipe, k, merge_step_settings(merges[k]) if k in merges else ev_cfg.get(k), paths)
+    digests = {k: _eval_digest(recipe, k, merge_step_settings(merges[k]) if k in merges else ev_cfg.get(k), paths,
+                               seed=_merge_seed(recipe, variant, merges[k]) if k in merges else recipe.seed)
                for k in steps}
     todo = []
     for k in steps:
@@ -622,12 +687,17 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
     for name, m in merges.items():  # merged vector, then the addition alpha search applied to it
         if name not in todo:
             continue
-        res = _merge_step(ev, vectors, paths, folder, name, m, seed=int(m.get("seed", recipe.seed)), progress=say)
+        res = _merge_step(ev, vectors, paths, folder, name, m, seed=_merge_seed(recipe, variant, m), progress=say)
         res["settings_digest"] = digests[name]
         evaluate.write_json(res, folder / f"{name}.json", force=True)
         out[name] = res
         log(f"wrote {folder / (name + '.json')}")
     return out
+
+
+def _merge_seed(recipe: Recipe, variant: Variant, step: dict) -> int:
+    """A merge step's seed: its own, else the run's replicate seed (`seeds:`), else the recipe's seed."""
+    return int(step.get("seed", variant.seed if variant.seed is not None else recipe.seed))
 
 
 def merge_step_name(step: dict) -> str:
@@ -695,13 +765,24 @@ def _read_json(path: Path) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _eval_digest(recipe: Recipe, step: str, options, paths: list[Path]) -> str:
+def _eval_digest(recipe: Recipe, step: str, options, paths: list[Path], seed: int | None = None) -> str:
     """What an evaluation result depends on: the step and its options, the model, the seed (merges) and the
     content fingerprint of every input vector. A stored result with another digest is recomputed."""
     from .taskvector import open_vector
 
     key = {"step": step, "options": options, "model": recipe.model, "pretrained": recipe.pretrained,
-           "seed": recipe.seed, "vectors": [_vector_identity(open_vector(p)) for p in paths]}
+           "seed": recipe.seed if seed is None else seed, "vectors": [_vector_identity(open_vector(p)) for p in paths]}
+    from .datasets import get_dataset
+
+    control = (options or {}).get("control") if step == "negation" and isinstance(options, dict) else None
+    evaluated = list(recipe.tasks) + ([control] if control else [])
+    if step == "negation" and not control:
+        from .evaluate import default_control
+
+        evaluated += sorted({default_control(t) for t in recipe.tasks})
+    if any(get_dataset(t).needs_data_root for t in evaluated):  # the figures are those of the data found there
+        root = recipe.data_root or os.environ.get("TVTOOL_DATA")
+        key["data_root"] = str(Path(root).expanduser().resolve()) if root else None
     return "sha256:" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -201,7 +201,7 @@ _CHECKPOINT_KEYS = {"step": int, "trainable": dict, "optimizer": dict, "config":
 
 def save_checkpoint(path: Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
                     cfg: TrainConfig, metrics: dict, output: Path | None = None,
-                    total_steps: int | None = None) -> None:
+                    total_steps: int | None = None, base: str | None = None) -> None:
     from .taskvector import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,6 +211,8 @@ def save_checkpoint(path: Path, step: int, trainable: dict[str, torch.Tensor], o
              # the schedule's length: the config key holds `epochs` as given (None = the dataset's table), so a
              # changed epoch table or train split would otherwise resume onto another cosine schedule
              "total_steps": total_steps,
+             # the base's fingerprint: the config names the weights (`builtin`, a file), not their content
+             "base": base,
              # the output this run writes: a resume may replace that file, and no other, without --force
              "output": str(Path(output).resolve()) if output is not None else ""}
     with atomic_path(path, force=True) as tmp:
@@ -448,6 +450,10 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
             raise TVToolError(f"--resume: {ckpt} belongs to a run of {state['total_steps']} steps, this one has "
                               f"{total_steps} (the dataset's epoch table or train split changed); delete "
                               f"{ckpt.parent} and start without --resume")
+        if isinstance(state.get("base"), str) and state["base"] != bundle.fingerprint:
+            raise TVToolError(f"--resume: {ckpt} was trained from base {state['base']}, the weights "
+                              f"{cfg.model}:{cfg.pretrained} are now {bundle.fingerprint} (re-made under the same "
+                              f"name?); delete {ckpt.parent} and start without --resume")
 
     # --- the loop
     log_file = open_append(log_path, "a log file (--log)") if log_path and rank == 0 else None
@@ -537,10 +543,10 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                 opt_state = parallel.gather_optimizer_state(optimizer.state_dict())
                 if rank == 0:
                     save_checkpoint(ckpt, step, trainable, opt_state, cfg, metrics, output=out,
-                                    total_steps=total_steps)
+                                    total_steps=total_steps, base=bundle.fingerprint)
             elif at_ckpt and rank == 0:
                 save_checkpoint(ckpt, step, params, optimizer.state_dict(), cfg, metrics, output=out,
-                                total_steps=total_steps)
+                                total_steps=total_steps, base=bundle.fingerprint)
             owns_checkpoint = owns_checkpoint or at_ckpt  # written by this run: removed when it finishes
         if stop_after is not None and step >= stop_after:
             feed.close()

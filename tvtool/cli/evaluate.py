@@ -171,6 +171,10 @@ def addition_cmd(
                                        "grid from its paper, see `tvtool merge --list`)."),
     merged: Optional[Path] = typer.Option(None, "--merged", help="A vector made by `tvtool merge` from VECTORS: the "
                                                                "alpha search scales it instead of their sum."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="BASE.st,... one vector per task (e.g. plain "
+                                           "fine-tuning of the same tasks): also report Norm.Acc over THEIR "
+                                           "single-task accuracies, a denominator that is the same for every method "
+                                           "compared (the paper's Norm.Acc uses each method's own)."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
     device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX,
     data_on_device: str = _ON_DEVICE, as_json: bool = _JSON,
@@ -180,11 +184,32 @@ def addition_cmd(
     from .. import evaluate as ev
 
     g = ev.parse_grid(grid) if grid is not None else None
+    base_paths = None
+    if baseline is not None:
+        base_paths = [Path(p.strip()) for p in baseline.split(",") if p.strip()]
+        if not base_paths:
+            raise TVToolError("--baseline is empty; pass the baseline's vectors as BASE1.st,BASE2.st,...")
+        base_vecs = ev.open_vectors(base_paths)  # before the model loads: a missing file fails at once
+        own = ev.open_vectors(vectors)
+        tasks = sorted(ev.vector_task(v) for v in own)
+        if sorted(ev.vector_task(b) for b in base_vecs) != tasks:
+            raise TVToolError(f"--baseline: its vectors are for tasks {sorted(ev.vector_task(b) for b in base_vecs)}, "
+                              f"VECTORS for {tasks}; pass one baseline vector per task")
+        try:  # the baseline's single-task accuracies are measured on the model VECTORS are evaluated on
+            same_model = ev.wants_linearized(base_vecs, linearized) == ev.wants_linearized(own, linearized)
+        except TVToolError:
+            same_model = False
+        if not same_model:
+            raise TVToolError("--baseline vectors call for another model than VECTORS (tangent vs ordinary: "
+                              "linear-mode fine-tuning vs the others); pass a baseline of the same fine-tuning "
+                              "mode, or --linearized / --no-linearized to measure both on one model")
     vecs, evaluator = _setup(vectors, model, pretrained, None, ["val", "test"], data_root, device, batch_size,
                              (json_out,), force, max_examples, linearized, data_on_device)
     merged_vec = ev.open_vectors([merged])[0] if merged is not None else None
     if merged_vec is not None:
         ev.check_base([merged_vec], evaluator.bundle)
+    if base_paths is not None:
+        ev.check_base(base_vecs, evaluator.bundle)
     if g is None:
         g = list(ev.DEFAULT_GRID)
         from ..merge import alpha_grid, get_method, merged_method
@@ -194,16 +219,25 @@ def addition_cmd(
             g = alpha_grid(method)
             _progress(f"addition: alpha grid {get_method(method).alpha_grid} ({method}'s default: "
                       f"{get_method(method).alpha_source})")
-    result = ev.addition(evaluator, vecs, g, merged=merged_vec, progress=_progress)
+    result = ev.addition(evaluator, vecs, g, merged=merged_vec, baseline=base_vecs if base_paths else None,
+                         progress=_progress)
 
     def table(console):
+        base = result.get("baseline")
         t = _table(f"task addition, alpha={result['alpha']:g} (chosen on val)",
-                   ["task", "test acc", "fine-tuned", "normalized"])
+                   ["task", "test acc", "fine-tuned", "normalized"]
+                   + (["baseline fine-tuned", "vs baseline"] if base else []))
         for task in result["tasks"]:
             t.add_row(task, _pct(result["test_acc"][task]), _pct(result["finetuned_acc"]["test"][task]),
-                      _pct(result["test_norm_acc"][task]))
-        t.add_row("Abs.Acc / Norm.Acc", _pct(result["abs_acc"]), "", _pct(result["norm_acc"]))
+                      _pct(result["test_norm_acc"][task]),
+                      *([_pct(base["finetuned_acc"]["test"][task]), _pct(base["test_norm_acc"][task])] if base else []))
+        t.add_row("mean: Abs.Acc / single-task / Norm.Acc", _pct(result["abs_acc"]), _pct(result["finetuned_mean_acc"]),
+                  _pct(result["norm_acc"]),
+                  *([_pct(base["finetuned_mean_acc"]), _pct(result["norm_acc_vs_baseline"])] if base else []))
         console.print(t)
+        if base:
+            console.print("Norm.Acc divides by these vectors' own single-task accuracies (the paper's); \"vs "
+                          "baseline\" by the baseline's, the same denominator for every method compared.")
         c = _table("alpha grid (val)", ["alpha", "mean acc", "mean norm acc"])
         for p in result["curve"]:
             mark = " *" if p["alpha"] == result["alpha"] else ""

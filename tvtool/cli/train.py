@@ -232,8 +232,15 @@ def run(
     only_train: bool = typer.Option(False, "--only-train", help="Fine-tune only; skip the evaluation steps."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu (default: cuda if available)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (OUT_DIR/summary.json: accuracies "
+                                                       "in %, per variant and, with `seeds:`, per group with paired "
+                                                       "differences) instead of the table."),
+    as_markdown: bool = typer.Option(False, "--markdown", help="Print the tables as Markdown."),
 ):
     """Run a recipe: fine-tune every (variant, task), then evaluate; outputs made with the same settings are skipped.
+
+    The table shows each variant's settings, Abs.Acc, the paper's Norm.Acc, Norm.Acc over the lambda-0 variant's
+    single-task accuracies and the mean single-task accuracy; with `seeds:` mean +- std and paired differences.
 
     Example: tvtool run recipes/vit-b-32.yaml
     """
@@ -243,7 +250,21 @@ def run(
     results = run_recipe(r, progress_factory=progress_reporter, quiet=quiet, device=device,
                          only_train=only_train, log=_logger(quiet))
     if results["variants"]:
-        _print_results(results, r.out_dir)
+        _emit_results(results, r.out_dir, as_json, as_markdown)
+
+
+def _emit_results(results: dict, out_dir: Path, as_json: bool, as_markdown: bool) -> None:
+    if as_json or as_markdown:
+        from ..results import markdown, summary
+
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(summary(results), indent=2))
+        else:
+            typer.echo(markdown(summary(results)), nl=False)
+        return
+    _print_results(results, out_dir)
 
 
 @app.command()
@@ -255,8 +276,9 @@ def quickstart(
     device: Optional[str] = typer.Option(None, "--device", help="Default: cuda if available, else cpu."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON (accuracies in %) instead of the "
-                                                       "table: {zeroshot: {abs_acc, ..}, variants: {ft: {abs_acc, "
-                                                       "norm_acc, finetuned_acc, tar_acc, con_acc, cosine, ..}, ..}}."),
+                                                       "table: {zeroshot: {abs_acc, ..}, variants: {ft: {settings, "
+                                                       "baseline, abs_acc, norm_acc, norm_acc_vs_baseline, "
+                                                       "finetuned_acc, tar_acc, con_acc, cosine, ..}, ..}}."),
 ):
     """The built-in offline job: the 8 mini-world tasks fine-tuned with and without OrthoReg, then task addition,
     negation and cosine in a paper-style table (zero-shot row first).
@@ -277,14 +299,7 @@ def quickstart(
         raise TVToolError(f"--modes {modes!r}: use full or all")
     r = parse_recipe(quickstart_recipe(size, out_dir, modes), f"quickstart ({size})")
     results = run_recipe(r, progress_factory=progress_reporter, quiet=quiet, device=device, log=_logger(quiet))
-    if as_json:
-        import json
-
-        from ..quickstart import json_summary
-
-        typer.echo(json.dumps(json_summary(results), indent=2))
-        return
-    _print_results(results, out_dir)
+    _emit_results(results, out_dir, as_json, False)
 
 
 def _logger(quiet: bool):
@@ -294,42 +309,22 @@ def _logger(quiet: bool):
 
 
 def _print_results(results: dict, out_dir: Optional[Path] = None) -> None:
+    """The run's figures (tvtool.results): one row per variant with its settings, or with `seeds:` mean +- std per
+    variant and OrthoReg's paired differences to its baseline."""
+    from rich.console import Console
     from rich.table import Table
 
-    from ..quickstart import summarize
+    from ..results import summary, tables
 
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.2f}"
-
-    variants = results["variants"].values()
-    # only the steps the recipe ran: a recipe without negation gets no "neg. ok 0/0" column
-    has_add = any(v.get("addition") for v in variants)
-    has_neg = any(v.get("negation") for v in variants)
-    has_cos = any(v.get("cosine") for v in variants)
-    columns = ([("Abs.Acc", lambda r: pct(r["abs_acc"])), ("Norm.Acc", lambda r: pct(r["norm_acc"])),
-                ("alpha", lambda r: "-" if r["alpha"] is None else f"{r['alpha']:.2f}")] if has_add else [])
-    if has_neg:
-        columns += [("Tar.Acc", lambda r: pct(r["tar_acc"])), ("Con.Acc", lambda r: pct(r["con_acc"])),
-                    ("neg. ok", lambda r: r["negation_qualified"])]
-    if has_cos:
-        columns.append(("mean cos", lambda r: "-" if r["cosine"] is None else f"{r['cosine']:.4f}"))
-    caption = []
-    if has_neg:
-        caption.append("neg. ok: tasks whose negation found an alpha keeping control Val accuracy >= threshold "
-                       "(default 0.95) x zero-shot; Tar.Acc and Con.Acc average those tasks.")
-    if has_cos:
-        caption.append("mean cos: mean pairwise cosine of the task vectors.")
-    t = Table(title="task arithmetic: test accuracy (%), alpha chosen on Val" + ("; Tar.Acc lower is better"
-                                                                                  if has_neg else ""),
-              caption=" ".join(caption) or None)
-    t.add_column("variant", no_wrap=True)
-    for col, _ in columns:
-        t.add_column(col, justify="right", no_wrap=True)
-    for row in summarize(results):
-        t.add_row(row["variant"], *(cell(row) for _, cell in columns))
-    from rich.console import Console
-
-    Console(width=max(110, Console().width)).print(t)
+    # wide enough for the seeded table's "mean +- std" cells; a table is only as wide as its contents
+    console = Console(width=max(160, Console().width))
+    for spec in tables(summary(results)):
+        t = Table(title=spec["title"], caption=spec["caption"])
+        for i, col in enumerate(spec["columns"]):
+            t.add_column(col, justify="left" if i < 2 else "right", no_wrap=i < 2)
+        for row in spec["rows"]:
+            t.add_row(*row)
+        console.print(t)
     if out_dir is not None:
-        typer.echo(f"results: {out_dir}/<variant>/ holds the task vectors (*.st) and addition.json / negation.json "
-                   f"with every figure above")
+        typer.echo(f"results: {out_dir}/<variant>/ holds the task vectors (*.st) and addition.json / negation.json; "
+                   f"{out_dir}/summary.json every figure above")
