@@ -577,3 +577,28 @@ def test_peft_rank_patterns_are_checked_before_matching(tmp_path, patterns, word
         _check_config(tmp_path, cfg)
     _check_config(tmp_path, {**cfg, "rank_pattern": {"visual.transformer.resblocks.0.attn.out_proj": 8,
                                                      r"resblocks\.\d+\.mlp": 2}})
+
+
+@pytest.fixture(scope="module")
+def hf_vision_folder(tmp_path_factory):
+    from hf_helpers import vision_model
+
+    folder = tmp_path_factory.mktemp("hf") / "vision"
+    vision_model().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("field, value", [("num_attention_heads", 0), ("hidden_size", "wide"),
+                                          ("patch_size", 10 ** 30), ("projection_dim", None)])
+def test_transformers_config_values_are_checked(hf_vision_folder, tmp_path, field, value):
+    """config.json's sizes feed divisions and, later, allocations: a zero, a string or 10^30 is one line."""
+    import shutil
+
+    folder = tmp_path / "vision"
+    shutil.copytree(hf_vision_folder, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[field] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out.safetensors"
+    one_line(run_tvtool("convert", folder, "-o", out), "config.json")
+    assert not out.exists()

@@ -153,7 +153,11 @@ def convert(source: str, output: str | os.PathLike, *, model: str | None = None,
         vision_only = True  # e.g. task_vectors checkpoints, which drop the text transformer
     from . import transformers_clip  # torch
 
-    config = transformers_clip.hf_config(cfg, vision_only=vision_only)
+    try:
+        config = transformers_clip.hf_config(cfg, vision_only=vision_only)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:  # from open_clip_config.json
+        raise TVToolError(f"{src_path}: its open_clip config is not a ViT CLIP's ({type(exc).__name__}: "
+                          f"{str(exc)[:80]}); pass --model") from None
     transformers_clip.write_folder(out, src.items(), _specs(src), config, force=force)
     kind = "CLIPVisionModel" if vision_only else "CLIPModel"
     act = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
