@@ -83,7 +83,7 @@ def write_jpegs(root: Path, n: int, classes: int, size: int = 256, seed: int = 0
 def register_bench_dataset(root: Path, classes: int):
     """Register the JPEG folder as an on-disk dataset of the in-process registry (the real decode + cache path)."""
     from tvtool.datasets import DatasetSpec, register
-    from tvtool.datasets.base import image_folder, listing_loader
+    from tvtool.datasets.base import image_folder
 
     names = [f"class_{c:02d}" for c in range(classes)]
 
@@ -94,7 +94,7 @@ def register_bench_dataset(root: Path, classes: int):
     def listing(split: str, data_root: Path):
         return image_folder(BENCH_TASK, data_root, data_root / split)[1]
 
-    return register(_Spec(name=BENCH_TASK, loader=listing_loader(listing), listing=listing, epochs=1000))
+    return register(_Spec(name=BENCH_TASK, listing=listing, epochs=1000))
 
 
 # ------------------------------------------------------------------------------------------------ baseline

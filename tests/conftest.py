@@ -7,6 +7,8 @@ import pytest
 def _isolated_cache(tmp_path_factory):
     """Keep tests off the user's ~/.cache/tvtool and off the network."""
     os.environ["TVTOOL_CACHE"] = str(tmp_path_factory.mktemp("tvtool-cache"))
+    # an empty Hugging Face cache: dataset snapshots a developer has downloaded must not stand in for missing data
+    os.environ["HF_HUB_CACHE"] = str(tmp_path_factory.mktemp("hf-hub-cache"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     yield
 

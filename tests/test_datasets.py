@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from tvtool.datasets import DatasetSpec, get_dataset, load_split, protocol_val_split, register
+from tvtool import datasets
 from tvtool.datasets import base, cache
 from tvtool.errors import TVToolError
 
@@ -360,7 +361,7 @@ def test_empty_training_split_is_refused(tmp_path):
     with pytest.raises(TVToolError, match="mnist: the train split .* has no examples"):
         load_split("mnist", "train", tmp_path, image_size=28)
     with pytest.raises(TVToolError, match="has no examples"):
-        base.check_available("mnist", ["train"], tmp_path)
+        datasets.check_available("mnist", ["train"], tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["size", "count", "dtype", "labels"])

@@ -161,7 +161,7 @@ def test_folder_outputs_publish_atomically_and_force_replaces_folders_and_files_
 
     write()
     assert sorted(p.name for p in out.iterdir() if p.name != fileio.FOLDER_MARKER) == ["config.json"]
-    with pytest.raises(TVToolError, match="--force"):
+    with pytest.raises(TVToolError, match="pass force=True to overwrite"):  # the Python API names its parameter
         write()
     assert (out / fileio.FOLDER_MARKER).is_file()  # what lets --force know tvtool wrote it
     (out / "stale.bin").write_text("old")

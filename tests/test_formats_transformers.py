@@ -178,7 +178,7 @@ def test_convert_cli_writes_once_and_refuses_to_overwrite(tmp_path, hf_folder):
     path, _ = hf_folder
     out = tmp_path / "oc.safetensors"
     r = run_tvtool("convert", str(path), "-o", str(out))
-    assert r.returncode == 0 and "open_clip state dict" in r.stdout, r.stderr
+    assert r.returncode == 0 and "open_clip state dict" in r.stderr and r.stdout == "", r.stderr  # status: stderr
     before = out.read_bytes()
     r = run_tvtool("convert", str(path), "-o", str(out))
     assert r.returncode == 1 and "already exists" in r.stderr and r.stderr.count("\n") == 1

@@ -1,9 +1,13 @@
 """The README's main job, at the reduced CI size: fine-tune, add, negate, cosine, table; reruns skip work."""
 import json
+from pathlib import Path
+
+import pytest
 
 from tvtool.cli import main
 from tvtool.taskvector import open_vector
 
+ROOT = Path(__file__).resolve().parents[1]
 
 def test_quickstart_ci_end_to_end(tmp_path, capsys):
     out = tmp_path / "qs"
@@ -38,16 +42,35 @@ def test_quickstart_ci_end_to_end(tmp_path, capsys):
         assert fig["tar_acc"] == (None if neg["tar_acc"] is None else 100 * neg["tar_acc"])
         assert fig["con_acc"] == (None if neg["con_acc"] is None else 100 * neg["con_acc"])
         assert -1 <= fig["cosine"] <= 1
+    # README's table is rendered from this very output (of the full run: docs/quickstart.json, tests/test_readme.py):
+    # the CI-size run has the same fields, and every cell of both tables is a figure
+    committed = json.loads((ROOT / "docs" / "quickstart.json").read_text())
+    assert set(summary["zeroshot"]) == set(committed["zeroshot"])
+    assert {k: set(v) for k, v in summary["variants"].items()} == {k: set(v) for k, v in committed["variants"].items()}
+    from tvtool.quickstart import markdown_rows
+
+    for detailed in (False, True):
+        rows = markdown_rows(summary, detailed=detailed)
+        assert len(rows) == 3 and all(cell.strip() for row in rows for cell in row.split("|")[1:-1])
+        assert rows[1].count(" - ") == 0 and rows[2].count(" - ") == 0  # every variant figure was computed
+
+
+@pytest.mark.benchmark
+def test_full_quickstart_reproduces_the_committed_figures(tmp_path):
+    """`tvtool quickstart --json` (about 3 minutes of CPU) prints docs/quickstart.json again, to the digits shown."""
+    from cli_helpers import run_tvtool
+    from tvtool.quickstart import markdown_rows
+
+    r = run_tvtool("quickstart", "--json", "--out-dir", str(tmp_path / "qs"), "-q", timeout=3600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    committed = json.loads((ROOT / "docs" / "quickstart.json").read_text())
+    for detailed in (False, True):
+        assert markdown_rows(json.loads(r.stdout), detailed=detailed) == markdown_rows(committed, detailed=detailed)
 
 
 # ------------------------------------------------------------------ recipes/mini-paper.yaml + its summary script
 import importlib.util  # noqa: E402
 import math  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _table_script():

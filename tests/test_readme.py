@@ -57,3 +57,22 @@ def test_python_snippet_runs(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         abs_acc = float(r.stdout.strip().splitlines()[-1])
         assert 0 <= abs_acc <= 1
+
+
+QUICKSTART_JSON = README.parent / "docs" / "quickstart.json"
+
+
+def test_quickstart_tables_are_what_the_command_printed():
+    """README's and docs/MINI_WORLD.md's quickstart tables are rendered from docs/quickstart.json, the committed
+    output of `tvtool quickstart --json` (regenerate both with that command, never by hand)."""
+    import json
+
+    from tvtool.quickstart import markdown_rows
+
+    summary = json.loads(QUICKSTART_JSON.read_text())
+    readme = README.read_text()
+    mini_world = (README.parent / "docs" / "MINI_WORLD.md").read_text()
+    for row in markdown_rows(summary):
+        assert row in readme, row
+    for row in markdown_rows(summary, detailed=True):
+        assert row in mini_world, row

@@ -2,6 +2,7 @@
 
 Checking `sys.modules` is robust on a noisy machine, unlike a timing; the timing ratio itself is a benchmark.
 """
+import os
 import statistics
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from cli_helpers import entry_point, run_python
+from cli_helpers import REPO, entry_point, run_python
 
 LIGHT_COMMANDS = [
     ["--version"],
@@ -45,9 +46,14 @@ def test_light_commands_never_import_torch(argv):
 
 def test_heavy_modules_are_imported_by_commands_that_need_them(tmp_path):
     """The check above can fail: a command that builds a model (apply onto an open_clip ARCH:TAG) imports torch."""
+    import numpy as np
+
+    from tvtool.taskvector import new_meta, write_vector
+
+    write_vector(tmp_path / "v.st", {"visual.nosuch": np.ones(2, np.float32)}, new_meta({"model": "tvtool-mini"}))
     code = ("import sys\nfrom tvtool.cli import main\n"
-            f"main(['apply', {str(tmp_path / 'missing.st')!r}, '--pretrained', 'tvtool-mini:builtin', "
-            f"'-o', {str(tmp_path / 'o.st')!r}])\n"
+            f"assert main(['apply', {str(tmp_path / 'v.st')!r}, '--pretrained', 'tvtool-mini:builtin', "
+            f"'-o', {str(tmp_path / 'o.st')!r}]) == 1\n"
             "assert 'torch' in sys.modules\n")
     r = run_python(code)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -97,3 +103,23 @@ def test_file_commands_on_safetensors_never_import_torch(tmp_path):
     )
     r = run_python(code)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.benchmark
+def test_finetune_refusals_answer_like_light_commands(tmp_path):
+    """Issue 26: `finetune` refuses an existing output or a bad option before importing torch, in <= 0.25 x a bare
+    `import torch`, like `add` (median of 5 runs each)."""
+    (tmp_path / "a.st").write_bytes(b"x")
+    torch_s = _median_seconds([sys.executable, "-c", "import torch"])
+    for argv in (["finetune", "mini-shapes", "-o", str(tmp_path / "a.st")],
+                 ["finetune", "mini-shapes", "--lr", "nan", "-o", str(tmp_path / "b.st")]):
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            r = subprocess.run([entry_point(), *argv], capture_output=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's code
+            times.append(time.perf_counter() - t)
+            assert r.returncode == 1
+        s = statistics.median(times)
+        print(f"tvtool {' '.join(argv[:2])} refusal: {s:.3f} s = {s / torch_s:.2f} x import torch ({torch_s:.3f} s)")
+        assert s <= 0.25 * torch_s

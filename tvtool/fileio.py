@@ -28,7 +28,7 @@ import stat
 import threading
 from pathlib import Path
 
-from .errors import TVToolError
+from .errors import TVToolError, spell
 
 
 class OutputError(TVToolError, OSError):
@@ -206,16 +206,16 @@ def check_output(path: str | os.PathLike, force: bool, *, directory: bool = Fals
         if mode is not None and stat.S_ISDIR(mode) and not directory:
             raise TVToolError(f"{path}: is a directory; give a file name for the output")
         if not force:
-            raise TVToolError(f"{path}: already exists; pass --force to overwrite")
+            raise TVToolError(f"{path}: already exists; pass {spell('--force', 'force=True')} to overwrite")
         folder = directory and mode is not None and stat.S_ISDIR(mode) and not stat.S_ISLNK(lst.st_mode)
         if mode is None or not (stat.S_ISREG(mode) or folder):
             what = "a dangling symlink" if mode is None else _kind(mode)
             only = "regular files and folders" if directory else "regular files"
-            raise TVToolError(f"{path}: is {what}; --force replaces {only} only")
+            raise TVToolError(f"{path}: is {what}; {spell('--force', 'force=True')} replaces {only} only")
         if folder and not written_by_tvtool(path):
-            raise TVToolError(f"{path}: is a folder not written by tvtool (it has no {FOLDER_MARKER}); --force "
-                              "replaces only folders tvtool wrote, never other files: remove it yourself or give "
-                              "another output")
+            raise TVToolError(f"{path}: is a folder not written by tvtool (it has no {FOLDER_MARKER}); "
+                              f"{spell('--force', 'force=True')} replaces only folders tvtool wrote, never other "
+                              "files: remove it yourself or give another output")
     parent = path.parent
     if not parent.is_dir():
         raise TVToolError(f"{parent}: output folder does not exist")
@@ -404,8 +404,8 @@ def publish(tmp: Path, path: Path, force: bool, *, directory: bool = False) -> N
         os.link(tmp, path)  # fails if path exists, atomically
         os.unlink(tmp)
     except FileExistsError:
-        raise TVToolError(f"{path}: was created by someone else while this was being written; pass --force to "
-                          "overwrite") from None
+        raise TVToolError(f"{path}: was created by someone else while this was being written; pass "
+                          f"{spell('--force', 'force=True')} to overwrite") from None
 
 
 class SignalInterrupt(KeyboardInterrupt):

@@ -48,10 +48,8 @@ from .errors import TVToolError
 from . import parallel
 from .parallel import full
 
-FORMS = ("squared", "plain")
-PRECISIONS = ("fp32", "tf32")
-SCOPES = ("visual-linear", "reference")
-ESTIMATORS = ("exact", "hutchinson")
+# the options' choices are declared with TrainConfig (torch-free: the CLI checks them before importing torch)
+from .trainconfig import ESTIMATORS, FORMS, PRECISIONS, SCOPES  # noqa: E402,F401
 
 _VISUAL_LINEAR = re.compile(
     r"^visual\.transformer\.resblocks\.\d+\.(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight"

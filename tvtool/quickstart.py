@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .trainconfig import FAMILY_DEFAULTS, FAMILY_FIELDS
 from .defaults import ALPHA_GRID
 
 MINI_LAMBDA = 0.1  # chosen by recipes/mini-lambda-sweep.yaml on Val (docs/MINI_WORLD.md)
 
-# Fine-tuning settings for the tiny model: the protocol's shape (AdamW, wd 0.1, cosine with warm-up, clip 1.0,
-# frozen head) with a learning rate, warm-up and batch (64: twice the updates per epoch) suited to a 1M-parameter
-# model trained for 60-210 steps; measured in docs/MINI_WORLD.md (every task >= 80%, mean ~92%).
-MINI_FINETUNE = {"lr": 1e-3, "warmup_steps": 10, "batch_size": 64}
+# Fine-tuning settings for the tiny model: the mini-world's defaults (tvtool/trainconfig.py FAMILY_DEFAULTS, where
+# the reasons are), written out in the recipe so that it reads the same as recipes/mini.yaml.
+MINI_FINETUNE = {k: FAMILY_DEFAULTS["mini"][k] for k in FAMILY_FIELDS}
 
 
 def quickstart_recipe(size: str = "full", out_dir: str | Path = "runs/quickstart", modes: str = "full") -> dict:
@@ -104,3 +104,27 @@ def zeroshot_row(results: dict) -> dict | None:
             return {"variant": "zero-shot", "abs_acc": mean, "norm_acc": None, "alpha": None, "tar_acc": mean,
                     "con_acc": sum(control) / len(control), "negation_qualified": "-", "cosine": None}
     return None
+
+
+README_VARIANTS = {"ft": "FT", "ft-orthoreg": f"FT + OrthoReg (lambda {MINI_LAMBDA:g}, chosen on Val by "
+                                             "`recipes/mini-lambda-sweep.yaml`)"}
+MINI_WORLD_VARIANTS = {"ft": "FT", "ft-orthoreg": f"FT + OrthoReg (lambda {MINI_LAMBDA:g})"}
+
+
+def _cell(x, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_rows(summary: dict, *, detailed: bool = False) -> list[str]:
+    """The quickstart table of README (``detailed``: docs/MINI_WORLD.md's, with single-task FT and alpha) as
+    markdown rows, from what `tvtool quickstart --json` prints; tests keep both documents equal to
+    docs/quickstart.json, the committed output of that command."""
+    zs, names = summary["zeroshot"], MINI_WORLD_VARIANTS if detailed else README_VARIANTS
+    rows = [["zero-shot", *(["-"] if detailed else []), _cell(zs["abs_acc"]), "-", *(["-"] if detailed else []),
+             _cell(zs["abs_acc"]), _cell(zs["con_acc"]), "-"]]
+    for key, label in names.items():
+        v = summary["variants"][key]
+        rows.append([label, *([_cell(v["finetuned_acc"])] if detailed else []), _cell(v["abs_acc"]),
+                     _cell(v["norm_acc"]), *([_cell(v["alpha"])] if detailed else []), _cell(v["tar_acc"]),
+                     _cell(v["con_acc"]), _cell(v["cosine"], 4)])
+    return ["| " + " | ".join(r) + " |" for r in rows]

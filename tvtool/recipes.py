@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,10 +42,10 @@ from typing import Any, Callable
 import yaml
 
 from .checks import check_finite
-from .errors import TVToolError
+from .errors import TVToolError, command_line
 from .merge.registry import REGISTRY, get_method, resolve_options
 from .fileio import check_input
-from .train import MAX_SEED, MODES, TrainConfig
+from .trainconfig import MAX_SEED, MODES, TrainConfig
 
 TOP_KEYS = {"name", "model", "pretrained", "out_dir", "data_root", "tasks", "finetune", "variants", "eval", "seed"}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "model", "pretrained", "data_root"}
@@ -81,10 +82,10 @@ class Recipe:
         roots (with the splits each step reads) and weights spec, the output folder, and the evaluation steps'
         tasks and control task. `run_recipe` calls it first, so a bad control task fails in seconds, not after
         hours of training."""
-        from .datasets.base import check_available
+        from .datasets.sources import check_available
         from .evaluate import default_control
 
-        from .train import check_weights_spec
+        from .trainconfig import check_weights_spec
 
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise TVToolError(f"{self.path}: out_dir {self.out_dir} exists and is not a folder")
@@ -341,8 +342,10 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None, 
         for k, val in settings.items():
             _check_type(k, val, field_types.get(k, ""), lambda msg, kp=where(k): fail(kp, msg))
         try:  # values: finite numbers in range, valid choices (the same checks `tvtool finetune` makes)
-            TrainConfig(task=tasks[0], model=doc.get("model"), pretrained=_recipe_relative(doc.get("pretrained"), folder),
-                        **{"seed": seed, **settings}).resolved()
+            with command_line():  # messages name --flags, which `fail` turns into the recipe's key names
+                TrainConfig(task=tasks[0], model=doc.get("model"),
+                            pretrained=_recipe_relative(doc.get("pretrained"), folder),
+                            **{"seed": seed, **settings}).resolved()
         except TVToolError as exc:
             bad = next((k for k in settings if f"--{k.replace('_', '-')} " in f"{exc} "
                         or (k == "lam" and "--lambda" in str(exc))), None)
@@ -497,10 +500,12 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
     recipe.validate(device=device, only_train=only_train)
     results: dict = {"recipe": recipe.path, "variants": {}}
     recipe.out_dir.mkdir(parents=True, exist_ok=True)
+    n_runs, run, trained_s, n_trained = len(recipe.variants) * len(recipe.tasks), 0, 0.0, 0
     for variant in recipe.variants:
         folder = recipe.out_dir / variant.name
         folder.mkdir(parents=True, exist_ok=True)
         for task in recipe.tasks:
+            run += 1
             out = recipe.output(variant, task)
             cfg = recipe.train_config(variant, task, **({"device": device} if device else {}))
             rerun = False
@@ -508,7 +513,7 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
                 (recorded, trained_epochs, trained_steps), wanted = _recorded(out), cfg.settings_digest()
                 same_schedule = _same_schedule(cfg, trained_epochs, trained_steps)
                 if recorded == wanted and same_schedule:
-                    log(f"skip {out} (exists, same settings)")
+                    log(f"skip {out} (run {run} of {n_runs}: exists, same settings)")
                     continue
                 # the recipe owns its outputs: one made with other settings (or unknown ones) is redone
                 why = ("records no settings" if recorded is None else f"was made with other settings ({recorded})"
@@ -516,16 +521,28 @@ def run_recipe(recipe: Recipe, *, progress_factory=None, quiet: bool = False, lo
                        f"{cfg.effective_epochs()}")
                 log(f"rerun {out}: it {why}; now {wanted}")
                 rerun = True
+            started = time.monotonic()
             if progress_factory is not None:
-                with progress_factory(quiet, f"{variant.name}/{task}") as report:
+                with progress_factory(quiet, f"run {run}/{n_runs} {variant.name}/{task}") as report:
                     train.finetune(cfg, out, progress=report, force=rerun)
             else:
                 train.finetune(cfg, out, force=rerun)
-            log(f"wrote {out}")
+            trained_s, n_trained = trained_s + time.monotonic() - started, n_trained + 1
+            left = n_runs - run
+            evaluates = bool(recipe.eval) and not only_train
+            eta = (f"; about {_duration(trained_s / n_trained * left)} left for the other {left} fine-tuning "
+                   f"run{'s' if left > 1 else ''}" + (", then evaluation" if evaluates else "") if left
+                   else "; evaluation next" if evaluates else "")
+            log(f"wrote {out} (run {run} of {n_runs}{eta})")
         if only_train:
             continue
         results["variants"][variant.name] = run_evaluations(recipe, variant, log=log, device=device)
     return results
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{seconds:.0f} s" if seconds < 90 else f"{minutes} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
 
 def grid_points(spec) -> list[float]:

@@ -29,7 +29,7 @@ import numpy as np
 from . import __version__
 from .checkpoints import open_weights
 from .checks import check_alpha
-from .errors import TVToolError
+from .errors import TVToolError, spell
 from .fileio import parse_json
 from .fileio import atomic_path, check_not_input, check_output  # noqa: F401  (re-exported: every writer uses them from here)
 from .formats.arch import infer
@@ -242,6 +242,32 @@ class TaskVectorFile:
 
 def open_vector(path: str | os.PathLike) -> TaskVectorFile:
     return TaskVectorFile(path)
+
+
+def recorded_base_spec(vectors: Sequence[TaskVectorFile]) -> str | None:
+    """The weights spec of the base the vectors record: its weights file or folder (recorded absolute), else
+    ``ARCH:TAG``; None when they record none. Vectors recording different bases, or a file that is gone, are
+    refused (pass the base explicitly)."""
+    specs = {}
+    for v in vectors:
+        base = v.meta.get("base") or {}
+        model, pre = base.get("model"), base.get("pretrained")
+        if isinstance(pre, str) and os.path.isabs(pre):
+            if not os.path.exists(pre):
+                raise TVToolError(f"{v.path} records its base as {pre}, which no longer exists; pass "
+                                  f"{spell('--pretrained', 'the base')} explicitly")
+            spec = pre
+        elif isinstance(pre, str) and pre.startswith("hf-hub:"):
+            spec = pre
+        elif isinstance(model, str) and model:
+            spec = f"{model}:{pre}" if isinstance(pre, str) and pre else model
+        else:
+            continue
+        specs.setdefault(spec, v.path)
+    if len(specs) > 1:
+        raise TVToolError(f"the vectors record different bases ({', '.join(sorted(specs))}); pass "
+                          f"{spell('--pretrained', 'the base')} explicitly")
+    return next(iter(specs), None)
 
 
 def check_compatible(vectors: Sequence[TaskVectorFile], *, union: bool = False,
@@ -472,21 +498,21 @@ def _unique(items) -> list:
 
 def add(paths, out, *, alpha: float = 1.0, weights: Sequence[float] | None = None, **kw) -> str:
     """Task addition: out = alpha * sum(vectors), or sum_i weights[i] * vector_i."""
-    alpha = check_alpha("--alpha", alpha)
+    alpha = check_alpha(spell("--alpha", "alpha"), alpha)
     if weights is not None:
-        weights = [check_alpha("--weights", w) for w in weights]
+        weights = [check_alpha(spell("--weights", "weights"), w) for w in weights]
     coeffs = list(weights) if weights is not None else [alpha] * len(paths)
     return combine(paths, coeffs, out, op="add", op_fields={"alpha": None if weights is not None else alpha}, **kw)
 
 
 def negate(path, out, *, alpha: float = 1.0, **kw) -> str:
     """Task negation: out = -alpha * vector."""
-    alpha = check_alpha("--alpha", alpha)
+    alpha = check_alpha(spell("--alpha", "alpha"), alpha)
     return combine([path], [-alpha], out, op="negate", op_fields={"alpha": alpha}, **kw)
 
 
 def scale(path, out, *, alpha: float, **kw) -> str:
-    alpha = check_alpha("--alpha", alpha)
+    alpha = check_alpha(spell("--alpha", "alpha"), alpha)
     return combine([path], [alpha], out, op="scale", op_fields={"alpha": alpha}, **kw)
 
 
@@ -574,19 +600,30 @@ def _float_or(code: str) -> str:
 
 def apply(base: str | WeightSource, vectors: Sequence[str | os.PathLike], out: str | os.PathLike, *,
           alpha: float = 1.0, trust_pickle: bool = False, check_base: bool = True, force: bool = False,
-          dtype=None) -> None:
+          dtype=None, nonlinear: bool = False) -> None:
     """Write theta_0 + alpha * sum(vectors) as a plain model state dict (safetensors) that open_clip can load.
 
-    Onto a transformers CLIP folder the result is a transformers folder of the same kind (its config copied)."""
-    alpha = check_alpha("--alpha", alpha)
+    Onto a transformers CLIP folder the result is a transformers folder of the same kind (its config copied) with a
+    model card (README.md: the hub's front matter, the vectors, alphas and their histories).
+
+    Vectors from linear-mode (tangent) fine-tuning are refused unless ``nonlinear``: their model is the tangent
+    model f(theta_0) + J (theta - theta_0) that `eval` measures, which no plain weights express; theta_0 + tau is
+    another, usually much worse, model."""
+    alpha = check_alpha(spell("--alpha", "alpha"), alpha)
     dtype = dtype_code(dtype)
+    vecs = [open_vector(p) for p in vectors]
+    linear = [v for v in vecs if v.meta.get("mode") == "linear"]
+    if linear and not nonlinear:
+        raise TVToolError(f"{linear[0].path} comes from linear-mode (tangent) fine-tuning: its model is the tangent "
+                          "model `eval` measures, which plain weights cannot hold, and theta_0 + alpha * tau is a "
+                          f"different, usually much worse, model; pass {spell('--nonlinear', 'nonlinear=True')} to "
+                          "write that non-linear model anyway")
     base_src = base if isinstance(base, WeightSource) else open_weights(base, trust_pickle=trust_pickle)
     to_transformers = base_src.config.transformers is not None
     if not to_transformers:
         check_output(out, force)
     else:  # a folder output: never the base folder it reads (nor one holding an input)
         check_not_input(out, [base_src.describe.get("pretrained"), *vectors])
-    vecs = [open_vector(p) for p in vectors]
     check_compatible(vecs, union=True, unknown_base_ok=True)  # the base itself is checked below
     described = base_meta(base_src)  # the fingerprint is cheap: a strided sample per tensor
     if check_base:
@@ -594,10 +631,12 @@ def apply(base: str | WeightSource, vectors: Sequence[str | os.PathLike], out: s
         for v in vecs:
             if not v.base_fingerprint:
                 raise TVToolError(f"{v.path} records no base fingerprint, so it cannot be checked against the "
-                                  "given base; pass --no-check-base if you are sure it belongs to this base")
+                                  f"given base; pass {spell('--no-check-base', 'check_base=False')} if you are sure it "
+                                  "belongs to this base")
             if v.base_fingerprint != base_fp:
                 raise TVToolError(f"{v.path} was taken against base {v.base_fingerprint}, but the given base is "
-                                  f"{base_fp}; pass the matching base (or --no-check-base if you are sure)")
+                                  f"{base_fp}; pass the matching base (or {spell('--no-check-base', 'check_base=False')}"
+                                  " if you are sure)")
     base_keys = set(base_src.keys())
     for v in vecs:
         for k in v.keys():
@@ -631,11 +670,16 @@ def apply(base: str | WeightSource, vectors: Sequence[str | os.PathLike], out: s
 
         # the q/k/v split and transposes are torch ops: hand the converter tensors
         tensors = ((k, array_to_tensor(a, specs[k][0])) for k, a in patched())
-        transformers_clip.write_folder(out, tensors, specs, copy_from=base_src.config.transformers_folder,
-                                       force=force)
+        from .modelcard import model_card
+
+        folder = base_src.config.transformers_folder
+        card = model_card(Path(out).name, folder, vecs, alpha)
+        transformers_clip.write_folder(out, tensors, specs, copy_from=folder, force=force,
+                                       extra_files={"README.md": card})
         return
     doc = {"format": "tvtool.model", "base": described,
-           "history": [history_entry("apply", alpha=alpha, inputs=[v.describe_input() for v in vecs])]}
+           "history": [history_entry("apply", alpha=alpha, inputs=[v.describe_input() for v in vecs],
+                                     **({"nonlinear": True} if linear else {}))]}
     labels = [(v.path, v) for v in vecs] + [(_source_label(base, base_src), base_src)]
     write_safetensors(out, patched(), specs, {META_KEY: json.dumps(doc)}, force=force, recycle=pool.put,
                       explain_non_finite=lambda k: _find_non_finite(labels, k))

@@ -5,9 +5,10 @@ steps, batch 128, gradient clipping 1.0 on the total gradient, frozen zero-shot 
 training on the Val-held-out split. OrthoReg adds lambda * sum_l ||dW_l^T dW_l - I||_F^2, computed every forward
 (every micro-batch) in fp32.
 
-Speed: the uint8 training images live on the device once; each step gathers a batch by index, crops, resizes and
-normalizes it there (no JPEG decoding, no host copies), runs under bf16 autocast on CUDA, and never synchronizes
-with the host except at logging and checkpoint steps.
+Speed: the uint8 training images live on the device once when they fit (else a background thread streams each
+batch from the cache file ahead of the step: ``tvtool/feed.py``, ``--data-on-device``); each step gathers a batch by
+index, crops, resizes and normalizes it there (no JPEG decoding), runs under bf16 autocast on CUDA, and never
+synchronizes with the host except at logging and checkpoint steps.
 
 Survival: seeds are set; the data order of epoch e is a permutation seeded by (seed, e) and each step's
 augmentation by (seed, step), so a run resumed from a checkpoint (trainable tensors + optimizer state + step) ends
@@ -29,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -42,168 +42,19 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .errors import TVToolError
+from .errors import TVToolError, spell, warn
+from .feed import epoch_permutation  # noqa: F401  (the data order; tests and tools read it here too)
 from .fileio import check_append, open_append
 
-from .variants import MODES  # noqa: E402  one list of modes
-
-
-@dataclass
-class TrainConfig:
-    task: str
-    model: str | None = None             # default: tvtool-mini for mini tasks, else ViT-B-32
-    pretrained: str | None = None        # default: the model's default tag (openai for ViT-B-32)
-    mode: str = "full"                   # full | attn | lora | linear
-    lam: float = 0.0                     # OrthoReg lambda; > 0 turns it on
-    orthoreg_form: str = "squared"       # squared (paper) | plain (reference code)
-    orthoreg_scope: str = "visual-linear"  # visual-linear (paper) | reference (every trainable 2-D tensor)
-    orthoreg_estimator: str = "exact"    # exact | hutchinson (unbiased randomized)
-    orthoreg_probes: int = 1
-    orthoreg_precision: str = "fp32"     # fp32 (protocol) | tf32 (the exact penalty's products in TF32)
-    lr: float = 1e-5
-    weight_decay: float = 0.1
-    warmup_steps: int = 500
-    batch_size: int = 128                # global batch per optimizer step
-    grad_accum: int = 1
-    epochs: int | None = None            # default: the dataset's epoch table
-    max_steps: int | None = None         # cap on optimizer steps (smoke tests, benchmarks)
-    clip_grad: float = 1.0
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
-    seed: int = 0
-    data_root: str | None = None
-    device: str | None = None
-    precision: str = "auto"              # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: bool = False                # torch.compile the classifier (speed only: same function)
-    compile_mode: str = "default"        # torch.compile mode: default | reduce-overhead | max-autotune ... (CUDA
-                                         # graph modes need grad_accum 1)
-    compile_backend: str = "inductor"    # torch.compile backend (aot_eager: the same graphs without code
-                                         # generation, for tests on machines without a C++ compiler)
-    fsdp: bool = False                   # under torchrun: shard the tower with FSDP2 instead of DDP (towers that
-                                         # do not fit one device)
-    eval: bool = True                    # evaluate zero-shot and fine-tuned accuracy (Val + test) for the metadata
-    eval_batch_size: int = 256
-    checkpoint_every: int = 0            # optimizer steps between checkpoints (0: none)
-    checkpoint_dir: str | None = None
-    log_every: int = 20
-    keep_checkpoints: bool = False       # keep the checkpoint folder after a finished run
-
-    def resolved(self) -> "TrainConfig":
-        """Defaults filled in and every option checked (types, finite numbers, ranges, combinations)."""
-        from .checks import check_finite
-
-        c = copy.copy(self)
-        if not isinstance(c.task, str) or not c.task:
-            raise TVToolError(f"task must be a dataset name, got {c.task!r}")
-        if c.mode not in MODES:
-            raise TVToolError(f"unknown --mode {c.mode!r}; use one of {', '.join(MODES)}")
-        if c.model is None:
-            c.model = "tvtool-mini" if c.task.startswith("mini-") else "ViT-B-32"
-        if c.pretrained is None:
-            c.pretrained = "builtin" if c.model == "tvtool-mini" else "openai"
-        for name in ("model", "pretrained", "data_root", "device", "checkpoint_dir"):
-            value = getattr(c, name)
-            if value is not None and not isinstance(value, (str, os.PathLike)):
-                raise TVToolError(f"--{name.replace('_', '-')} must be a text value, got {value!r}")
-        if c.data_root is not None:
-            c.data_root = os.fspath(c.data_root)
-        for name in ("batch_size", "grad_accum", "log_every", "lora_rank", "eval_batch_size", "orthoreg_probes",
-                     "epochs", "max_steps", "warmup_steps", "checkpoint_every", "seed"):
-            value = getattr(c, name)
-            if value is None and name in ("epochs", "max_steps"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TVToolError(f"--{name.replace('_', '-')} must be a whole number, got {value!r}")
-            low = 0 if name in ("warmup_steps", "checkpoint_every", "seed") else 1
-            if value < low:
-                raise TVToolError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-            high = UPPER_BOUNDS.get(name)
-            if high is not None and value > high:
-                why = UPPER_WHY.get(name, "")
-                raise TVToolError(f"--{name.replace('_', '-')} must be <= {high}, got {value}{why}")
-        c.lr = check_finite("--lr", c.lr, low=0, high=10, low_open=True)
-        c.weight_decay = check_finite("--weight-decay", c.weight_decay, low=0, high=100)
-        c.lam = check_finite("--lambda", c.lam, low=0, high=1e6)
-        c.lora_alpha = check_finite("--lora-alpha", c.lora_alpha, low=0, high=1e6, low_open=True)
-        c.clip_grad = check_finite("--clip-grad", c.clip_grad, low=0)
-        for name in ("eval", "keep_checkpoints", "compile", "fsdp"):
-            if not isinstance(getattr(c, name), bool):
-                raise TVToolError(f"{name} must be true or false, got {getattr(c, name)!r}")
-        if c.precision not in ("auto", "fp32", "bf16"):
-            raise TVToolError(f"--precision {c.precision!r}: use auto, fp32 or bf16")
-        if c.compile_mode not in COMPILE_MODES:
-            raise TVToolError(f"--compile-mode {c.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
-        if not isinstance(c.compile_backend, str) or not c.compile_backend:
-            raise TVToolError(f"compile_backend must be a torch.compile backend name, got {c.compile_backend!r}")
-        if c.fsdp and c.mode == "linear":
-            raise TVToolError("--fsdp does not support --mode linear (the jvp runs over the whole tower); use DDP "
-                              "(the default under torchrun) or another mode")
-        if c.fsdp and c.compile:
-            raise TVToolError("--fsdp with --compile is not supported yet; drop one of them")
-        if c.compile and c.compile_mode in CUDA_GRAPH_MODES and c.grad_accum > 1:
-            # each micro-batch's replay overwrites the graph-owned gradients the previous one left (pytorch#169545)
-            raise TVToolError(f"--compile-mode {c.compile_mode} captures CUDA graphs, which cannot accumulate "
-                              f"gradients over --grad-accum {c.grad_accum} micro-batches; use --compile-mode default "
-                              "or max-autotune-no-cudagraphs")
-        from .orthoreg import ESTIMATORS, FORMS, PRECISIONS, SCOPES
-
-        choices = {"orthoreg_form": FORMS, "orthoreg_scope": SCOPES, "orthoreg_estimator": ESTIMATORS,
-                   "orthoreg_precision": PRECISIONS}
-        for name, allowed in choices.items():
-            if getattr(c, name) not in allowed:
-                raise TVToolError(f"--{name.replace('_', '-')} {getattr(c, name)!r}: use one of {', '.join(allowed)}")
-        if c.batch_size % c.grad_accum:
-            raise TVToolError(f"--batch-size {c.batch_size} is not divisible by --grad-accum {c.grad_accum}")
-        return c
-
-    def validate(self) -> "TrainConfig":
-        """:meth:`resolved` plus everything checkable without building a model: the dataset is registered, its
-        data root holds the splits the run reads, and the weights spec names a known tag or an existing file.
-        ``finetune`` calls it first, so a mistake costs seconds, not a model build."""
-        from .datasets.base import check_available
-
-        c = self.resolved()
-        check_available(c.task, ("train", "val", "test") if c.eval else ("train",), c.data_root)
-        check_weights_spec(c.model, c.pretrained)
-        return c
-
-    def effective_epochs(self) -> int:
-        """The epochs a run of this config trains: ``epochs``, else the dataset's epoch table."""
-        if self.epochs is not None:
-            return self.epochs
-        from .datasets import get_dataset
-
-        return get_dataset(self.task).epochs
-
-    def settings_digest(self) -> str:
-        """Canonical digest of the settings that determine the trained vector (the resolved config): a recipe
-        reruns an output whose recorded digest differs."""
-        key = json.dumps(_config_key(self.resolved()), sort_keys=True, default=str)
-        return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:16]
-
-    def orthoreg_settings(self) -> dict | None:
-        if self.lam <= 0:
-            return None
-        return {"lambda": self.lam, "form": self.orthoreg_form, "scope": self.orthoreg_scope,
-                "estimator": self.orthoreg_estimator, "probes": self.orthoreg_probes,
-                "precision": self.orthoreg_precision}
-
-
-# Far above any real run, refused at once: a typo like 1e9 epochs would otherwise train until killed, and seeds
-# must fit the 64-bit generators (numpy's legacy seeding takes the seed modulo 2**32).
-MAX_SEED = 2**63 - 1
-UPPER_BOUNDS = {"epochs": 10_000, "max_steps": 10**9, "warmup_steps": 10**9, "seed": MAX_SEED,
-                "batch_size": 1 << 20, "eval_batch_size": 1 << 20, "orthoreg_probes": 1 << 10, "lora_rank": 1 << 14}
-UPPER_WHY = {"epochs": " (the protocol's longest run is 147 epochs)", "seed": " (seeds are 63-bit numbers)"}
+# TrainConfig and the choices of its options live in a torch-free module (the CLI checks options before importing
+# this one); re-exported here, where they always were.
+from .trainconfig import (  # noqa: F401,E402
+    COMPILE_MODES, CUDA_GRAPH_MODES, MAX_SEED, MODES, UPPER_BOUNDS, TrainConfig, check_weights_spec,
+    config_key as _config_key, option_name,
+)
 
 
 # ------------------------------------------------------------------------------------------------ small pieces
-def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The data order of one epoch: a permutation seeded by (seed, epoch) alone, so a resumed run sees the same."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
-    return torch.randperm(n, generator=g)
-
-
 def step_seed(seed: int, step: int) -> int:
     """The seed of one optimizer step's augmentation (and Hutchinson probes)."""
     return (seed * 7_919 + step * 131) % 2**64
@@ -276,10 +127,6 @@ def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Genera
     return resized_crop(images, crop_boxes(b, h, w, generator, images.device, scale, ratio), size)
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the ones that capture CUDA graphs
-
-
 @contextlib.contextmanager
 def _compile_errors(cfg: TrainConfig):
     """torch.compile compiles lazily: the forward at the first call, the backward at the first loss.backward(). Its
@@ -347,24 +194,6 @@ class TrainStep(torch.nn.Module):
 def _checkpoint_path(cfg: TrainConfig, out: Path) -> Path:
     folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.parent / f".{out.name}.ckpt"
     return folder / "last.pt"
-
-
-def _config_key(cfg: TrainConfig) -> dict:
-    """The settings a resumed run must share with the run it continues (and that determine its vector)."""
-    d = dataclasses.asdict(cfg)
-    for k in ("device", "eval", "eval_batch_size", "checkpoint_every", "checkpoint_dir", "log_every", "data_root",
-              "keep_checkpoints", "compile", "compile_mode", "compile_backend", "fsdp"):
-        d.pop(k)
-    if d["orthoreg_precision"] == "fp32":  # the default before the option existed: older digests stay valid
-        d.pop("orthoreg_precision")
-    return d
-
-
-def check_weights_spec(model: str, pretrained: str) -> None:
-    """Fail before any model is built when ``pretrained`` names neither an existing file/folder nor a known tag."""
-    from .models import check_pretrained
-
-    check_pretrained(model, pretrained)
 
 
 _CHECKPOINT_KEYS = {"step": int, "trainable": dict, "optimizer": dict, "config": str, "metrics": str}
@@ -499,6 +328,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     simulate a killed run).
     """
     from . import datasets, heads, models, parallel, variants
+    from .feed import Placement, TrainFeed
     from .orthoreg import OrthoReg
     from .taskvector import check_output, history_entry, new_meta, write_vector
 
@@ -514,7 +344,7 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
         own_output = bool(state.get("output")) and state.get("output") == str(out.resolve())
         if out.exists() and not force and not own_output:
             raise TVToolError(f"{out}: already exists and is not the output of the checkpoint in {ckpt.parent}; "
-                              "pass --force to overwrite it, or another -o")
+                              f"pass {spell('--force', 'force=True')} to overwrite it, or another output")
         check_output(out, True)
     else:
         check_output(out, force)
@@ -534,13 +364,15 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     # --- model, head, data (the task is checked first: a typo should not wait for a model download)
     spec = datasets.get_dataset(cfg.task)
     bundle = models.load_clip(cfg.model, cfg.pretrained, device=device)
+    # ||theta_0||^2 of each image-tower tensor, to tell at the end whether the vector moved at all
+    base_sq = {k: float(v.float().pow(2).sum()) for k, v in bundle.model.state_dict().items()
+               if k.startswith("visual.")} if rank == 0 else {}
     head = heads.zero_shot_head(bundle, spec)
     size = bundle.image_size
-    train_x, train_y = datasets.load_split(cfg.task, "train", cfg.data_root, size)
-    n_train = train_y.numel()
+    train_data = datasets.open_split(cfg.task, "train", cfg.data_root, size)
+    n_train = len(train_data)
     if n_train == 0:  # 0 steps would write an all-zero vector that looks like a result
         raise TVToolError(f"{cfg.task}: the training split is empty; check the data with `tvtool data check`")
-    train_x, train_y = train_x.to(device), train_y.to(device)
     mean = torch.tensor(bundle.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(bundle.std, device=device).view(1, 3, 1, 1)
 
@@ -587,6 +419,10 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     total_steps = epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
+    if total_steps < cfg.warmup_steps and rank == 0 and state is None:
+        warn(f"{cfg.task}: the run's {total_steps} steps end inside its {cfg.warmup_steps} warm-up steps, so the "
+             f"learning rate only reaches {lr_at(total_steps - 1, cfg, total_steps):.2g}, not "
+             f"{option_name('lr')} {cfg.lr:g}; lower {option_name('warmup_steps')} or train longer")
     fused = device.startswith("cuda")
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=fused or None)
@@ -619,42 +455,35 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     per_rank = micro // world
     if per_rank * world != micro:
         raise TVToolError(f"micro-batch {micro} is not divisible by {world} processes")
+    placement = Placement(device, cfg.data_on_device, say=None if rank == 0 else (lambda line: None))
+    feed = TrainFeed(train_data, device, placement.hold(train_data.nbytes, f"{cfg.task}/train", n_train),
+                     seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, world=world, rank=rank,
+                     steps_per_epoch=steps_per_epoch, first_step=step, total_steps=total_steps)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     loss_acc = torch.zeros((), device=device)
     pen_acc = torch.zeros((), device=device)
     t_start, seen, last_log = time.perf_counter(), 0, step
     t_log, seen_at_log = t_start, 0  # throughput is reported per logging interval
-    perm, perm_epoch = None, -1
     record = {"task_loss": float("nan"), "penalty": 0.0}
     step_module.train()
     while step < total_steps:
-        epoch = step // steps_per_epoch
-        if epoch != perm_epoch:
-            perm = epoch_permutation(cfg.seed, epoch, n_train).to(device)
-            perm_epoch = epoch
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Seeded by the step alone, not the rank: every rank draws the same crops for the whole global batch and
         # takes its own slice, so a torchrun run sees exactly the images a one-process run sees.
         gen = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step))
-        batch_idx = perm[(step % steps_per_epoch) * cfg.batch_size:][: cfg.batch_size]
-        n_batch = batch_idx.numel()  # the last batch of an epoch can be short
-        boxes = crop_boxes(n_batch, train_x.shape[-2], train_x.shape[-1], gen, device)
-        positions = torch.arange(n_batch, device=device)
-        for m in range(cfg.grad_accum):
-            pos = torch.tensor_split(positions[m * micro:(m + 1) * micro], world)[rank]
-            n_real = pos.numel()
-            if n_real == 0:
-                # a short last batch can leave this rank no image in this micro-batch: it still runs the step on one
-                # stand-in image weighted 0, so every rank runs the same forward and backward (DDP's gradient
-                # buckets, FSDP's gathers) and the penalty is still added once per micro-batch
-                pos = positions[:1]
-            idx = batch_idx.index_select(0, pos)
-            x = train_x.index_select(0, idx).float().div_(255)
-            x = resized_crop(x, boxes.index_select(0, pos), size)
+        # the step's batch: its size (the last batch of an epoch can be short) and, per micro-batch, the span [a, b)
+        # of it this rank trains on, balanced across ranks. A short last batch can leave a rank no image in a
+        # micro-batch (n_real 0): the feed then hands it one stand-in image weighted 0, so every rank runs the same
+        # forward and backward (DDP's gradient buckets, FSDP's gathers) and the penalty is still added once per
+        # micro-batch.
+        n_batch, micro_batches = feed.step(step)
+        boxes = crop_boxes(n_batch, size, size, gen, device)
+        for m, ((a, b), n_real, images, y) in enumerate(micro_batches):
+            x = images.float().div_(255)
+            x = resized_crop(x, boxes[a:b], size)
             x = (x - mean) / std
-            y = train_y.index_select(0, idx)
             probes = reg.draw_probes(gen) if reg is not None else None
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -714,12 +543,14 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
                                 total_steps=total_steps)
             owns_checkpoint = owns_checkpoint or at_ckpt  # written by this run: removed when it finishes
         if stop_after is not None and step >= stop_after:
+            feed.close()
             if log_file:
                 log_file.close()
             if world > 1:  # every rank leaves after rank 0 has written its checkpoint
                 torch.distributed.barrier()
             return TrainResult(out, step, record["task_loss"], record["penalty"])
     elapsed = time.perf_counter() - t_start
+    feed.close()
     if log_file:
         log_file.close()
 
@@ -733,9 +564,10 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
             if "zeroshot_val_acc" not in metrics:  # resumed from a checkpoint taken before they were known
                 metrics.update(_accuracies(eval_bundle, cfg, device, {}, "zeroshot_"))
             metrics.update(_accuracies(eval_bundle, cfg, device, deltas, ""))
+        _warn_if_unmoved(cfg, deltas, base_sq, metrics)
         final = {"task_loss": record["task_loss"], "penalty": record["penalty"]}
         train_info = {**{k: v for k, v in dataclasses.asdict(cfg).items()
-                         if k not in ("device", "data_root", "checkpoint_dir", "keep_checkpoints")},
+                         if k not in ("device", "data_root", "checkpoint_dir", "keep_checkpoints", "data_on_device")},
                       "steps": step, "epochs": epochs, "world_size": world, "final": final,
                       "seconds": elapsed, "device": device}
         # a local weights path is recorded absolute, so `eval` finds the base from any working directory; anything
@@ -754,12 +586,31 @@ def finetune(cfg: TrainConfig, out: str | os.PathLike, *, force: bool = False, r
     return TrainResult(out, step, record["task_loss"], record["penalty"], metrics, elapsed, seen / max(elapsed, 1e-9))
 
 
+# A fine-tuned vector smaller than this fraction of theta_0 (over the tensors it changes) that did not raise the Val
+# accuracy either has barely moved. Between a mini-world run on the protocol's schedule (lr 1e-5, 500 warm-up steps
+# for 30 steps: 8e-5) and a useful mini run (0.06); a run that raised the Val accuracy is never flagged.
+UNMOVED_FRACTION = 1e-3
+
+
+def _warn_if_unmoved(cfg: TrainConfig, deltas: dict, base_sq: dict, metrics: dict) -> None:
+    tau = math.sqrt(sum(float(v.pow(2).sum()) for v in deltas.values()))
+    base = math.sqrt(sum(base_sq.get(k, 0.0) for k in deltas))
+    if base <= 0 or tau >= UNMOVED_FRACTION * base:
+        return
+    before, after = metrics.get("zeroshot_val_acc"), metrics.get("val_acc")
+    if before is not None and after is not None and after > before:
+        return
+    acc = f"; Val accuracy {100 * before:.2f}% -> {100 * after:.2f}%" if after is not None else ""
+    warn(f"{cfg.task}: the task vector barely moved (||tau|| {tau:.3g} is {100 * tau / base:.2g}% of ||theta_0|| "
+         f"over the tensors it tunes{acc}); raise {option_name('lr')} or train longer")
+
+
 def _accuracies(eval_bundle, cfg: TrainConfig, device: str, deltas: dict, prefix: str) -> dict:
     """Val and test accuracy of theta_0 + deltas on the task; the model returns to the CPU afterwards."""
     from .evaluate import Evaluator
 
     ev = Evaluator(eval_bundle, [cfg.task], cfg.data_root, device=device, batch_size=cfg.eval_batch_size,
-                   linearized=cfg.mode == "linear")
+                   linearized=cfg.mode == "linear", data_on_device=cfg.data_on_device)
     if deltas:
         ev.set_weights({k: v.to(device) for k, v in deltas.items()}, 1.0)
     out = {f"{prefix}{split}_acc": ev.accuracy(cfg.task, split) for split in ("val", "test")}

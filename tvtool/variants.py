@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from .errors import TVToolError
 
-MODES = ("full", "attn", "lora", "linear")
+from .trainconfig import MODES  # noqa: E402,F401  declared with the options, torch-free
 _ATTN = re.compile(r"^transformer\.resblocks\.\d+\.attn\.(in_proj_weight|out_proj\.weight)$")
 PREFIX = "visual."
 

@@ -1,11 +1,13 @@
 """Command-line entry point: `tvtool ...`. A thin layer over the Python API in `tvtool`."""
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 
 import typer
 
-from ..errors import TVToolError
+from ..errors import TVToolError, TVToolWarning, command_line
 from ._app import app
 
 # Each import registers one family of commands on `app`.
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else list(argv)
     try:
-        command.main(args=args, prog_name="tvtool", standalone_mode=True)
+        with command_line(), _warnings_as_lines():  # API messages name --flags; warnings print as one line
+            command.main(args=args, prog_name="tvtool", standalone_mode=True)
     except SystemExit as exc:  # standalone mode always ends this way, success included
         if _interrupted(exc):  # typer 0.29 maps Ctrl-C to 130 itself; 0.12 leaves click's "Aborted." and exit 1
             return 130
@@ -63,9 +66,46 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo("interrupted", err=True)
         return 130
     except OSError as exc:  # disk full, permission denied, ...: one line, not a traceback
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_torchvision_cause(exc) or exc}", err=True)
+        return 1
+    except (ImportError, RuntimeError) as exc:
+        cause = _torchvision_cause(exc)
+        if cause is None:
+            raise
+        typer.echo(f"error: {cause}", err=True)
         return 1
     return 0
+
+
+def _torchvision_cause(exc: BaseException) -> str | None:
+    """A broken torch/torchvision pair met while importing (open_clip imports torchvision): its one-line message."""
+    from ..environment import torchvision_error, torchvision_problem
+
+    tb, seen = exc.__traceback__, False
+    while tb is not None:
+        seen = seen or "torchvision" in tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    if not seen and "torchvision" not in str(exc):
+        return None
+    problem = torchvision_problem()
+    return None if problem is None else str(torchvision_error(problem))
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """tvtool's own warnings (TVToolWarning) as one `warning: ...` line on stderr, each time; others as usual."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", TVToolWarning)
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, TVToolWarning):
+                typer.echo(f"warning: {message}", err=True)
+            else:
+                original(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def _interrupted(exc: BaseException) -> bool:

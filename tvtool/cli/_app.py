@@ -6,7 +6,7 @@ app = typer.Typer(
     help=(
         "Task-vector toolkit: fine-tune CLIP with OrthoReg, build task vectors, add / negate / merge them, "
         "evaluate task arithmetic and inspect how orthogonal your vectors are.\n\n"
-        "Example: tvtool add cars.st dtd.st --alpha 0.3 -o cars_dtd.st"
+        "Example: tvtool finetune cars --lambda 1e-4;  tvtool add a.st b.st --alpha 0.3;  tvtool inspect --cosine"
     ),
     no_args_is_help=True,
     add_completion=False,

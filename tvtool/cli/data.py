@@ -64,33 +64,29 @@ def list_cmd(
     _console().print(table)
 
 
-def protocol_counts(spec, native: dict[str, int]) -> dict[str, int]:
-    """Sizes of the protocol splits from the native split sizes (no decoding)."""
-    from ..datasets.base import VAL_CAP, VAL_FRACTION
-
-    if spec.native_val:
-        return {"train": native["train"], "val": native["val"], "test": native["test"]}
-    n_val = min(int(native["train"] * VAL_FRACTION), VAL_CAP)
-    return {"train": native["train"] - n_val, "val": n_val, "test": native["test"]}
-
-
 def check_dataset(name: str, root: Path) -> dict:
-    """{'name', 'present', 'counts' (protocol splits), 'problems': [...], 'how': layout help} for one dataset."""
+    """{'name', 'present', 'counts' (protocol splits), 'problems': [...], 'how': layout help, 'source': where the
+    data was found (the folder layout or a Hugging Face snapshot)} for one dataset."""
     from ..datasets import get_dataset
+    from ..datasets.hf import fetch_help
+    from ..datasets.sources import protocol_sizes
 
     spec = get_dataset(name)
     if spec.kind == "mini" or spec.listing is None:
-        return {"name": name, "present": True, "counts": None, "problems": [], "how": "built in"}
-    native, problems = {}, []
-    for split in ("train", "val", "test") if spec.native_val else ("train", "test"):
-        try:
-            native[split] = len(spec.listing(split, root))
-        except TVToolError as exc:
-            problems.append(f"{split}: {exc}")
-    counts = protocol_counts(spec, native) if not problems else None
+        return {"name": name, "present": True, "counts": None, "problems": [], "how": "built in", "source": None}
+    counts, source, problems = None, None, []
+    try:
+        counts, source = protocol_sizes(spec, root)
+    except TVToolError as exc:  # say what is wrong with every split, not only the first one listed
+        from ..datasets.sources import native_problem
+
+        problems = [f"{split}: {why}" for split in (("train", "val", "test") if spec.native_val else ("train", "test"))
+                    if (why := native_problem(spec, split, root))] or [str(exc)]
     if counts is not None and min(counts.values()) == 0:
         problems.append("a split is empty: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return {"name": name, "present": not problems, "counts": counts, "problems": problems, "how": spec.layout_help}
+    how = "; ".join(h for h in (spec.layout_help, fetch_help(name, str(root))) if h)
+    return {"name": name, "present": not problems, "counts": counts, "problems": problems, "how": how,
+            "source": source}
 
 
 @data_app.command("check")
@@ -108,19 +104,23 @@ def check_cmd(
     from ..datasets import get_dataset, list_datasets
     from ..datasets.base import resolve_data_root
 
-    root = resolve_data_root(data_root)
-    for n in names or []:
-        get_dataset(n)  # unknown names fail before any work
-    results = [check_dataset(n, root) for n in (names or list_datasets("real"))]
+    names = [get_dataset(n).name for n in names or []]  # unknown names fail before any work; aliases resolved
+    wanted = names or list_datasets("real")
+    # the built-in mini tasks need no data root: only real datasets ask for one
+    root = resolve_data_root(data_root) if any(get_dataset(n).needs_data_root for n in wanted) else None
+    results = [check_dataset(n, root) for n in wanted]
     if as_json:
-        typer.echo(json.dumps({"data_root": str(root), "datasets": results}))
+        typer.echo(json.dumps({"data_root": None if root is None else str(root), "datasets": results}))
     else:
         from rich.table import Table
 
-        table = Table("dataset", "status", "train", "val", "test", title=f"data root {root}")
+        table = Table("dataset", "status", "train", "val", "test",
+                      title=f"data root {root}" if root is not None else "built-in datasets (no data root needed)")
         for r in results:
             c = r["counts"] or {}
             status = "built in" if r["how"] == "built in" else "ok" if r["present"] else "MISSING"
+            if r["present"] and (r.get("source") or "").startswith("Hugging Face snapshot"):
+                status = "ok (HF snapshot)"
             table.add_row(r["name"], status, *(str(c.get(s, "-")) for s in ("train", "val", "test")))
         _console().print(table)
         for r in results:
@@ -174,11 +174,21 @@ def _prepare(spec, name: str, root: Path) -> None:
     if before["present"]:
         typer.echo(f"{name}: already present under {root} ({_fmt(before['counts'])})")
         return
+    from ..datasets.hf import fetch_help
+
+    snapshot = fetch_help(name, str(root))
     if spec.prepare is None:
         typer.echo(f"{name}: cannot be downloaded automatically. Manual steps:\n  {spec.layout_help}")
+        if snapshot:
+            typer.echo(f"  {snapshot[0].upper()}{snapshot[1:]}")
         typer.echo(f"then check with: tvtool data check {name} --data-root {root}")
         raise typer.Exit(1)
-    spec.prepare(root, typer.echo)
+    try:
+        spec.prepare(root, typer.echo)
+    except TVToolError as exc:
+        if snapshot:
+            raise TVToolError(f"{exc}; {snapshot}") from None
+        raise
     after = check_dataset(name, root)
     if not after["present"]:
         raise TVToolError(f"{name}: prepared files are incomplete ({'; '.join(after['problems'])})")

@@ -38,6 +38,9 @@ _BATCH = typer.Option(256, "--batch-size", help="Evaluation batch size.")
 _MAX = typer.Option(None, "--max-examples", help="Use only the first N examples of each split (quick looks; the "
                                                  "protocol's figures use whole splits).")
 _JSON = typer.Option(False, "--json", help="Print the JSON result only, on stdout.")
+_ON_DEVICE = typer.Option("auto", "--data-on-device", help="auto | yes | no: hold each split's images on the device "
+                                                           "(auto: when they fit its memory budget) or stream them "
+                                                           "from the cache in batches; the results are the same.")
 _LINEAR = typer.Option(None, "--linearized/--no-linearized",
                        help="Evaluate the tangent model f(theta_0) + J (theta - theta_0) (default: when every vector "
                             "comes from --mode linear fine-tuning, as in tangent task arithmetic).")
@@ -46,7 +49,7 @@ _FORCE = typer.Option(False, "--force", help="Overwrite --json-out / --plot file
 
 
 def _setup(paths, model, pretrained, tasks, splits, data_root, device, batch_size, outputs=(), force=False,
-           max_examples=None, linearized=None):
+           max_examples=None, linearized=None, data_on_device="auto"):
     from .. import evaluate as ev
     from ..models import load_clip
     from ..taskvector import check_output
@@ -56,15 +59,20 @@ def _setup(paths, model, pretrained, tasks, splits, data_root, device, batch_siz
             check_output(out, force)  # refuse an existing output before the long computation, not after
 
     vectors = ev.open_vectors(paths) if paths else []
-    rec_model, rec_pre = ev.recorded_base(vectors)
-    model = model or rec_model
-    if model is None:
-        raise TVToolError("no model: pass --model (and --pretrained), or task vectors that record their base")
-    if pretrained is None and model == rec_model:
-        pretrained = rec_pre
     if tasks is None:
         tasks = list(dict.fromkeys(t for v in vectors for t in v.tasks))
-    from ..datasets.base import check_available
+    # one rule for every command: the base the vectors record, else the tasks' family default model
+    rec_model, rec_pre = ev.recorded_base(vectors)
+    from ..trainconfig import default_weights
+
+    fam_model, fam_pre = default_weights(tasks)
+    model = model or rec_model or fam_model
+    if pretrained is None:
+        pretrained = rec_pre if model == rec_model else fam_pre if model == fam_model else None
+    from ..datasets.sources import check_available
+    from ..feed import check_placement
+
+    check_placement(data_on_device)
 
     for task in tasks:  # every task's data, before the model is built
         check_available(task, splits, data_root)
@@ -72,7 +80,7 @@ def _setup(paths, model, pretrained, tasks, splits, data_root, device, batch_siz
     ev.check_base(vectors, bundle)
     return vectors, ev.Evaluator(bundle, tasks, data_root=data_root, splits=splits, device=device,
                                  batch_size=batch_size, max_examples=max_examples,
-                                 linearized=ev.wants_linearized(vectors, linearized))
+                                 linearized=ev.wants_linearized(vectors, linearized), data_on_device=data_on_device)
 
 
 def _progress(line: str) -> None:
@@ -127,7 +135,8 @@ def accuracy_cmd(
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated tasks or a suite: ta8, ta14, ta20 (default: the vectors' tasks)."),
     split: str = typer.Option("test", "--split", help="test or val."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
-    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
+    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX,
+    data_on_device: str = _ON_DEVICE, as_json: bool = _JSON,
     linearized: Optional[bool] = _LINEAR,
     json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
 ):
@@ -139,7 +148,7 @@ def accuracy_cmd(
 
     alpha = check_alpha("--alpha", alpha)  # before any model is loaded
     vecs, evaluator = _setup(vectors, model, pretrained, _tasks_option(tasks), [split], data_root, device, batch_size,
-                             (json_out,), force, max_examples, linearized)
+                             (json_out,), force, max_examples, linearized, data_on_device)
     result = ev.eval_accuracy(evaluator, vecs, alpha, evaluator.tasks, split, progress=_progress)
 
     def table(console):
@@ -163,7 +172,8 @@ def addition_cmd(
     merged: Optional[Path] = typer.Option(None, "--merged", help="A vector made by `tvtool merge` from VECTORS: the "
                                                                "alpha search scales it instead of their sum."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
-    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
+    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX,
+    data_on_device: str = _ON_DEVICE, as_json: bool = _JSON,
     linearized: Optional[bool] = _LINEAR,
     json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
 ):
@@ -171,7 +181,7 @@ def addition_cmd(
 
     g = ev.parse_grid(grid) if grid is not None else None
     vecs, evaluator = _setup(vectors, model, pretrained, None, ["val", "test"], data_root, device, batch_size,
-                             (json_out,), force, max_examples, linearized)
+                             (json_out,), force, max_examples, linearized, data_on_device)
     merged_vec = ev.open_vectors([merged])[0] if merged is not None else None
     if merged_vec is not None:
         ev.check_base([merged_vec], evaluator.bundle)
@@ -215,7 +225,8 @@ def negation_cmd(
                                                    "the protocol's 0.95)."),
     grid: str = typer.Option(ALPHA_GRID, "--grid", help="START:STOP:STEP (inclusive) or a list."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
-    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
+    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX,
+    data_on_device: str = _ON_DEVICE, as_json: bool = _JSON,
     linearized: Optional[bool] = _LINEAR,
     json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
 ):
@@ -227,15 +238,18 @@ def negation_cmd(
     if threshold is None:
         threshold = ev.DEFAULT_THRESHOLD
     check_finite("--threshold", threshold, low=0, low_open=True)  # before any model is loaded
-    _check_control(control or ev.default_control(ev.vector_task(ev.open_vectors([vector])[0])), data_root)
+    opened = ev.open_vectors([vector])[0]
+    ev.check_not_negated(opened)
+    _check_control(control or ev.default_control(ev.vector_task(opened)), data_root)
     vecs, evaluator = _setup([vector], model, pretrained, None, ["val", "test"], data_root, device, batch_size,
-                             (json_out,), force, max_examples, linearized)
+                             (json_out,), force, max_examples, linearized, data_on_device)
     result = ev.negation(evaluator, vecs[0], control, g, threshold=threshold, progress=_progress)
 
     def table(console):
         alpha = "none" if result["alpha"] is None else f"{result['alpha']:g}"
-        t = _table(f"task negation, alpha={alpha} (control floor {result['threshold']:g} x zero-shot)", ["", "Tar.Acc (" + result["target"] + ")",
-                                                      "Con.Acc (" + result["control"] + ")"])
+        t = _table(f"task negation, test accuracy (%); alpha={alpha} chosen on Val, where control accuracy must stay "
+                   f">= {result['threshold']:g} x zero-shot", ["", f"Tar.Acc ({result['target']})",
+                                                               f"Con.Acc ({result['control']})"])
         zs = result["zeroshot"]
         t.add_row("zero-shot", _pct(zs["target_test_acc"]), _pct(zs["control_test_acc"]))
         t.add_row("negated", _pct(result["tar_acc"]), _pct(result["con_acc"]))
@@ -276,7 +290,8 @@ def disentanglement_cmd(
     split: str = typer.Option("test", "--split", help="test or val."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the heat-map PNG here."),
     model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
-    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX, as_json: bool = _JSON,
+    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX,
+    data_on_device: str = _ON_DEVICE, as_json: bool = _JSON,
     linearized: Optional[bool] = _LINEAR,
     json_out: Optional[Path] = _JSON_OUT, force: bool = _FORCE,
 ):
@@ -284,7 +299,7 @@ def disentanglement_cmd(
 
     g = ev.parse_grid(grid)
     vecs, evaluator = _setup([a, b], model, pretrained, None, [split], data_root, device, batch_size,
-                             (json_out, plot), force, max_examples, linearized)
+                             (json_out, plot), force, max_examples, linearized, data_on_device)
     result = ev.disentanglement(evaluator, vecs[0], vecs[1], g, split=split, progress=_progress)
     if plot is not None:
         ev.plot_disentanglement(result, plot, force=force)

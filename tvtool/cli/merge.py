@@ -11,6 +11,7 @@ from typer.core import TyperCommand
 
 from ..errors import TVToolError
 from ._app import app
+from ._output import destination, merge_name, output_option, wrote
 
 
 def _methods_help() -> str:
@@ -36,7 +37,7 @@ authors' code does (option fallback=sum adds them). SVDs and WUDI's optimization
 Each method's paper, reference code and default alpha search (used by `eval addition --merged` and recipes) are \
 in `tvtool merge --list`.
 
-Example: tvtool merge --method ties --option k=20 cars.st dtd.st eurosat.st --alpha 0.4 -o ties.st
+Example: tvtool merge --method ties --option k=20 a.st b.st c.st --alpha 0.4   (writes ties-a+b+c-alpha0.4.st)
 """
 
 
@@ -56,8 +57,7 @@ def merge(
     method: Optional[str] = typer.Option(None, "--method", "-m", help="Merging method (see --list)."),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O", metavar="KEY=VALUE",
                                                help="A method option, repeatable: --option k=20."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write the merged vector "
-                                                                       "(required unless --list)."),
+    output: Optional[str] = output_option("the merged vector", "METHOD-A+B-alphaX.st (METHOD-A+B.st when alpha is 1)"),
     alpha: float = typer.Option(1.0, "--alpha", help="Scaling coefficient applied to the merged vector."),
     seed: int = typer.Option(0, "--seed", help="Seed of random methods (dare, dare-ties, della); recorded in the history."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype: fp32, bf16 or fp16 (default: the "
@@ -78,8 +78,6 @@ def merge(
     if list_:
         typer.echo("\n\n".join(merging.describe_method(m) for m in merging.list_methods()))
         return
-    if output is None:  # required like every file-writing command's -o; not declared required because of --list
-        ctx.fail("Missing option '-o' / '--output'.")
     if method is None:
         raise TVToolError("no --method given; choose one of " + ", ".join(merging.REGISTRY) +
                           " (`tvtool merge --list` describes them)")
@@ -87,6 +85,7 @@ def merge(
     if not vectors:
         raise TVToolError("no task vectors given; pass the .st files to merge")
     options = merging.parse_option_strings(option or [])
-    fp = merging.merge_files(m.name, vectors, output, options, alpha=alpha, seed=seed, dtype=dtype, force=force,
-                             union=union)
-    typer.echo(f"wrote {output} ({fp})")
+    with destination(output, merge_name(m.name, vectors, alpha)) as target:
+        fp = merging.merge_files(m.name, vectors, target.path, options, alpha=alpha, seed=seed, dtype=dtype,
+                                 force=force, union=union)
+    wrote(target, fp)

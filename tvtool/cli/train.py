@@ -7,84 +7,124 @@ from typing import Optional
 import typer
 
 from ._app import app
+from ._output import STDOUT, announce, destination, finetune_name, output_option, wrote
 
 # The API (torch) and rich are imported inside the commands, so `--help` starts instantly.
 
 
+from ..trainconfig import FAMILY_DEFAULTS, default_values
+
+# Every default below is TrainConfig's (tvtool/trainconfig.py): declared once, shown here. None means "decided by
+# the task family" (the protocol's for real datasets, the quickstart's for the mini-world).
+D = default_values()
+
+
+def _family(field: str) -> str:
+    real, mini = FAMILY_DEFAULTS["real"][field], FAMILY_DEFAULTS["mini"][field]
+    return f"default: {real:g} for real datasets, {mini:g} for mini tasks" if isinstance(real, float) else \
+        f"default: {real} for real datasets, {mini} for mini tasks"
+
+
 @app.command()
 def finetune(
-    task: str = typer.Argument(..., help="Task name (see `tvtool data list`), e.g. cars or mini-shapes."),
-    output: Path = typer.Option(..., "-o", "--output", help="Where to write the task vector (refused if it exists, "
-                                                         "see --force)."),
-    model: Optional[str] = typer.Option(None, "--model", help="open_clip architecture (default: ViT-B-32; "
-                                                             "tvtool-mini for mini tasks)."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip tag, a .safetensors file, an "
-                                                                       "open_clip or transformers CLIP folder, or a hub "
-                                                                       "id ORG/NAME (default: openai / builtin)."),
-    mode: str = typer.Option("full", "--mode", help="full | attn (in_proj + out_proj weights) | lora | linear "
-                                                   "(tangent-space model via torch.func.jvp)."),
+    task: str = typer.Argument(..., help="Task name (see `tvtool data list`; FusionBench's and TALL masks' spellings "
+                                         "such as stanford-cars or CarsVal work too), e.g. cars or mini-shapes."),
+    output: Optional[str] = output_option("the task vector", "TASK.st, with -MODE, -lambdaL (-FORM, -SCOPE, "
+                                          "-ESTIMATOR) and -seedS added when not the default, e.g. "
+                                          "cars-lambda0.0001.st"),
+    model: Optional[str] = typer.Option(D["model"], "--model", help=f"open_clip architecture ({_family('model')})."),
+    pretrained: Optional[str] = typer.Option(D["pretrained"], "--pretrained",
+                                             help="open_clip tag, a .safetensors file, an open_clip or transformers "
+                                                  "CLIP folder, or a hub id ORG/NAME (default: the model's own: "
+                                                  "openai, or builtin for tvtool-mini)."),
+    mode: str = typer.Option(D["mode"], "--mode", help="full | attn (in_proj + out_proj weights) | lora | linear "
+                                                       "(tangent-space model via torch.func.jvp)."),
     orthoreg: Optional[bool] = typer.Option(None, "--orthoreg/--no-orthoreg",
                                             help="Add the OrthoReg penalty (on by default when --lambda > 0)."),
-    lam: float = typer.Option(0.0, "--lambda", help="OrthoReg strength; > 0 turns it on. Paper: 10 for full FT "
-                                                    "ViT-B-32 with --orthoreg-form plain, 1.0 for LoRA-ATT."),
-    form: str = typer.Option("squared", "--orthoreg-form", help="squared (paper: ||dW^T dW - I||_F^2) | plain "
-                                                               "(reference code: not squared)."),
-    scope: str = typer.Option("visual-linear", "--orthoreg-scope", help="visual-linear (paper: tuned visual linear "
-                                                                       "layers) | reference (every trainable 2-D tensor)."),
-    estimator: str = typer.Option("exact", "--orthoreg-estimator", help="exact | hutchinson (unbiased randomized)."),
-    probes: int = typer.Option(1, "--orthoreg-probes", help="Probe vectors per layer for the hutchinson estimator."),
-    orthoreg_precision: str = typer.Option("fp32", "--orthoreg-precision", help="fp32 (protocol) | tf32: the exact "
-                                           "penalty's matrix products in TF32 on CUDA, about 2x faster."),
-    lr: float = typer.Option(1e-5, "--lr", help="AdamW learning rate."),
-    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (decoupled)."),
-    warmup: int = typer.Option(500, "--warmup-steps", help="Linear warm-up steps before the cosine decay."),
-    batch_size: int = typer.Option(128, "--batch-size", help="Global batch per optimizer step."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step (ViT-L-14: 2)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Default: the protocol's table for the dataset."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Train at most N optimizer steps. The cosine "
-                                            "schedule is squeezed to end at step N (warm-up unchanged): a shorter "
-                                            "run, not a truncated one."),
-    lora_rank: int = typer.Option(8, "--lora-rank", help="With --mode lora: rank r of each low-rank update B A."),
-    lora_alpha: float = typer.Option(8.0, "--lora-alpha", help="With --mode lora: the update is scaled by "
-                                                              "lora_alpha / lora_rank."),
-    seed: int = typer.Option(0, "--seed", help="Seed of data order, augmentation and initialization; same seed, "
-                                               "same run."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", envvar="TVTOOL_DATA", help="Dataset root."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if available)."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the training step (model, loss and "
-                                                         "OrthoReg penalty): faster steps on a GPU after a minute of "
-                                                         "compiling; the same function."),
+    lam: float = typer.Option(D["lam"], "--lambda", help="OrthoReg strength; > 0 turns it on. Paper: 10 for full FT "
+                                                         "ViT-B-32 with --orthoreg-form plain, 1.0 for LoRA-ATT."),
+    form: str = typer.Option(D["orthoreg_form"], "--orthoreg-form",
+                             help="squared (paper: ||dW^T dW - I||_F^2) | plain (reference code: not squared)."),
+    scope: str = typer.Option(D["orthoreg_scope"], "--orthoreg-scope",
+                              help="visual-linear (paper: tuned visual linear layers) | reference (every trainable "
+                                   "2-D tensor)."),
+    estimator: str = typer.Option(D["orthoreg_estimator"], "--orthoreg-estimator",
+                                  help="exact | hutchinson (unbiased randomized)."),
+    probes: int = typer.Option(D["orthoreg_probes"], "--orthoreg-probes",
+                               help="Probe vectors per layer for the hutchinson estimator."),
+    orthoreg_precision: str = typer.Option(D["orthoreg_precision"], "--orthoreg-precision",
+                                           help="fp32 (protocol) | tf32: the exact penalty's matrix products in TF32 "
+                                                "on CUDA, about 2x faster."),
+    lr: Optional[float] = typer.Option(D["lr"], "--lr", help=f"AdamW learning rate ({_family('lr')})."),
+    weight_decay: float = typer.Option(D["weight_decay"], "--weight-decay", help="AdamW weight decay (decoupled)."),
+    warmup: Optional[int] = typer.Option(D["warmup_steps"], "--warmup-steps",
+                                         help=f"Linear warm-up steps before the cosine decay ({_family('warmup_steps')})."),
+    batch_size: Optional[int] = typer.Option(D["batch_size"], "--batch-size",
+                                             help=f"Global batch per optimizer step ({_family('batch_size')})."),
+    grad_accum: int = typer.Option(D["grad_accum"], "--grad-accum", help="Micro-batches per step (ViT-L-14: 2)."),
+    epochs: Optional[int] = typer.Option(D["epochs"], "--epochs", help="Default: the protocol's table for the dataset."),
+    max_steps: Optional[int] = typer.Option(D["max_steps"], "--max-steps",
+                                            help="Train at most N optimizer steps. The cosine schedule is squeezed to "
+                                                 "end at step N (warm-up unchanged): a shorter run, not a truncated one."),
+    lora_rank: int = typer.Option(D["lora_rank"], "--lora-rank",
+                                  help="With --mode lora: rank r of each low-rank update B A."),
+    lora_alpha: float = typer.Option(D["lora_alpha"], "--lora-alpha",
+                                     help="With --mode lora: the update is scaled by lora_alpha / lora_rank."),
+    seed: int = typer.Option(D["seed"], "--seed", help="Seed of data order, augmentation and initialization; same "
+                                                       "seed, same run."),
+    data_root: Optional[str] = typer.Option(D["data_root"], "--data-root", envvar="TVTOOL_DATA", help="Dataset root."),
+    device: Optional[str] = typer.Option(D["device"], "--device", help="cuda, cuda:1, cpu (default: cuda if "
+                                                                       "available)."),
+    precision: str = typer.Option(D["precision"], "--precision", help="auto (bf16 autocast on CUDA) | fp32 | bf16."),
+    compile: bool = typer.Option(D["compile"], "--compile",
+                                 help="torch.compile the training step (model, loss and OrthoReg penalty): faster "
+                                      "steps on a GPU after a minute of compiling; the same function."),
     compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile's mode (implies "
                                                "--compile): default | reduce-overhead (CUDA graphs; needs "
                                                "--grad-accum 1) | max-autotune | max-autotune-no-cudagraphs."),
-    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard the image tower, its gradients and AdamW's "
-                                                  "state over the processes (FSDP2) instead of replicating it (DDP); "
-                                                  "for towers whose training state does not fit one device (the "
-                                                  "weights are loaded whole once, then sharded). Not with --compile "
-                                                  "or --mode linear."),
-    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the zero-shot / fine-tuned accuracy measurements."),
-    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Save a resumable checkpoint every N steps."),
-    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="Default: .OUTPUT.ckpt/ beside it."),
+    fsdp: bool = typer.Option(D["fsdp"], "--fsdp",
+                              help="Under torchrun: shard the image tower, its gradients and AdamW's state over the "
+                                   "processes (FSDP2) instead of replicating it (DDP); for towers whose training "
+                                   "state does not fit one device (the weights are loaded whole once, then sharded). "
+                                   "Not with --compile or --mode linear."),
+    no_eval: bool = typer.Option(not D["eval"], "--no-eval",
+                                 help="Skip the zero-shot / fine-tuned accuracy measurements."),
+    data_on_device: str = typer.Option(D["data_on_device"], "--data-on-device",
+                                       help="auto | yes | no: hold the training images on the device (auto: when "
+                                            "they fit its memory budget) or stream each batch from the cache ahead "
+                                            "of the step; the trained vector is the same."),
+    checkpoint_every: int = typer.Option(D["checkpoint_every"], "--checkpoint-every",
+                                         help="Save a resumable checkpoint every N steps."),
+    checkpoint_dir: Optional[str] = typer.Option(D["checkpoint_dir"], "--checkpoint-dir",
+                                                 help="Default: .OUTPUT.ckpt/ beside it."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of the same settings."),
-    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep the checkpoint folder after the "
-                                                                          "run finishes (default: removed)."),
+    keep_checkpoints: bool = typer.Option(D["keep_checkpoints"], "--keep-checkpoints",
+                                          help="Keep the checkpoint folder after the run finishes (default: removed)."),
     log: Optional[Path] = typer.Option(None, "--log", help="Append a JSON line per logging step to this file."),
-    log_every: int = typer.Option(20, "--log-every", help="Optimizer steps between log lines."),
+    log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Also log to TensorBoard, in LOG_DIR/<output "
+                                           "name>/ (needs pip install 'tvtool[tensorboard]')."),
+    log_every: int = typer.Option(D["log_every"], "--log-every", help="Optimizer steps between log lines."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
 ):
     """Fine-tune CLIP's image tower on TASK (optionally with OrthoReg) and write the task vector.
 
+    Without -o the vector goes to TASK.st plus the settings that tell variants apart, in the current directory:
+    `tvtool finetune cars --lambda 1e-4` writes cars-lambda0.0001.st (said on stderr).
+
     Examples:
+      tvtool finetune cars --lambda 1e-4
       tvtool finetune cars --lambda 10 --orthoreg-form plain -o cars.st   (the paper's ViT-B-32 setting)
-      tvtool finetune mini-shapes --lr 1e-3 --warmup-steps 10 -o shapes.st
+      tvtool finetune mini-shapes --lambda 0.1 --log-dir tb
       torchrun --nproc_per_node 4 -m tvtool finetune sun397 --mode attn -o sun.st
       torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m tvtool finetune
           sun397 --model ViT-H-14 --pretrained laion2b_s32b_b79k --fsdp -o sun.st   (on each node)
     """
+    # Everything checkable without torch is checked first (options, output, --log-dir), so a mistake answers at
+    # once; the trainer (torch, open_clip) is imported only for the run itself.
     from ..errors import TVToolError
-    from ..train import TrainConfig, finetune as run_finetune
+    from ..fileio import check_output
+    from ..trainconfig import TrainConfig
 
     if orthoreg is True and lam <= 0:
         raise TVToolError("--orthoreg needs --lambda > 0")
@@ -97,21 +137,51 @@ def finetune(
                       epochs=epochs, max_steps=max_steps, lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed,
                       data_root=data_root, device=device, precision=precision,
                       compile=compile or compile_mode is not None,
-                      compile_mode=compile_mode or "default", fsdp=fsdp,
-                      eval=not no_eval,
+                      compile_mode=compile_mode or D["compile_mode"], fsdp=fsdp,
+                      eval=not no_eval, data_on_device=data_on_device,
                       checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, log_every=log_every,
                       keep_checkpoints=keep_checkpoints)
-    with progress_reporter(quiet, f"{task} ({mode}{', OrthoReg' if lam > 0 else ''})") as report:
-        result = run_finetune(cfg, output, force=force, resume=resume, progress=report, log_path=log)
-    from rich.console import Console
+    resolved = cfg.resolved()
+    if output == STDOUT and (resume or (checkpoint_every and not checkpoint_dir)):
+        raise TVToolError("-o - keeps no file beside which checkpoints could live; give -o FILE (or "
+                          "--checkpoint-dir) to checkpoint or resume")
+    if log_dir is not None:
+        from ..tblog import check_available
 
-    console = Console(stderr=True)
+        check_available()
+    with destination(output, finetune_name(resolved)) as target:
+        if not resume:
+            check_output(target.path, force)  # refused before the trainer is imported
+        from ..datasets.sources import check_available
+
+        check_available(resolved.task, ("train", "val", "test") if resolved.eval else ("train",), resolved.data_root)
+        announce(target)
+        from ..train import finetune as run_finetune
+
+        tb = None
+        if log_dir is not None:
+            from ..tblog import TensorBoardLog
+
+            tb = TensorBoardLog(log_dir, Path(finetune_name(resolved) if target.to_stdout else target.path).stem)
+        label = f"{resolved.task} ({resolved.mode}{', OrthoReg' if resolved.lam > 0 else ''})"
+        try:
+            with progress_reporter(quiet, label) as report:
+                sinks = [s for s in (report, tb) if s is not None]
+                result = run_finetune(cfg, target.path, force=force, resume=resume, log_path=log,
+                                      progress=(lambda r: [s(r) for s in sinks]) if sinks else None)
+            if tb is not None:
+                import dataclasses
+
+                tb.finish(result.metrics, dataclasses.asdict(resolved), result.steps)
+        finally:
+            if tb is not None:
+                tb.close()
     m = result.metrics
     if m and not quiet:
-        console.print(f"accuracy (%): zero-shot val {_pct(m.get('zeroshot_val_acc'))} test "
-                      f"{_pct(m.get('zeroshot_test_acc'))} -> fine-tuned val {_pct(m.get('val_acc'))} "
-                      f"test {_pct(m.get('test_acc'))}")
-    typer.echo(f"wrote {output}")
+        typer.echo(f"accuracy (%): zero-shot val {_pct(m.get('zeroshot_val_acc'))} test "
+                   f"{_pct(m.get('zeroshot_test_acc'))} -> fine-tuned val {_pct(m.get('val_acc'))} "
+                   f"test {_pct(m.get('test_acc'))}", err=True)
+    wrote(target)
 
 
 def _pct(x) -> str:
@@ -170,11 +240,8 @@ def run(
     from ..recipes import load_recipe, run_recipe
 
     r = load_recipe(recipe)  # validated before any work
-    from rich.console import Console
-
-    console = Console(stderr=True)
     results = run_recipe(r, progress_factory=progress_reporter, quiet=quiet, device=device,
-                         only_train=only_train, log=lambda m: console.print(m) if not quiet else None)
+                         only_train=only_train, log=_logger(quiet))
     if results["variants"]:
         _print_results(results, r.out_dir)
 
@@ -209,11 +276,7 @@ def quickstart(
     if modes not in ("full", "all"):
         raise TVToolError(f"--modes {modes!r}: use full or all")
     r = parse_recipe(quickstart_recipe(size, out_dir, modes), f"quickstart ({size})")
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    results = run_recipe(r, progress_factory=progress_reporter, quiet=quiet, device=device,
-                         log=lambda m: console.print(m) if not quiet else None)
+    results = run_recipe(r, progress_factory=progress_reporter, quiet=quiet, device=device, log=_logger(quiet))
     if as_json:
         import json
 
@@ -222,6 +285,12 @@ def quickstart(
         typer.echo(json.dumps(json_summary(results), indent=2))
         return
     _print_results(results, out_dir)
+
+
+def _logger(quiet: bool):
+    """Log lines of `run` / `quickstart` on stderr as plain text: never wrapped (a log file keeps one line per
+    message) and never read as rich markup (a path may hold brackets)."""
+    return (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
 
 
 def _print_results(results: dict, out_dir: Optional[Path] = None) -> None:

@@ -9,10 +9,10 @@ import typer
 
 from ..errors import TVToolError
 from ._app import app
+from ._output import add_name, apply_name, destination, extract_name, negate_name, output_option, wrote
 
 # The API modules (torch) are imported inside each command, so `--help` and `--version` start instantly.
 
-out_opt = typer.Option(..., "-o", "--output", help="Where to write the result (refused if it exists, see --force).")
 force_opt = typer.Option(False, "--force", help="Overwrite the output if it exists.")
 dtype_opt = typer.Option(None, "--dtype", help="Output dtype: fp32, bf16 or fp16 (default: keep the inputs' dtype).")
 union_opt = typer.Option(False, "--union", help="Allow inputs with different tensor sets; missing tensors count as 0.")
@@ -55,7 +55,8 @@ def extract(
     finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned weights, in any form --pretrained "
                                                                   "accepts, or a PEFT LoRA adapter folder (merged onto "
                                                                   "--pretrained)."),
-    output: Path = out_opt,
+    output: Optional[str] = output_option("the task vector", "TASK.st (--task), else the fine-tuned file's name "
+                                          "with .st"),
     keep_all: bool = typer.Option(False, "--all", help="Store every shared tensor, not only those that differ."),
     task: Optional[str] = typer.Option(None, "--task", help="Task name recorded in the metadata."),
     mode: Optional[str] = typer.Option(None, "--mode", help="Fine-tuning mode recorded in the metadata."),
@@ -68,16 +69,22 @@ def extract(
 ):
     """Take the task vector tau = finetuned - pretrained and write it with its provenance.
 
-    Example: tvtool extract --pretrained ViT-B-32:openai --finetuned cars_ft.safetensors --task cars -o cars.st
+    Example: tvtool extract --pretrained ViT-B-32:openai --finetuned cars_ft.safetensors --task cars
     """
     from .. import taskvector
 
     base = _pretrained_spec(ctx, pretrained, base)
-    fp = taskvector.extract(base, finetuned, output, keep_all=keep_all, trust_pickle=trust_pickle,
-                            dtype=dtype, tasks=[task] if task else [], mode=mode,
-                            force=force, model=model)
-    typer.echo(f"wrote {output} ({fp})")
-    if not taskvector.open_vector(output).meta["base"].get("model"):
+    if task:
+        from ..datasets.base import canonical_task
+
+        task = canonical_task(task)  # FusionBench's stanford-cars is recorded as tvtool's cars
+    with destination(output, extract_name(finetuned, task)) as target:
+        fp = taskvector.extract(base, finetuned, target.path, keep_all=keep_all, trust_pickle=trust_pickle,
+                                dtype=dtype, tasks=[task] if task else [], mode=mode,
+                                force=force, model=model)
+        unknown_arch = not taskvector.open_vector(target.path).meta["base"].get("model")
+    wrote(target, fp)
+    if unknown_arch:
         typer.echo("note: the base's architecture could not be told from its weights (QuickGELU twins and custom "
                    "configs look alike); pass --model to record it, or give `eval` --model", err=True)
 
@@ -85,7 +92,7 @@ def extract(
 @app.command()
 def add(
     vectors: List[Path] = typer.Argument(..., help="Task-vector files to add."),
-    output: Path = out_opt,
+    output: Optional[str] = output_option("the sum", "A+B-alphaX.st (A+B.st when alpha is 1; A+B-weightsX_Y.st with --weights)"),
     alpha: float = typer.Option(1.0, "--alpha", help="Scaling coefficient applied to the sum."),
     weights: Optional[str] = typer.Option(None, "--weights", help="One coefficient per input instead of --alpha, "
                                                                   "e.g. 0.3,0.5."),
@@ -95,64 +102,90 @@ def add(
 ):
     """Task addition: output = alpha * (a + b + ...), or sum of weights[i] * input[i].
 
-    Example: tvtool add cars.st dtd.st --alpha 0.3 -o cars_dtd.st
+    Example: tvtool add a.st b.st --alpha 0.3   (writes a+b-alpha0.3.st; -o ab.st or -o - to choose)
     """
     from .. import taskvector
 
     w = _parse_weights(weights, len(vectors)) if weights else None
-    fp = taskvector.add(vectors, output, alpha=alpha, weights=w, dtype=dtype, force=force,
-                        union=union)
-    typer.echo(f"wrote {output} ({fp})")
+    with destination(output, add_name(vectors, alpha, w)) as target:
+        fp = taskvector.add(vectors, target.path, alpha=alpha, weights=w, dtype=dtype, force=force,
+                            union=union)
+    wrote(target, fp)
 
 
 @app.command()
 def negate(
     vector: Path = typer.Argument(..., help="Task-vector file to negate."),
-    output: Path = out_opt,
+    output: Optional[str] = output_option("the negated vector", "not_A-alphaX.st (not_A.st when alpha is 1)"),
     alpha: float = typer.Option(1.0, "--alpha", help="Output = -alpha * input."),
     dtype: Optional[str] = dtype_opt,
     force: bool = force_opt,
 ):
     """Task negation: output = -alpha * vector (apply it to forget the task).
 
-    Example: tvtool negate mnist.st --alpha 0.5 -o not_mnist.st
+    Example: tvtool negate a.st -o not_a.st
     """
     from .. import taskvector
 
-    fp = taskvector.negate(vector, output, alpha=alpha, dtype=dtype, force=force)
-    typer.echo(f"wrote {output} ({fp})")
+    with destination(output, negate_name(vector, alpha)) as target:
+        fp = taskvector.negate(vector, target.path, alpha=alpha, dtype=dtype, force=force)
+    wrote(target, fp)
 
 
 @app.command()
 def apply(
     ctx: typer.Context,
     vectors: List[Path] = typer.Argument(..., help="Task-vector files (summed)."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help=PRETRAINED_HELP + " Required."),
-    output: Path = out_opt,
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help=PRETRAINED_HELP + " Default: the base the "
+                                             "vectors record, else the tasks' default model (tvtool-mini:builtin "
+                                             "for mini tasks, ViT-B-32:openai otherwise)."),
+    output: Optional[str] = output_option("the model", "A+B-alphaX-model.safetensors (A+B-model.safetensors when "
+                                          "alpha is 1; a folder A+B-alphaX-model onto a transformers base)"),
     alpha: float = typer.Option(1.0, "--alpha", help="Model = pretrained + alpha * sum(vectors)."),
     check_base: bool = typer.Option(True, "--check-base/--no-check-base",
                                     help="Refuse vectors whose recorded base fingerprint differs from --pretrained."),
+    nonlinear: bool = typer.Option(False, "--nonlinear",
+                                   help="Vectors from --mode linear (tangent) fine-tuning are refused: eval measures "
+                                        "them on the tangent model f(theta_0) + J tau, which no plain weights hold. "
+                                        "With this flag the file is written anyway and holds the ordinary "
+                                        "(non-linear) model theta_0 + alpha * tau, a different and usually much "
+                                        "worse model."),
     trust_pickle: bool = pickle_opt,
     dtype: Optional[str] = dtype_opt,
     force: bool = force_opt,
     base: Optional[str] = base_alias_opt,
 ):
-    """Write pretrained + alpha * sum(vectors) as a model state dict (safetensors) that open_clip can load.
+    """Write pretrained + alpha * sum(vectors) as a model state dict (safetensors) that open_clip can load; onto a
+    transformers CLIP folder, a transformers folder of the same kind with a model card (README.md).
 
-    Example: tvtool apply cars_dtd.st --pretrained ViT-B-32:openai -o merged.safetensors
+    Example: tvtool apply a+b-alpha0.3.st -o model.safetensors   (onto the base the vector records)
     """
     from .. import taskvector
+    from ..checkpoints import open_weights
+    from ..trainconfig import default_weights
 
-    base = _pretrained_spec(ctx, pretrained, base)
-
-    taskvector.apply(base, vectors, output, alpha=alpha, trust_pickle=trust_pickle, check_base=check_base,
-                     force=force, dtype=dtype)
-    typer.echo(f"wrote {output}")
+    if pretrained is not None and base is not None and pretrained != base:
+        ctx.fail("--base is the old name of --pretrained; give only one of them.")
+    spec = pretrained if pretrained is not None else base
+    vecs = [taskvector.open_vector(p) for p in vectors]  # a wrong path fails before any base is loaded
+    if spec is None:
+        spec = taskvector.recorded_base_spec(vecs)
+        how = "recorded in the vectors"
+        if spec is None:
+            spec, how = ":".join(default_weights([t for v in vecs for t in v.tasks])), "the tasks' default model"
+        typer.echo(f"base: {spec} ({how}; --pretrained chooses another)", err=True)
+    base_src = open_weights(spec, trust_pickle=trust_pickle)
+    folder = base_src.config.transformers is not None  # onto a transformers base: a transformers folder
+    with destination(output, apply_name(vectors, alpha, folder), directory=folder) as target:
+        taskvector.apply(base_src, vectors, target.path, alpha=alpha, trust_pickle=trust_pickle,
+                         check_base=check_base, force=force, dtype=dtype, nonlinear=nonlinear)
+    wrote(target)
 
 
 @app.command()
 def inspect(
-    vectors: List[Path] = typer.Argument(..., help="One or more task-vector files."),
+    vectors: Optional[List[Path]] = typer.Argument(None, help="Task-vector files (default: the *.st files in the "
+                                                               "current directory, in name order)."),
     cosine: bool = typer.Option(False, "--cosine", help="Pairwise cosine similarity of the flattened vectors."),
     per_layer: bool = typer.Option(False, "--per-layer", help="With --cosine: break the similarity down by tensor."),
     ortho: bool = typer.Option(False, "--ortho", help="Per 2-D tensor: angles between the update's columns (mean "
@@ -163,13 +196,18 @@ def inspect(
 ):
     """Summarize task vectors, or compare them: how orthogonal are they?
 
-    Examples: tvtool inspect cars.st;  tvtool inspect --cosine *.st --plot cos.png;  tvtool inspect --ortho a.st
+    Without files it takes the task vectors (*.st) in the current directory and says which, in order.
+
+    Examples: tvtool inspect --cosine;  tvtool inspect cars.st;  tvtool inspect --cosine a.st b.st --plot cos.png;
+    tvtool inspect --ortho a.st
     """
     from rich.console import Console
     from rich.table import Table
 
     from .. import inspection, taskvector
 
+    if not vectors:
+        vectors = _vectors_here(2 if (cosine or per_layer) else 1)
     console = Console()
     if plot is not None:  # checked before the (possibly long) comparison
         if not cosine:
@@ -218,6 +256,24 @@ def inspect(
             _print_matrix(console, "sign-conflict rate (entries nonzero in both)", names, res["sign_conflict"])
     if plot is not None:
         console.print(f"wrote {plot}")
+
+
+def _vectors_here(at_least: int) -> list[Path]:
+    """The task vectors (readable *.st files) of the current directory in name order, said on stderr."""
+    from ..taskvector import open_vector
+
+    found = []
+    for p in sorted(p for p in Path(".").glob("*.st") if p.is_file()):
+        try:
+            open_vector(p).close()
+            found.append(p)
+        except TVToolError as exc:
+            typer.echo(f"skipped {p.name}: not a readable task vector ({exc})", err=True)
+    if len(found) < at_least:
+        raise TVToolError(f"no task vectors given and {len(found)} *.st file(s) in {Path.cwd()}; pass the files "
+                          f"to inspect" + (" (--cosine compares two or more)" if at_least > 1 else ""))
+    typer.echo(f"task vectors in {Path.cwd()}, in this order: {', '.join(p.name for p in found)}", err=True)
+    return found
 
 
 def _print_matrix(console, title: str, names: list[str], m) -> None:

@@ -1,6 +1,10 @@
-"""Datasets: the registry, protocol splits and the uint8 image cache (see ``base.py`` and ``cache.py``).
+"""Datasets: the registry, protocol splits and the uint8 image cache.
 
-Adding a dataset is one small module that calls ``register(DatasetSpec(...))`` and is imported below.
+Layers, each importing only those below it: ``base`` (registry, types, protocol splits, helpers of the dataset
+modules) and ``files`` (the image opener) -> ``hf`` (Hugging Face snapshots) -> ``sources`` (folder layout or
+snapshot, which rows form each split) -> ``cachefile`` (the cache file format) -> ``cache`` (decoding, keys) ->
+``splits`` (``open_split`` / ``load_split``). Adding a dataset is one small module that calls
+``register(DatasetSpec(...))`` and is imported below.
 """
 from .base import (  # noqa: F401
     SPLITS,
@@ -8,13 +12,23 @@ from .base import (  # noqa: F401
     Listing,
     get_dataset,
     list_datasets,
-    load_split,
     protocol_val_split,
     register,
     resolve_data_root,
 )
-
 import importlib as _importlib
+
+_SPLITS_API = ("open_split", "load_split", "check_available", "ImageSplit")
+
+
+def __getattr__(name):
+    # The loading layer imports torch: only on first use, so listing the registry starts instantly.
+    if name in _SPLITS_API:
+        from . import splits
+
+        return getattr(splits, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 from . import cars, dtd, eurosat, gtsrb, imagenet, mnist, resisc45, sun397, svhn  # noqa: F401,E402  register
 from . import (  # noqa: F401,E402  register the 14- and 20-task additions

@@ -1,8 +1,10 @@
-"""The dataset registry, the protocol splits and the one entry point everybody loads images through.
+"""The bottom layer of the datasets: the registry, the protocol splits and the helpers dataset modules build on.
 
-A dataset is a :class:`DatasetSpec` registered by one small module (``tvtool/datasets/<name>.py``). Its class names
-and prompt templates are data, read lazily from ``tvtool/data/templates/<name>.yaml``
-(``classnames: [...]``, ``templates: ["a photo of a {c}.", ...]``; fill with ``template.format(c=name)``).
+Nothing here decodes or caches (``cache.py`` does, and ``splits.py`` is the entry point everybody loads images
+through); of ``tvtool.datasets`` this module imports only ``files`` (the image opener). A dataset is a
+:class:`DatasetSpec` registered by one small module (``tvtool/datasets/<name>.py``). Its class names and prompt
+templates are data, read lazily from ``tvtool/data/templates/<name>.yaml`` (``classnames: [...]``,
+``templates: ["a photo of a {c}.", ...]``; fill with ``template.format(c=name)``).
 
 Splits (PROTOCOL.md "Data"): ``train`` is the training split minus the held-out validation part, ``val`` is 10% of
 the training split (capped at 5,000, drawn with seed 0 exactly as ``torch.utils.data.random_split`` does in the
@@ -10,6 +12,8 @@ reference code), ``test`` is the test split. EuroSAT ships its own val folder (`
 
 Images come back as ``uint8 Tensor[N, 3, S, S]`` (the protocol's eval transform: Resize(short side S, bicubic) +
 CenterCrop(S), RGB) and ``int64 Tensor[N]`` labels, cached on disk once per split and resolution (see ``cache.py``).
+Every image is opened through ``files`` (``open_image`` for a file, ``image_from_bytes`` for a Hugging Face
+snapshot's cell), the one place dataset images are decoded.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Callable, Sequence
 
 from .._lazy import lazy_module
 from ..errors import TVToolError
+from .files import open_image, reject_nul
 
 torch = lazy_module("torch")  # imported on first use: listing the registry must not pay for torch
 
@@ -53,9 +58,10 @@ class Listing:
 @dataclass
 class DatasetSpec:
     name: str
-    # loader(split, data_root, image_size) -> (uint8 [N,3,S,S], int64 [N]); split is "train" (the FULL training
-    # split) or "test", or "val" when native_val.
-    loader: Callable
+    # Loader-only datasets (the mini-world): loader(split, data_root, image_size) -> (uint8 [N,3,S,S], int64 [N]);
+    # split is "train" (the FULL training split) or "test", or "val" when native_val. Real datasets give ``listing``
+    # instead and are decoded by the cache.
+    loader: Callable | None = None
     epochs: int = 10
     native_val: bool = False
     kind: str = "real"  # "real" | "mini"
@@ -85,10 +91,6 @@ class DatasetSpec:
     def prompts(self, classname: str) -> list[str]:
         return [t.format(c=classname) for t in self.templates]
 
-    def load(self, split: str, data_root=None, image_size: int = 224):
-        """Protocol split as tensors (cached); same as ``load_split(self.name, ...)``."""
-        return load_split(self.name, split, data_root, image_size)
-
 
 _REGISTRY: dict[str, DatasetSpec] = {}
 
@@ -96,6 +98,8 @@ _REGISTRY: dict[str, DatasetSpec] = {}
 def register(spec: DatasetSpec) -> DatasetSpec:
     if spec.kind not in ("real", "mini"):
         raise ValueError(f"{spec.name}: kind must be 'real' or 'mini', not {spec.kind!r}")
+    if (spec.loader is None) == (spec.listing is None):
+        raise ValueError(f"{spec.name}: give exactly one of loader (generated data) and listing (files on disk)")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -104,8 +108,30 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
+        if canonical_task(name) in _REGISTRY:  # FusionBench's / TALL masks' spelling of a task
+            return _REGISTRY[canonical_task(name)]
         known = ", ".join(sorted(_REGISTRY)) or "none registered"
         raise TVToolError(f"unknown dataset {name!r}; known datasets: {known}") from None
+
+
+def canonical_task(name: str) -> str:
+    """tvtool's name of a task given in tvtool's, FusionBench's or the TALL-masks code's spelling (``stanford-cars``,
+    ``CarsVal``, ``oxford-iiit-pet`` -> ``cars``, ``cars``, ``oxfordiiitpet``; ``aliases.py``); an unknown name
+    comes back as is."""
+    from . import aliases
+
+    if name in _REGISTRY:
+        return name
+    k = aliases.key(name)
+    if k in aliases.NOT_ALIASES:
+        raise TVToolError(f"{name}: {aliases.NOT_ALIASES[k]}; there is no tvtool task for it")
+    by_key = {aliases.key(n): n for n in _REGISTRY}
+    for candidate in (k, k[:-3] if k.endswith("val") else None):
+        if candidate in by_key:
+            return by_key[candidate]
+        if candidate in aliases.TASK_ALIASES:
+            return aliases.TASK_ALIASES[candidate]
+    return name
 
 
 def list_datasets(kind: str | None = None) -> list[str]:
@@ -156,50 +182,17 @@ def resolve_data_root(data_root=None, *, name: str = "") -> Path:
     root = data_root if data_root is not None else os.environ.get("TVTOOL_DATA")
     if not root:
         what = f"{name}: " if name else ""
-        raise TVToolError(f"{what}no data root; pass --data-root DIR or set TVTOOL_DATA (see `tvtool data check`)")
+        raise TVToolError(f"{what}no data root; pass --data-root DIR or set TVTOOL_DATA to the folder that holds (or "
+                          "will hold) the datasets (`tvtool data prepare NAME --data-root DIR` downloads one)")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise TVToolError(f"data root {root} is not a folder; pass an existing --data-root or fix TVTOOL_DATA")
     return root
 
 
-def load_split(name: str, split: str, data_root=None, image_size: int = 224):
-    """A protocol split as ``(uint8 Tensor[N,3,S,S], int64 Tensor[N])``, decoded once and cached."""
-    from . import cache
-
-    spec = get_dataset(name)
-    if split not in SPLITS:
-        raise TVToolError(f"{name}: unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    if not isinstance(image_size, int) or image_size < 1:
-        raise TVToolError(f"image size must be a positive integer, got {image_size!r}")
-    images, labels = cache.load_cached(spec, split, data_root, image_size)
-    if labels.numel() == 0:  # training on nothing writes an all-zero vector; evaluating on nothing divides by 0
-        raise TVToolError(f"{name}: the {split} split is empty; check the data with `tvtool data check`")
-    return images, labels
-
-
 def native_split(spec: DatasetSpec, split: str) -> str:
     """The on-disk split a protocol split is drawn from (train and val both come from train unless native_val)."""
     return "train" if split in ("train", "val") and not spec.native_val else split
-
-
-def check_available(name: str, splits: Sequence[str] = SPLITS, data_root=None) -> None:
-    """Fail fast, before any model is built: ``name`` is registered, its data root exists, and every native split
-    behind ``splits`` is where the layout says and lists at least one example (nothing is decoded)."""
-    spec = get_dataset(name)
-    for s in splits:
-        if s not in SPLITS:
-            raise TVToolError(f"{name}: unknown split {s!r}; use one of {', '.join(SPLITS)}")
-    if spec.listing is None:
-        if spec.needs_data_root:
-            resolve_data_root(data_root, name=name)
-        return
-    root = resolve_data_root(data_root, name=name)
-    for native in sorted({native_split(spec, s) for s in splits}):
-        lst = spec.listing(native, root)
-        if len(lst) == 0:
-            raise TVToolError(f"{name}: the {native} split ({lst.source or root}) has no examples; check the data "
-                              "with `tvtool data check`")
 
 
 
@@ -339,8 +332,6 @@ def file_listing(root: Path, paths: Sequence[str], labels: Sequence[int], source
                  n_classes: int | None = None) -> Listing:
     """A Listing of image files (opened with :func:`tvtool.datasets.files.open_image`, the one place dataset images
     are opened). With ``n_classes``, labels are checked to be in range first."""
-    from .files import open_image, reject_nul
-
     paths = [reject_nul(str(p), source or root) for p in paths]
     if n_classes is not None:
         check_labels(labels, n_classes, source or root)
@@ -406,22 +397,9 @@ def check_classes(name: str, found: int, where) -> None:
         )
 
 
-def listing_loader(listing: Callable) -> Callable:
-    """The DatasetSpec.loader of a real dataset: list a native split, decode all of it (no cache)."""
-
-    def loader(split: str, data_root, image_size: int):
-        from .cache import decode
-
-        root = resolve_data_root(data_root)
-        lst = listing(split, root)
-        return decode(lst, torch.arange(len(lst)), image_size, what=f"{lst.source} ({split})")
-
-    return loader
-
-
 def register_real(name: str, listing: Callable, **kw) -> DatasetSpec:
     """Register an on-disk dataset from its ``listing(split, root) -> Listing``."""
-    return register(DatasetSpec(name=name, loader=listing_loader(listing), listing=listing, **kw))
+    return register(DatasetSpec(name=name, listing=listing, **kw))
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -115,25 +115,35 @@ def open_image(path: str | os.PathLike):
     """A dataset image as a loaded PIL image: a regular file, in one of :data:`IMAGE_FORMATS`, of at most Pillow's
     ``MAX_IMAGE_PIXELS`` pixels (checked from the header, before decoding). Raises on anything else; the decoder
     counts such a file as unreadable and names it."""
+    with open_input(path, "an image file") as f:
+        return _checked_image(f, path)
+
+
+def image_from_bytes(data: bytes, where):
+    """The same checks and decoding for an encoded image held in memory (a parquet cell of a Hugging Face snapshot);
+    ``where`` names it in messages."""
+    return _checked_image(io.BytesIO(data), where)
+
+
+def _checked_image(f, where):
     import warnings
 
     from PIL import Image
 
-    with open_input(path, "an image file") as f:
-        # Only the header is parsed here (cheap): serialised, because the warning filter that turns Pillow's
-        # decompression-bomb warning into an error is process-wide. Decoding (load) runs in parallel.
-        with _OPENING, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                img = Image.open(f, formats=IMAGE_FORMATS)
-            except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-                raise TVToolError(f"{path}: {str(exc).split('. ')[0]}; refusing to decode it") from None
-            except Image.UnidentifiedImageError:
-                raise TVToolError(f"{path}: not an image in a dataset format ({', '.join(IMAGE_FORMATS)})") from None
-        width, height = img.size
-        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:  # Pillow's bound, even if it warned
-            raise TVToolError(f"{path}: {width}x{height} pixels is more than an image of a dataset can be")
-        img.load()  # decoded while the file is open; it is closed on return
+    # Only the header is parsed here (cheap): serialised, because the warning filter that turns Pillow's
+    # decompression-bomb warning into an error is process-wide. Decoding (load) runs in parallel.
+    with _OPENING, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(f, formats=IMAGE_FORMATS)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise TVToolError(f"{where}: {str(exc).split('. ')[0]}; refusing to decode it") from None
+        except Image.UnidentifiedImageError:
+            raise TVToolError(f"{where}: not an image in a dataset format ({', '.join(IMAGE_FORMATS)})") from None
+    width, height = img.size
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:  # Pillow's bound, even if it warned
+        raise TVToolError(f"{where}: {width}x{height} pixels is more than an image of a dataset can be")
+    img.load()  # decoded while the file is open; it is closed on return
     return img
 
 

@@ -288,13 +288,15 @@ def open_folder(folder: str | os.PathLike, *, trust_pickle: bool = False) -> Wei
 
 
 def write_folder(out: str | os.PathLike, items, specs: Mapping[str, tuple], config=None, *,
-                 copy_from: str | os.PathLike | None = None, force: bool = False) -> None:
+                 copy_from: str | os.PathLike | None = None, force: bool = False,
+                 extra_files: Mapping[str, str] | None = None) -> None:
     """Write open_clip-named ``items`` ((key, tensor) pairs, streamed; ``specs`` key -> (dtype, shape)) as a
     transformers folder (config.json + model.safetensors), atomically.
 
     The config is ``config`` (a transformers config) or, with ``copy_from``, that folder's own files (config.json,
     preprocessor and tokenizer files): ``apply`` onto a transformers base gives a folder of the same kind. A
-    vision-only config (``CLIPVisionModel``) keeps only the image tower.
+    vision-only config (``CLIPVisionModel``) keeps only the image tower. ``extra_files`` (name -> text, e.g. the
+    model card README.md) are written last, replacing copied files of the same name.
     """
     out = check_output(out, force, directory=True)  # before any work; atomic_path checks again at the end
     if copy_from is not None:
@@ -326,3 +328,5 @@ def write_folder(out: str | os.PathLike, items, specs: Mapping[str, tuple], conf
             config.architectures = ["CLIPVisionModel" if vision_only else "CLIPModel"]
             config.to_json_file(str(tmp / "config.json"))
         write_safetensors(tmp / "model.safetensors", converted(), hf_specs, {"format": "pt"})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
