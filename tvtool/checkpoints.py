@@ -13,11 +13,11 @@ opened, so that the file commands on safetensors (extract, add, apply, inspect) 
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from .errors import TVToolError
+from .fileio import parse_json
 from .formats import hf_hub, sharded
 from .safetensors_io import META_KEY
 from .weight_source import WeightSource
@@ -108,7 +108,9 @@ def recorded_arch(metadata: dict) -> str | None:
     arch = metadata.get("open_clip_model")
     if arch is None and META_KEY in metadata:
         try:
-            arch = (json.loads(metadata[META_KEY]).get("base") or {}).get("model")
-        except (ValueError, AttributeError):
-            arch = None
+            doc = parse_json(metadata[META_KEY], "metadata", "tvtool metadata")
+        except TVToolError:
+            doc = None
+        base = doc.get("base") if isinstance(doc, dict) else None
+        arch = base.get("model") if isinstance(base, dict) else None
     return arch if isinstance(arch, str) and arch else None

@@ -84,6 +84,72 @@ def open_input(path: str | os.PathLike, what: str = "an input file"):
         raise
 
 
+
+# a checkpoint folder's JSON (config.json, *.index.json, adapter_config.json, open_clip_config.json) is a few KB to
+# a few MB; real documents nest a handful of levels
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+
+
+def read_bytes(path: str | os.PathLike, what: str, limit: int) -> bytes:
+    """The whole of a regular file of at most ``limit`` bytes (checked before reading)."""
+    with open_input(path, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise TVToolError(f"{path}: {size} bytes is more than {what} can be ({limit}); is this the right file?")
+        data = f.read(size)  # read(n) allocates n bytes up front: ask for what the file holds, not the limit
+        if f.read(1):  # grew while being read
+            raise TVToolError(f"{path}: changed while being read; try again")
+    return data
+
+
+def read_json(path: str | os.PathLike, what: str = "a JSON file", *, limit: int = MAX_JSON_BYTES,
+              max_depth: int = MAX_JSON_DEPTH):
+    """A JSON document from a file a user handed us, bounded: a regular file (never a FIFO) of at most ``limit``
+    bytes, UTF-8, nested at most ``max_depth`` levels. Every failure is one TVToolError naming the file.
+
+    Without the bounds a config.json could be gigabytes, or nest deeply enough to end in a RecursionError (in the
+    parser, or in any code that walks the result)."""
+    data = read_bytes(path, what, limit)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TVToolError(f"{path}: not UTF-8 text (byte {exc.start}); expected {what}") from None
+    return parse_json(text, str(path), what, max_depth=max_depth)
+
+
+def parse_json(text: str | bytes, origin: str, what: str = "a JSON document", *, max_depth: int = MAX_JSON_DEPTH):
+    """``json.loads`` with the nesting bound of :func:`read_json` (for JSON found inside a file: safetensors
+    metadata); one TVToolError ``origin: ...`` on failure."""
+    import json
+
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        raise TVToolError(f"{origin}: JSON nested too deeply to be {what}; the file is damaged or hostile") from None
+    except ValueError as exc:
+        raise TVToolError(f"{origin}: not valid JSON ({str(exc)[:120]}); expected {what}") from None
+    if json_depth(doc, max_depth) > max_depth:
+        raise TVToolError(f"{origin}: JSON nested over {max_depth} levels deep; no {what} is, refusing it")
+    return doc
+
+
+def json_depth(doc, stop: int) -> int:
+    """How deeply a parsed JSON document nests (a scalar: 0), walked without recursion; stops counting past
+    ``stop``."""
+    deepest, stack = 0, [(doc, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > stop:
+                    break
+            stack.extend((child, depth) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 # ------------------------------------------------------------------------------------------------- appending
 def check_append(path: str | os.PathLike, what: str = "a log file") -> None:
     """Before any work: a file to append to (``--log``) must be a regular file, a character device (/dev/null, a

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from ._lazy import lazy_module
-from .errors import TVToolError
+from .errors import TVToolError, brief
 from .fileio import atomic_path, open_input
 
 torch = lazy_module("torch")
@@ -114,11 +114,23 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return torch_dtype(self._entries[key][0])
 
+    def _check_size(self, key: str, end: int) -> None:
+        """Before handing out a view: the file must still hold the tensor. Reading a mapped page past the end of a
+        file that shrank since it was mapped is SIGBUS, which no Python code can catch: the process dies, leaving
+        its temp output behind. (A file truncated *while* a tensor is being read still faults; nothing short of
+        copying every byte through read() closes that window.)"""
+        size = os.fstat(self._file.fileno()).st_size
+        if size < self._data_start + end:
+            raise TVToolError(f"{self.path}: changed while being read (now {size} bytes, tensor {brief(key)} ends at "
+                              f"byte {self._data_start + end}); was it overwritten or truncated? Try again once it "
+                              "is complete")
+
     def array(self, key: str) -> np.ndarray:
         """A read-only zero-copy numpy view of the tensor (bf16 as its raw uint16 bits)."""
         code, shape, begin, end = self._entries[key]
         if end == begin:
             return np.empty(shape, dtype=NP_DTYPES[code])
+        self._check_size(key, end)
         return np.frombuffer(self._mm, dtype=NP_DTYPES[code], count=(end - begin) // ITEMSIZE[code],
                              offset=self._data_start + begin).reshape(shape)
 
@@ -128,6 +140,7 @@ class SafetensorsFile:
         dtype = self.dtype(key)
         if end == begin:
             return torch.empty(shape, dtype=dtype)
+        self._check_size(key, end)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "buffer is not writable": we never write through these views
             flat = torch.frombuffer(self._mm, dtype=dtype, count=(end - begin) // ITEMSIZE[code],
@@ -198,7 +211,7 @@ def _read_header(f, path: Path):
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except _DuplicateKey as exc:
-        raise TVToolError(f"{path}: corrupt safetensors header (key {exc.args[0]!r} appears twice)") from None
+        raise TVToolError(f"{path}: corrupt safetensors header (key {brief(exc.args[0])} appears twice)") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise TVToolError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
@@ -210,17 +223,17 @@ def _read_header(f, path: Path):
         raise TVToolError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     for key, info in header.items():
-        bad = f"{path}: corrupt safetensors header at tensor {key!r}"
+        bad = f"{path}: corrupt safetensors header at tensor {brief(key)}"
         if not isinstance(info, dict):
             raise TVToolError(bad)
         dtype = info.get("dtype")
         if not isinstance(dtype, str) or dtype not in NP_DTYPES:
-            raise TVToolError(f"{bad} (unknown dtype {info.get('dtype')!r})")
+            raise TVToolError(f"{bad} (unknown dtype {brief(info.get('dtype'))})")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
-            raise TVToolError(f"{bad} (shape must be a list of non-negative integers, got {shape!r})")
+            raise TVToolError(f"{bad} (shape must be a list of non-negative integers, got {brief(shape)})")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(x) for x in offsets):
-            raise TVToolError(f"{bad} (data_offsets must be two non-negative integers, got {offsets!r})")
+            raise TVToolError(f"{bad} (data_offsets must be two non-negative integers, got {brief(offsets)})")
         begin, end = offsets
         numel = 1
         for s in shape:
@@ -233,7 +246,7 @@ def _read_header(f, path: Path):
     for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
         if begin != expected:
             what = "overlaps another tensor" if begin < expected else "leaves a gap before it"
-            raise TVToolError(f"{path}: corrupt safetensors header (tensor {key!r} {what})")
+            raise TVToolError(f"{path}: corrupt safetensors header (tensor {brief(key)} {what})")
         expected = end
     data_start = 8 + n
     if data_start + expected != size:

@@ -30,6 +30,7 @@ from . import __version__
 from .checkpoints import open_weights
 from .checks import check_alpha
 from .errors import TVToolError, spell
+from .fileio import parse_json
 from .fileio import atomic_path, check_not_input, check_output  # noqa: F401  (re-exported: every writer uses them from here)
 from .formats.arch import infer
 from .safetensors_io import (
@@ -152,10 +153,7 @@ class TaskVectorFile:
         if raw is None:
             raise TVToolError(f"{self.path}: a safetensors file but not a tvtool task vector (no '{META_KEY}' "
                               "metadata); make one with `tvtool extract`")
-        try:
-            self.meta = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError):
-            raise TVToolError(f"{self.path}: corrupt tvtool metadata (not JSON)") from None
+        self.meta = parse_json(raw, f"{self.path}: corrupt tvtool metadata", "tvtool metadata")
         validate_meta(self.meta, self.path)
         self._finite: set[str] = set()
 

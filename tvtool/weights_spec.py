@@ -25,7 +25,6 @@ its case in ``load_clip`` if models are built from it).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import TVToolError
-from .fileio import check_input
+from .fileio import check_input, read_json
 
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt", ".pkl"})
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -219,10 +218,7 @@ def transformers_model_type(folder: str | os.PathLike) -> str | None:
     cfg = Path(folder) / "config.json"
     if not cfg.is_file():
         return None
-    try:
-        doc = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return None
+    doc = read_json(cfg, "a transformers config.json")
     kind = doc.get("model_type") if isinstance(doc, dict) else None
     return kind if kind in CLIP_MODEL_TYPES else None
 

@@ -19,7 +19,8 @@ import threading
 from pathlib import Path
 
 from ..errors import TVToolError
-from ..fileio import open_input
+from .. import fileio
+from ..fileio import open_input, read_bytes
 
 # Pillow format ids of the files the datasets ship: JPEG (most), PNG (RenderedSST2, tests), PPM/PGM (GTSRB; Pillow's
 # PPM plugin reads both), TIFF, BMP and WebP (accepted image folders). No plugin here runs another program.
@@ -49,18 +50,6 @@ def relative_name(name: str, where) -> str:
     return name
 
 
-def read_bytes(path: Path, what: str, limit: int) -> bytes:
-    """The whole of a regular file of at most ``limit`` bytes (checked before reading)."""
-    with open_input(path, what) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > limit:
-            raise TVToolError(f"{path}: {size} bytes is more than {what} can be ({limit}); is this the right file?")
-        data = f.read(size)  # read(n) allocates n bytes up front: ask for what the file holds, not the limit
-        if f.read(1):  # grew while being read
-            raise TVToolError(f"{path}: changed while being read; try again")
-    return data
-
-
 def decode_text(data: bytes, path: Path) -> str:
     try:
         return data.decode("utf-8")
@@ -76,15 +65,7 @@ def read_text(path: Path, what: str = "a text file of the dataset", limit: int =
 
 
 def read_json(path: Path, what: str = "a JSON file of the dataset", limit: int = MAX_TEXT_BYTES):
-    import json
-
-    text = read_text(path, what, limit)
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise TVToolError(f"{path}: JSON nested too deeply to be {what}; re-download it") from None
-    except ValueError as exc:
-        raise TVToolError(f"{path}: not valid JSON ({str(exc)[:120]}); re-download it") from None
+    return fileio.read_json(path, what, limit=limit)
 
 
 def open_text(path: Path, what: str = "a CSV file of the dataset") -> io.TextIOWrapper:

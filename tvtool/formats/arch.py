@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import sys
 from pathlib import Path
 
+from ..errors import TVToolError
 from ..weights_spec import MINI_NAME
 
 _VISION_DEFAULTS = {"head_width": 64, "mlp_ratio": 4.0}
@@ -104,23 +106,51 @@ def shapes_config(keys, shape) -> dict | None:
     keys = set(keys)
     if "visual.conv1.weight" not in keys or "visual.positional_embedding" not in keys:
         return None
-    width, _, patch, _ = shape("visual.conv1.weight")
-    tokens = shape("visual.positional_embedding")[0] - 1
-    grid = round(tokens ** 0.5)
+    width, _, patch, patch_w = _dims(shape, "visual.conv1.weight", 4)
+    if patch != patch_w:
+        _odd("visual.conv1.weight", shape, "non-square patches")
+    tokens, pos_width = _dims(shape, "visual.positional_embedding", 2)
+    grid = math.isqrt(tokens - 1)
+    if pos_width != width:
+        _odd("visual.positional_embedding", shape, f"its width is not conv1's ({width})")
+    if tokens < 2 or grid * grid != tokens - 1:
+        _odd("visual.positional_embedding", shape, "not a class token plus a square grid of patches")
     layers = _count_layers(keys, "visual.transformer.resblocks.")
-    vision = {"width": width, "patch_size": patch, "image_size": grid * patch if grid * grid == tokens else -1,
-              "layers": layers}
+    vision = {"width": width, "patch_size": patch, "image_size": grid * patch, "layers": layers}
     fc = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     if fc in keys:
-        vision["mlp_ratio"] = shape(fc)[0] / width
-    cfg: dict = {"vision_cfg": vision,
-                 "embed_dim": shape("visual.proj")[1] if "visual.proj" in keys else None}
+        hidden, fc_in = _dims(shape, fc, 2)
+        if fc_in != width:
+            _odd(fc, shape, f"its input is not the tower's width ({width})")
+        vision["mlp_ratio"] = hidden / width
+    embed_dim = None
+    if "visual.proj" in keys:
+        proj_in, embed_dim = _dims(shape, "visual.proj", 2)
+        if proj_in != width:
+            _odd("visual.proj", shape, f"its input is not the tower's width ({width})")
+    cfg: dict = {"vision_cfg": vision, "embed_dim": embed_dim}
     if {"token_embedding.weight", "positional_embedding"} <= keys:
         # task_vectors' ImageEncoder deletes the text transformer but keeps these: layers then stay unknown
-        vocab, twidth = shape("token_embedding.weight")
-        cfg["text_cfg"] = {"vocab_size": vocab, "width": twidth, "context_length": shape("positional_embedding")[0],
+        vocab, twidth = _dims(shape, "token_embedding.weight", 2)
+        context, pos_twidth = _dims(shape, "positional_embedding", 2)
+        if pos_twidth != twidth:
+            _odd("positional_embedding", shape, f"its width is not token_embedding's ({twidth})")
+        cfg["text_cfg"] = {"vocab_size": vocab, "width": twidth, "context_length": context,
                            "layers": _count_layers(keys, "transformer.resblocks.") or None}
     return cfg
+
+
+def _odd(key: str, shape, why: str):
+    raise TVToolError(f"tensor {key} has shape {list(shape(key))[:8]}: {why}; these are not the weights of an "
+                      "open_clip ViT CLIP (damaged, or another model)")
+
+
+def _dims(shape, key: str, ndim: int) -> tuple[int, ...]:
+    """The shape of ``key``, which must have ``ndim`` dimensions, none of them empty."""
+    dims = tuple(shape(key))
+    if len(dims) != ndim or not all(isinstance(d, int) and d > 0 for d in dims):
+        _odd(key, shape, f"a ViT CLIP's is {ndim}-D, without empty dimensions")
+    return dims
 
 
 def _count_layers(keys, prefix: str) -> int:

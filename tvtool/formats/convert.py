@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..checkpoints import open_weights
 from ..errors import TVToolError
-from ..fileio import atomic_path, check_not_input, check_output
+from ..fileio import atomic_path, check_not_input, check_output, parse_json, read_json
 from ..safetensors_io import META_KEY, SafetensorsFile, fingerprint, write_safetensors
 from ..taskvector import FORMAT, history_entry, new_meta, write_vector
 from ..weights_spec import WeightsSpec, folder_weights, parse_weights
@@ -44,7 +44,13 @@ def _arch_config(source, model: str | None, src_path: Path, open_clip_config: Pa
             raise TVToolError(f"unknown open_clip architecture {name!r}; see `tvtool models`")
         return name, cfg
     if open_clip_config is not None:
-        return None, json.loads(open_clip_config.read_text())["model_cfg"]
+        doc = read_json(open_clip_config, "an open_clip_config.json")
+        cfg = doc.get("model_cfg") if isinstance(doc, dict) else None
+        if not (isinstance(cfg, dict) and isinstance(cfg.get("vision_cfg"), dict)
+                and isinstance(cfg.get("text_cfg", {}), dict)):
+            raise TVToolError(f"{open_clip_config}: no open_clip model config (a \"model_cfg\" object with a "
+                              "\"vision_cfg\" object); pass --model")
+        return None, cfg
     name, why = infer(source.keys(), source.shape)
     if name is None:
         raise TVToolError(f"{src_path}: cannot tell its open_clip architecture ({why}); pass --model")
@@ -87,9 +93,10 @@ def _refuse_task_vector(spec: WeightsSpec) -> None:
     with SafetensorsFile(path) as f:
         doc = (f.metadata or {}).get(META_KEY)
     try:
-        is_vector = doc is not None and json.loads(doc).get("format") == FORMAT
-    except (ValueError, AttributeError):
-        is_vector = False
+        parsed = parse_json(doc, str(path), "tvtool metadata") if doc is not None else None
+    except TVToolError:
+        parsed = None
+    is_vector = isinstance(parsed, dict) and parsed.get("format") == FORMAT
     if is_vector:
         raise TVToolError(f"{path} is a tvtool task vector (weight differences), not model weights; make a model "
                           f"first with `tvtool apply {path} --pretrained BASE -o model.safetensors`, then convert that")
@@ -146,7 +153,11 @@ def convert(source: str, output: str | os.PathLike, *, model: str | None = None,
         vision_only = True  # e.g. task_vectors checkpoints, which drop the text transformer
     from . import transformers_clip  # torch
 
-    config = transformers_clip.hf_config(cfg, vision_only=vision_only)
+    try:
+        config = transformers_clip.hf_config(cfg, vision_only=vision_only)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:  # from open_clip_config.json
+        raise TVToolError(f"{src_path}: its open_clip config is not a ViT CLIP's ({type(exc).__name__}: "
+                          f"{str(exc)[:80]}); pass --model") from None
     transformers_clip.write_folder(out, src.items(), _specs(src), config, force=force)
     kind = "CLIPVisionModel" if vision_only else "CLIPModel"
     act = "quick_gelu" if cfg.get("quick_gelu") else "gelu"

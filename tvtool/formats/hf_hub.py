@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 
 from ..errors import TVToolError
+from ..fileio import read_bytes
 from ..weights_spec import folder_weights, hub_id, transformers_model_type
 
 OFFLINE_ENV = ("TVTOOL_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -71,8 +72,9 @@ def cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
     if commit is None:
         ref = root / "refs" / revision
         try:
-            commit = ref.read_text().strip() if ref.is_file() else None
-        except OSError:
+            # a ref holds a 40-character commit: read at most a little of it, never a FIFO
+            commit = read_bytes(ref, "a hub ref", 256).decode("ascii").strip() if ref.is_file() else None
+        except (TVToolError, UnicodeDecodeError):
             commit = None
     if not commit or "/" in commit or commit in (".", ".."):
         return None

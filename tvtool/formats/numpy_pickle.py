@@ -20,6 +20,7 @@ import struct
 from pathlib import Path
 
 from ..errors import TVToolError
+from . import pickle_scan
 
 
 class UnsafePickle(Exception):
@@ -195,8 +196,11 @@ def load_numpy(path: str | Path, *, limit: int = 1 << 31):
             raise TVToolError(f"{path}: {size} bytes is more than a pickled data file can be ({limit})")
         data = f.read(size)  # read(n) allocates n bytes up front: ask for what the file holds, not the limit
     try:
+        pickle_scan.check(data)  # no billion laughs, no nesting that crashes the interpreter (see there)
         # latin1: the CIFAR files are Python 2 pickles; their str objects are bytes (array data) or ASCII text
         return _swap_arrays(NumpyUnpickler(io.BytesIO(data), encoding="latin1").load())
+    except pickle_scan.PickleShape as exc:
+        raise TVToolError(f"{path}: refused: {exc}; re-download it from the dataset's own site") from None
     except UnsafePickle as exc:
         raise TVToolError(f"{path}: refused: {exc}; a data file is read as plain arrays and lists only, and this "
                           "one asks for more. Re-download it from the dataset's own site") from None

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import TVToolError
+from ..errors import TVToolError, brief
+from ..fileio import read_json
 from ..weight_source import WeightSource
 from ..weights_spec import ADAPTER_CONFIG, folder_weights
 from . import transformers_clip
@@ -78,14 +79,9 @@ class Adapter:
 
 def _config(folder: Path) -> dict:
     path = folder / ADAPTER_CONFIG
-    try:
-        if path.stat().st_size > 1 << 20:
-            raise ValueError("larger than 1 MiB")
-        doc = json.loads(path.read_text())
-        if not isinstance(doc, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise TVToolError(f"{path}: unreadable adapter config ({exc})") from None
+    doc = read_json(path, "a PEFT adapter config", limit=1 << 20)
+    if not isinstance(doc, dict):
+        raise TVToolError(f"{path}: unreadable adapter config (not a JSON object)")
     return doc
 
 
@@ -106,8 +102,40 @@ def _check_config(folder: Path, cfg: dict) -> None:
     if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
         raise TVToolError(f"{folder}: unknown bias setting {cfg.get('bias')!r} in {ADAPTER_CONFIG}")
     for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
+        if not _positive(cfg.get(key)):
             raise TVToolError(f"{folder}: {ADAPTER_CONFIG} needs a positive {key}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        _check_patterns(folder, key, cfg.get(key))
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < float("inf")
+
+
+# a quantified group that itself holds a quantifier: "(a+)+" backtracks exponentially on a near-miss
+_NESTED_QUANTIFIER = re.compile(r"\([^()]*[+*}][^()]*\)\s*[+*{]")
+
+
+def _check_patterns(folder: Path, key: str, patterns) -> None:
+    """peft matches ``rank_pattern`` / ``alpha_pattern`` keys as regular expressions against module names: from a
+    file, each must compile, be short and hold no nested quantifier (matching time stays bounded), and map to a
+    positive number."""
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        raise TVToolError(f"{folder}: {ADAPTER_CONFIG}'s {key} is not an object of pattern: number")
+    for pattern, value in patterns.items():
+        if not _positive(value):
+            raise TVToolError(f"{folder}: {ADAPTER_CONFIG}'s {key} maps {brief(pattern)} to {brief(value)}, not a "
+                              "positive number")
+        if len(pattern) > 512 or _NESTED_QUANTIFIER.search(pattern):
+            raise TVToolError(f"{folder}: {ADAPTER_CONFIG}'s {key} pattern {brief(pattern)} is too long or nests "
+                              "quantifiers; name the modules plainly")
+        try:
+            re.compile(pattern)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise TVToolError(f"{folder}: {ADAPTER_CONFIG}'s {key} pattern {brief(pattern)} is not a regular "
+                              f"expression ({str(exc)[:80]})") from None
 
 
 def read_adapter(folder: str | Path, trust_pickle: bool = False) -> Adapter:

@@ -9,6 +9,7 @@ it keeps the image tower only (``visual.*``), and its base fingerprint is theta_
 """
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from ..errors import TVToolError
 from .arch import register_builtin
 
-_INDEXED = re.compile(r"^(?:.*\.)?(params0?)\.(\d+)$")
+_INDEXED = re.compile(r"^(?:.*\.)?(params0?)\.(\d{1,9})$")  # an index, not a 5000-digit int
 
 
 def is_linearized(obj) -> bool:
@@ -42,8 +43,12 @@ def encoder_parameter_names(arch: str) -> list[tuple[str, tuple[int, ...]]]:
     open_clip = register_builtin()
     if arch not in open_clip.list_models():
         raise TVToolError(f"unknown open_clip architecture {arch!r} for the linearized checkpoint; pass --model")
-    with torch.device("meta"):
-        model = open_clip.create_model(arch, device="meta")
+    logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded: none are wanted
+    try:
+        with torch.device("meta"):
+            model = open_clip.create_model(arch, device="meta")
+    finally:
+        logging.disable(logging.NOTSET)
     if hasattr(model, "transformer"):
         del model.transformer  # task_vectors' ImageEncoder(keep_lang=False) deletes it
     return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
@@ -60,10 +65,17 @@ def read(obj: dict, origin: str, arch: str | None = None):
     if len(names) != len(params):
         raise TVToolError(f"{origin}: holds {len(params)} parameters but {arch} without its text transformer has "
                           f"{len(names)}; pass the right --model")
-    for i, ((name, shape), t) in enumerate(zip(names, params0)):
-        if tuple(t.shape) != shape:
-            raise TVToolError(f"{origin}: parameter {i} has shape {tuple(t.shape)} but {arch}'s {name} is {shape}; "
+    for i, ((name, shape), p, p0) in enumerate(zip(names, params, params0)):
+        if tuple(p0.shape) != shape:
+            raise TVToolError(f"{origin}: parameter {i} has shape {tuple(p0.shape)} but {arch}'s {name} is {shape}; "
                               "pass the right --model")
+        # the fine-tuned list must match too: params - params0 would broadcast a [1] tensor into a wrong vector
+        if tuple(p.shape) != shape:
+            raise TVToolError(f"{origin}: fine-tuned parameter {i} ({name}) has shape {tuple(p.shape)} but its "
+                              f"pre-trained value and {arch} have {shape}; the file is damaged")
+        if not (p.is_floating_point() and p0.is_floating_point()):
+            raise TVToolError(f"{origin}: parameter {i} ({name}) is {p.dtype} / {p0.dtype}, not floating point; the "
+                              "file is damaged")
     theta0, tau = {}, {}
     for (name, _), p, p0 in zip(names, params, params0):
         if name.startswith("visual."):

@@ -20,7 +20,7 @@ from typing import Mapping
 
 import torch
 
-from ..errors import TVToolError
+from ..errors import TVToolError, brief
 from ..fileio import atomic_path, check_output
 from ..safetensors_io import write_safetensors
 from ..weight_source import ModelConfig, WeightSource
@@ -185,10 +185,26 @@ def load_config(folder: str | os.PathLike):
     try:
         return cls.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises many types for a bad config.json
-        raise TVToolError(f"{folder}: unreadable config.json ({type(exc).__name__}: {str(exc)[:160]})") from None
+        raise TVToolError(f"{folder}: unreadable config.json ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:160]})") from None
 
 
-def _tower_cfg(c, text: bool) -> dict:
+# what a CLIP tower's config fields may be: positive integers no real model comes near (read from a user's file,
+# they size divisions and, later, a model's allocation)
+_FIELD_BOUND = 1 << 24
+
+
+def _check_fields(c, names, where: str) -> None:
+    for name in names:
+        value = getattr(c, name, None)
+        if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _FIELD_BOUND):
+            raise TVToolError(f"{where}: {name} is {brief(value)}, not a positive integer; the config is damaged")
+
+
+def _tower_cfg(c, text: bool, where: str = "config.json") -> dict:
+    fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    _check_fields(c, fields + (("max_position_embeddings", "vocab_size") if text else ("image_size", "patch_size")),
+                  f"{where}: the {'text' if text else 'vision'} tower's config")
     out = {"width": c.hidden_size, "layers": c.num_hidden_layers}
     if c.intermediate_size != 4 * c.hidden_size:
         out["mlp_ratio"] = c.intermediate_size / c.hidden_size
@@ -201,7 +217,7 @@ def _tower_cfg(c, text: bool) -> dict:
     return out
 
 
-def open_clip_config(config) -> dict:
+def open_clip_config(config, where: str = "config.json") -> dict:
     """The open_clip model config (``model_cfg``) of a transformers CLIP config; vision-only has no text_cfg."""
     vision = getattr(config, "vision_config", config)
     text = getattr(config, "text_config", None)
@@ -210,9 +226,10 @@ def open_clip_config(config) -> dict:
     if unsupported or len(acts) > 1:
         raise TVToolError(f"transformers CLIP with activation {sorted(acts)}: open_clip has QuickGELU or GELU for "
                           "both towers only")
-    cfg = {"embed_dim": config.projection_dim, "vision_cfg": _tower_cfg(vision, text=False)}
+    _check_fields(config, ("projection_dim",), where)
+    cfg = {"embed_dim": config.projection_dim, "vision_cfg": _tower_cfg(vision, False, where)}
     if text is not None:
-        cfg["text_cfg"] = _tower_cfg(text, text=True)
+        cfg["text_cfg"] = _tower_cfg(text, True, where)
     if acts == {"quick_gelu"}:
         cfg["quick_gelu"] = True
     return cfg
@@ -261,7 +278,7 @@ def open_folder(folder: str | os.PathLike, *, trust_pickle: bool = False) -> Wei
     transformers config and the open_clip model config it corresponds to."""
     folder = Path(folder).resolve()
     config = load_config(folder)
-    model_cfg = open_clip_config(config)
+    model_cfg = open_clip_config(config, str(folder / "config.json"))
     raw = _raw_weights(folder, trust_pickle)
     plan = hf_to_open_clip_plan(raw.keys(), vision_only="text_cfg" not in model_cfg)
     # A config no open_clip architecture has (tiny test models, custom widths) is registered under a stable name.
