@@ -21,6 +21,7 @@ eval_app = typer.Typer(
         f"  tvtool eval addition VEC.st ... [--grid {ALPHA_GRID}]\n\n"
         "  tvtool eval negation VEC.st [--control imagenet] [--threshold 0.95]\n\n"
         f"  tvtool eval disentanglement A.st B.st [--grid {DISENTANGLEMENT_GRID}] [--plot map.png]\n\n"
+        "  tvtool eval adamerging VEC.st ... [--layer-wise|--task-wise] [--steps 500] [-o merged.st]\n\n"
         "--model/--pretrained default to the base recorded in the vectors. Every command prints a table; --json "
         "prints the JSON result only (on stdout) and --json-out F also writes it to F. Each result records the model, "
         "base fingerprint, vectors (path + fingerprint), grid, splits and tvtool version."
@@ -348,5 +349,72 @@ def disentanglement_cmd(
         console.print(t)
         if plot is not None:
             console.print(f"heat-map written to {plot}")
+
+    _emit(result, as_json, json_out, force, table)
+
+
+@eval_app.command("adamerging", help="AdaMerging (Yang et al., ICLR 2024): per-task (--task-wise) or per-task-and-"
+                                     "tensor (--layer-wise) coefficients learned by minimizing the entropy of the "
+                                     "merged model's predictions on the tasks' unlabeled test images; writes the "
+                                     "merged vector sum_t lambda_t tau_t (-o) and reports its test Abs.Acc and "
+                                     "Norm.Acc. Defaults are the authors' (`tvtool merge --list`).\n\n"
+                                     "Example: tvtool eval adamerging cars.st dtd.st eurosat.st -o ada.st")
+def adamerging_cmd(
+    vectors: List[Path] = typer.Argument(..., help="One single-task vector per task."),
+    layer_wise: bool = typer.Option(True, "--layer-wise/--task-wise", help="One coefficient per task and tensor "
+                                                                           "(default), or one per task."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Adam steps (default 500, the paper's)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 1e-3)."),
+    init: Optional[float] = typer.Option(None, "--init", help="Initial coefficient (default 0.3, the paper's prior)."),
+    clamp: Optional[bool] = typer.Option(None, "--clamp/--no-clamp", help="Clip the coefficients to [0, 1] in the "
+                                         "forward (default: yes, the authors' code; FusionBench's CLIP config: no)."),
+    adapt_batch_size: Optional[int] = typer.Option(None, "--adapt-batch-size", help="Unlabeled test images of each "
+                                                   "task per step (default 16)."),
+    entropy_eps: Optional[float] = typer.Option(None, "--entropy-eps", help="Entropy as -sum p log(p + eps) (default "
+                                                "0, exact; FusionBench: 1e-8)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the order of the test images (default 0)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Where to write the merged vector; refused "
+                                         "if it exists (see --force). Without -o: adamerging-layer-A+B.st (or "
+                                         "-task-) in the current directory."),
+    model: Optional[str] = _MODEL, pretrained: Optional[str] = _PRETRAINED, data_root: Optional[Path] = _DATA_ROOT,
+    device: Optional[str] = _DEVICE, batch_size: int = _BATCH, max_examples: Optional[int] = _MAX,
+    data_on_device: str = _ON_DEVICE, as_json: bool = _JSON,
+    json_out: Optional[Path] = _JSON_OUT,
+    force: bool = typer.Option(False, "--force", help="Overwrite the merged vector and --json-out files that exist."),
+):
+    from .. import adamerging as ada
+    from .. import evaluate as ev
+    from ._output import merge_name, wrote, destination
+
+    given = {"granularity": "layer" if layer_wise else "task", "steps": steps, "lr": lr, "init": init,
+             "clamp": clamp, "batch_size": adapt_batch_size, "eps": entropy_eps, "seed": seed}
+    flags = {"steps": "--steps", "lr": "--lr", "init": "--init", "batch_size": "--adapt-batch-size",
+             "eps": "--entropy-eps", "seed": "--seed"}
+    options = ada.resolve({k: v for k, v in given.items() if v is not None}, flags)  # before any model loads
+    if output == "-":
+        raise TVToolError("-o -: stdout carries this command's table or JSON; give -o FILE for the merged vector")
+    opened = ev.open_vectors(vectors)
+    if any((v.meta.get("mode") or "full") == "linear" for v in opened):
+        raise TVToolError("adamerging merges ordinary task vectors; linear-mode (tangent) vectors are not supported")
+    with destination(output, merge_name(f"adamerging-{options['granularity']}", vectors, 1.0)) as target:
+        vecs, evaluator = _setup(vectors, model, pretrained, None, ["test"], data_root, device, batch_size,
+                                 (target.path, json_out), force, max_examples, False, data_on_device)
+        result = ada.adamerging(evaluator, vecs, options, target.path, force=force, progress=_progress)
+    wrote(target, result["fingerprint"])
+
+    def table(console):
+        t = _table(f"AdaMerging ({options['granularity']}-wise, {options['steps']} steps), test accuracy (%)",
+                   ["task", "test acc", "fine-tuned", "normalized", "lambda mean"])
+        values = result["lambdas"]["values"]
+        for task in result["tasks"]:
+            lam = values[task] if isinstance(values[task], float) else sum(values[task].values()) / len(values[task])
+            t.add_row(task, _pct(result["test_acc"][task]), _pct(result["finetuned_acc"]["test"][task]),
+                      _pct(result["test_norm_acc"][task]), f"{lam:.4f}")
+        t.add_row("mean: Abs.Acc / single-task / Norm.Acc", _pct(result["abs_acc"]), _pct(result["finetuned_mean_acc"]),
+                  _pct(result["norm_acc"]), "")
+        console.print(t)
+        e = result["entropy"]
+        console.print(f"entropy (sum over tasks, mean over each test split): {e['init_sum']:.4f} at init -> "
+                      f"{e['final_sum']:.4f} learned")
 
     _emit(result, as_json, json_out, force, table)

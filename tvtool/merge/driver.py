@@ -61,6 +61,9 @@ def _call(m: Method, tensors: list[Tensor], key: str, opts: Mapping[str, Any], a
 
 def check_inputs(m: Method, opts: Mapping[str, Any], n_inputs: int) -> None:
     """Refuse, before any work, what cannot give a meaningful result."""
+    if m.command:
+        raise TVToolError(f"{m.name} needs the model and the tasks' data, which `tvtool merge` does not load; run "
+                          f"`{m.command}`")
     if n_inputs == 0:
         raise TVToolError("no task vectors given")
     if m.check is not None:

@@ -30,6 +30,8 @@ KINDS = {
     "spectral": "per 2-D layer, from singular value decompositions (GPU when there is one)",
     "optimization": "per 2-D layer, a small optimization problem (GPU when there is one)",
     "layer scaling": "rescales another method's output layer by layer",
+    "data-aware": "needs the model and the tasks' data, so it runs behind the evaluator's data path (its own "
+                  "command, shown as 'run with'), not in the file-only `tvtool merge`",
 }
 
 
@@ -73,8 +75,8 @@ class Option:
         low_bad = self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo))
         high_bad = self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi))
         if low_bad or high_bad:
-            lower = f"({self.lo}" if self.lo_open else f"[{self.lo}"
-            upper = f"{self.hi})" if self.hi_open else f"{self.hi}]"
+            lower = "(-inf" if self.lo is None else f"({self.lo}" if self.lo_open else f"[{self.lo}"
+            upper = "inf)" if self.hi is None else f"{self.hi})" if self.hi_open else f"{self.hi}]"
             raise TVToolError(f"{method}: option {name}={value} is out of range {lower}, {upper}")
         return value
 
@@ -103,6 +105,7 @@ class Method:
     check: Callable | None = None  # (options, n_inputs) -> None, raises TVToolError before any work
     tune: tuple[str, str, str] | None = None  # (option, grid, source) when the paper tunes an option, not alpha
     params: frozenset = field(default_factory=frozenset)
+    command: str | None = None  # a data-aware method: the command that runs it (`tvtool merge` refuses it)
 
     @property
     def summary(self) -> str:
@@ -125,7 +128,7 @@ class Method:
                 "paper": self.paper, "url": self.url, "code": self.code,
                 "alpha_grid": self.alpha_grid, "alpha_source": self.alpha_source,
                 "tune": dict(zip(("option", "grid", "source"), self.tune)) if self.tune else None,
-                "per_layer": self.per_layer, "random": self.random, "nested": self.nested,
+                "per_layer": self.per_layer, "random": self.random, "nested": self.nested, "command": self.command,
                 "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help,
                                 "choices": list(o.choices) if o.choices else None} for k, o in self.options.items()}}
 
@@ -136,8 +139,9 @@ REGISTRY: dict[str, Method] = {}
 def register(name: str, *, kind: str, paper: str, url: str, code: str, alpha_grid: str, alpha_source: str,
              options: Mapping[str, Option] | None = None, per_layer: bool = False, random: bool = False,
              prepass: Callable | None = None, nested: str | None = None, check: Callable | None = None,
-             tune: tuple[str, str, str] | None = None):
-    """Register a merge method with its structured description (see the module docstring)."""
+             tune: tuple[str, str, str] | None = None, command: str | None = None):
+    """Register a merge method with its structured description (see the module docstring). ``command``: the method
+    needs the model and data, and this command runs it (kind "data-aware"); ``fn`` is then never called."""
     opts = dict(options or {})
     if kind not in KINDS:
         raise ValueError(f"{name}: unknown kind {kind!r}")
@@ -155,7 +159,7 @@ def register(name: str, *, kind: str, paper: str, url: str, code: str, alpha_gri
         if random and "generator" not in sig:
             raise ValueError(f"{name}: a random method takes a 'generator' parameter")
         REGISTRY[name] = Method(name, fn, opts, kind, paper, url, code, alpha_grid, alpha_source, per_layer, random,
-                                prepass, nested, check, tune, frozenset(sig))
+                                prepass, nested, check, tune, frozenset(sig), command)
         return fn
 
     return deco
@@ -227,6 +231,8 @@ def describe_method(method: Method | str) -> str:
              f"    paper: {m.paper} <{m.url}>",
              f"    reference code: {m.code}",
              f"    default alpha search: {m.alpha_grid} -- {m.alpha_source}"]
+    if m.command:
+        lines.append(f"    run with: {m.command} (needs the model and the tasks' data; `tvtool merge` refuses it)")
     if m.tune:
         lines.append(f"    tuned option: {m.tune[0]} over {m.tune[1]} -- {m.tune[2]}")
     for k, o in m.options.items():
