@@ -30,6 +30,8 @@ KINDS = {
     "spectral": "per 2-D layer, from singular value decompositions (GPU when there is one)",
     "optimization": "per 2-D layer, a small optimization problem (GPU when there is one)",
     "layer scaling": "rescales another method's output layer by layer",
+    "data-aware": "weighted by statistics of each fine-tuned model on a few hundred of its task's training images "
+                  "(tvtool/merge/data.py; needs the model and the data, GPU when there is one)",
 }
 
 
@@ -103,6 +105,10 @@ class Method:
     check: Callable | None = None  # (options, n_inputs) -> None, raises TVToolError before any work
     tune: tuple[str, str, str] | None = None  # (option, grid, source) when the paper tunes an option, not alpha
     params: frozenset = field(default_factory=frozenset)
+    # data-aware methods: (ctx, *, <its options>) -> (key -> extra keyword arguments of fn), where ctx is a
+    # tvtool.merge.data.StatsContext (the model, each task's fine-tuned weights and training images); the file-only
+    # driver refuses such a method, tvtool.merge.data.merge_with_data runs it
+    collect: Callable | None = None
 
     @property
     def summary(self) -> str:
@@ -126,6 +132,7 @@ class Method:
                 "alpha_grid": self.alpha_grid, "alpha_source": self.alpha_source,
                 "tune": dict(zip(("option", "grid", "source"), self.tune)) if self.tune else None,
                 "per_layer": self.per_layer, "random": self.random, "nested": self.nested,
+                "data": self.collect is not None,
                 "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help,
                                 "choices": list(o.choices) if o.choices else None} for k, o in self.options.items()}}
 
@@ -136,7 +143,7 @@ REGISTRY: dict[str, Method] = {}
 def register(name: str, *, kind: str, paper: str, url: str, code: str, alpha_grid: str, alpha_source: str,
              options: Mapping[str, Option] | None = None, per_layer: bool = False, random: bool = False,
              prepass: Callable | None = None, nested: str | None = None, check: Callable | None = None,
-             tune: tuple[str, str, str] | None = None):
+             tune: tuple[str, str, str] | None = None, collect: Callable | None = None):
     """Register a merge method with its structured description (see the module docstring)."""
     opts = dict(options or {})
     if kind not in KINDS:
@@ -146,16 +153,17 @@ def register(name: str, *, kind: str, paper: str, url: str, code: str, alpha_gri
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
         sig = inspect.signature(fn).parameters
-        missing = set(opts) - set(sig)
+        # a data-aware method's collection options are parameters of its collector, not of the per-key function
+        missing = set(opts) - set(sig) - (set(inspect.signature(collect).parameters) if collect else set())
         if missing:
             raise ValueError(f"{name}: options {sorted(missing)} are not parameters of {fn.__name__}")
-        doubled = sorted(k for k in opts if sig[k].default is not inspect.Parameter.empty)
+        doubled = sorted(k for k in opts if k in sig and sig[k].default is not inspect.Parameter.empty)
         if doubled:  # the Option holds the default; a second one in the signature could disagree (issue 20)
             raise ValueError(f"{name}: parameters {doubled} of {fn.__name__} repeat their option's default")
         if random and "generator" not in sig:
             raise ValueError(f"{name}: a random method takes a 'generator' parameter")
         REGISTRY[name] = Method(name, fn, opts, kind, paper, url, code, alpha_grid, alpha_source, per_layer, random,
-                                prepass, nested, check, tune, frozenset(sig))
+                                prepass, nested, check, tune, frozenset(sig), collect)
         return fn
 
     return deco
@@ -235,4 +243,7 @@ def describe_method(method: Method | str) -> str:
         lines.append(f"    {m.nested}.<name>: any option of the {m.nested} method, e.g. {m.nested}.k=20")
     if m.random:
         lines.append("    (random: reproducible from --seed, recorded in the output's history)")
+    if m.collect is not None:
+        lines.append("    (data-aware: runs each fine-tuned model on its task's training images, a --seed-chosen "
+                     "subset; --data-root for real datasets, --device)")
     return "\n".join(lines)
