@@ -430,3 +430,29 @@ def test_cli_refusals_are_one_line(mini):
     assert not (d / "x.st").exists()
     r = run_tvtool("merge", "--list")
     assert "regmean  [data-aware]" in r.stdout and "fisher  [data-aware]" in r.stdout and "Jin et al." in r.stdout
+
+
+def test_recipe_data_aware_step_merges_from_theta0(tmp_path):
+    """A recipe's regmean step after a ties step (whose addition search leaves the tower moved) gives the same
+    vector as `merge_with_data` on a fresh model: the step's statistics are taken from theta_0 + tau_t."""
+    import yaml
+
+    from tvtool.merge.data import merge_with_data
+    from tvtool.recipes import parse_recipe, run_recipe
+
+    doc = {"model": "tvtool-mini", "out_dir": str(tmp_path / "runs"), "tasks": ["mini-shapes", "mini-colors"],
+           "finetune": {"lr": 0.001, "max_steps": 2, "warmup_steps": 1, "batch_size": 32, "eval": False},
+           "variants": [{"name": "ft", "mode": "full"}],
+           "eval": {"merge": [{"method": "ties", "grid": "1"},
+                              {"method": "regmean", "options": {"examples": 8}, "seed": 2, "grid": "0.5,1"}]}}
+    r = parse_recipe(yaml.safe_load(yaml.safe_dump(doc)), "test")
+    res = run_recipe(r, log=lambda m: None, device="cpu")["variants"]["ft"]["merge-regmean"]
+    folder = tmp_path / "runs" / "ft"
+    assert res["grid"] == [0.5, 1.0]
+    ours, meta = _read(folder / "merge-regmean.st")
+    assert meta["history"][-1]["seed"] == 2
+    merge_with_data("regmean", [folder / "mini-shapes.st", folder / "mini-colors.st"], tmp_path / "alone.st",
+                    {"examples": 8}, seed=2, device="cpu")
+    alone, _ = _read(tmp_path / "alone.st")
+    for k in alone:
+        torch.testing.assert_close(ours[k], alone[k], rtol=1e-5, atol=1e-7)

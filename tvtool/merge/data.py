@@ -251,7 +251,8 @@ def merge_with_data(method: str, paths: Sequence[str | os.PathLike], out: str | 
     """A data-aware merge of task-vector files into ``out`` (atomic; history as `merge_files` writes it, plus what
     data was used); returns its fingerprint.
 
-    The model is the base the vectors record (or ``bundle``, already loaded: recipes pass theirs); each vector's
+    The model is the base the vectors record (or ``bundle``, already loaded, its image tower at theta_0: recipes
+    pass theirs, and get it back at theta_0); each vector's
     task is the one it records (or ``tasks``, in order). ``seed`` chooses the training images.
     """
     from .. import evaluate
