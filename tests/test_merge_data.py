@@ -29,7 +29,8 @@ from cli_helpers import REPO, run_tvtool
 from tvtool.errors import TVToolError
 from tvtool.evaluate import Evaluator
 from tvtool.merge import REGISTRY, get_method, merge_files, merge_tensors, resolve_options
-from tvtool.merge.data import StatsContext, collect, linear_inputs, linear_keys, merge_stats, task_rows
+from tvtool.data_merge import StatsContext
+from tvtool.merge.data import collect, linear_inputs, linear_keys, merge_stats, task_rows
 from tvtool.merge.methods.fisher import fisher_coefficients
 
 FB_VERSION = "0.2.33"
@@ -437,7 +438,7 @@ def test_recipe_data_aware_step_merges_from_theta0(tmp_path):
     vector as `merge_with_data` on a fresh model: the step's statistics are taken from theta_0 + tau_t."""
     import yaml
 
-    from tvtool.merge.data import merge_with_data
+    from tvtool.data_merge import merge_with_data
     from tvtool.recipes import parse_recipe, run_recipe
 
     doc = {"model": "tvtool-mini", "out_dir": str(tmp_path / "runs"), "tasks": ["mini-shapes", "mini-colors"],

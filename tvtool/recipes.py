@@ -735,7 +735,7 @@ def _merge_step(ev, vectors, paths, folder: Path, name: str, step: dict, *, seed
     grid, tune = merge_step_grid(step), merge_step_tune(step)
     options = dict(step.get("options") or {})
     if get_method(step["method"]).collect is not None:  # data-aware (regmean, fisher): the run's model and data
-        from .merge.data import merge_with_data
+        from .data_merge import merge_with_data
 
         ev.reset()  # its statistics are taken from theta_0 + tau_t: the tower must be at theta_0
         merge_files = lambda method, paths, out, opts, *, seed, force: merge_with_data(  # noqa: E731

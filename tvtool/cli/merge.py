@@ -95,7 +95,7 @@ def merge(
         raise TVToolError("no task vectors given; pass the .st files to merge")
     options = merging.parse_option_strings(option or [])
     if m.collect is not None:
-        from ..merge.data import merge_with_data
+        from ..data_merge import merge_with_data
 
         task_list = [t.strip() for t in tasks.split(",")] if tasks else None
         with destination(output, merge_name(m.name, vectors, alpha)) as target:

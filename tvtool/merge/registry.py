@@ -31,7 +31,7 @@ KINDS = {
     "optimization": "per 2-D layer, a small optimization problem (GPU when there is one)",
     "layer scaling": "rescales another method's output layer by layer",
     "data-aware": "weighted by statistics of each fine-tuned model on a few hundred of its task's training images "
-                  "(tvtool/merge/data.py; needs the model and the data, GPU when there is one)",
+                  "(tvtool/data_merge.py; needs the model and the data, GPU when there is one)",
 }
 
 
@@ -106,8 +106,8 @@ class Method:
     tune: tuple[str, str, str] | None = None  # (option, grid, source) when the paper tunes an option, not alpha
     params: frozenset = field(default_factory=frozenset)
     # data-aware methods: (ctx, *, <its options>) -> (key -> extra keyword arguments of fn), where ctx is a
-    # tvtool.merge.data.StatsContext (the model, each task's fine-tuned weights and training images); the file-only
-    # driver refuses such a method, tvtool.merge.data.merge_with_data runs it
+    # tvtool.data_merge.StatsContext (the model, each task's fine-tuned weights and training images); the file-only
+    # driver refuses such a method, tvtool.data_merge.merge_with_data runs it
     collect: Callable | None = None
 
     @property
@@ -154,10 +154,11 @@ def register(name: str, *, kind: str, paper: str, url: str, code: str, alpha_gri
             raise ValueError(f"merge method {name!r} registered twice")
         sig = inspect.signature(fn).parameters
         # a data-aware method's collection options are parameters of its collector, not of the per-key function
-        missing = set(opts) - set(sig) - (set(inspect.signature(collect).parameters) if collect else set())
+        collect_sig = inspect.signature(collect).parameters if collect else {}
+        missing = set(opts) - set(sig) - set(collect_sig)
         if missing:
             raise ValueError(f"{name}: options {sorted(missing)} are not parameters of {fn.__name__}")
-        doubled = sorted(k for k in opts if k in sig and sig[k].default is not inspect.Parameter.empty)
+        doubled = sorted(k for k in opts if (sig.get(k) or collect_sig.get(k)).default is not inspect.Parameter.empty)
         if doubled:  # the Option holds the default; a second one in the signature could disagree (issue 20)
             raise ValueError(f"{name}: parameters {doubled} of {fn.__name__} repeat their option's default")
         if random and "generator" not in sig:
