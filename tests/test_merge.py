@@ -90,9 +90,10 @@ def ref_tsv(vs, fraction=None):
 def test_registry_lists_every_method_with_options_and_citation():
     names = [m.name for m in mg.list_methods()]
     assert names == ["sum", "mean", "ties", "dare", "dare-ties", "breadcrumbs", "breadcrumbs-ties", "della", "tsv",
-                     "iso-c", "iso-cts", "consensus", "wudi", "lines", "adamerging"]
-    assert [m.name for m in mg.list_methods() if m.kind == "data-aware"] == ["adamerging"]
-    assert all(bool(m.command) == (m.kind == "data-aware") for m in mg.list_methods())
+                     "iso-c", "iso-cts", "consensus", "wudi", "lines", "regmean", "fisher", "adamerging"]
+    assert [m.name for m in mg.list_methods() if m.kind == "data-aware"] == ["regmean", "fisher", "adamerging"]
+    # a data-aware method runs through `tvtool merge` with the tasks' data (collect) or through its own command
+    assert all(bool(m.command) == (m.kind == "data-aware" and m.collect is None) for m in mg.list_methods())
     for m in mg.list_methods():
         assert any(str(y) in m.doc and str(y) in m.paper for y in (2022, 2023, 2024, 2025)), m.name  # paper cited
         assert m.url.startswith("https://arxiv.org/abs/") and m.code and m.alpha_source, m.name
@@ -112,7 +113,9 @@ def test_options_have_one_default_each():
     """Issue 20: a default lives in the Option only; the function cannot carry a second, disagreeing one."""
     import inspect
     for m in mg.list_methods():
-        params = inspect.signature(m.fn).parameters
+        params = dict(inspect.signature(m.fn).parameters)
+        if m.collect is not None:  # data-aware: collection options are the collector's parameters
+            params.update(inspect.signature(m.collect).parameters)
         for name in m.options:
             assert params[name].default is inspect.Parameter.empty, (m.name, name)
     assert mg.resolve_options("ties")["scope"] == "global"
@@ -175,7 +178,7 @@ def test_ties_sign_election_ties_and_edge_cases():
     out = mg.merge_tensor("ties", [a, b, c], options={"k": 100, "sign": "count"})
     assert out.tolist() == [-1.0, 0.0, -1.0, 0.0, 0.0]
     zeros = [torch.zeros(3, 2), torch.zeros(3, 2)]
-    for name in (n for n, m in mg.REGISTRY.items() if not m.command):  # data-aware methods need a model
+    for name in (n for n, m in mg.REGISTRY.items() if m.kind != "data-aware"):  # tests/test_merge_data.py, test_adamerging.py
         assert not mg.merge_tensor(name, zeros, "z", {"k": 1} if name == "consensus" else None).any(), name
     single = _t(_randn(4, 5))
     assert torch.equal(mg.merge_tensor("ties", [single], options={"k": 100}), single)
@@ -670,7 +673,7 @@ def test_every_method_merges_a_vit_shaped_vector_through_files(tmp_path):
                         tv.new_meta(BASE, tasks=[f"task{t}"], mode="full"))
         paths.append(p)
     inputs = [_load(p)[0] for p in paths]
-    for name in (n for n, m in mg.REGISTRY.items() if not m.command):  # data-aware methods need a model
+    for name in (n for n, m in mg.REGISTRY.items() if m.kind != "data-aware"):  # tests/test_merge_data.py, test_adamerging.py
         out = tmp_path / f"{name}.st"
         mg.merge_files(name, paths, out, seed=1)
         got, meta = _load(out)

@@ -734,6 +734,13 @@ def _merge_step(ev, vectors, paths, folder: Path, name: str, step: dict, *, seed
 
     grid, tune = merge_step_grid(step), merge_step_tune(step)
     options = dict(step.get("options") or {})
+    if get_method(step["method"]).collect is not None:  # data-aware (regmean, fisher): the run's model and data
+        from .data_merge import merge_with_data
+
+        ev.reset()  # its statistics are taken from theta_0 + tau_t: the tower must be at theta_0
+        merge_files = lambda method, paths, out, opts, *, seed, force: merge_with_data(  # noqa: E731
+            method, paths, out, opts, bundle=ev.bundle, data_root=ev.data_root, device=str(ev.device), seed=seed,
+            force=force, progress=progress)
     if tune is None:
         merged_path = folder / f"{name}.st"
         # rebuilt with the step: its inputs or options may have changed since the last one

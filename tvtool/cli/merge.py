@@ -23,6 +23,7 @@ def _methods_help() -> str:
         # no square brackets: typer's rich help would read them as markup
         flags = " - per-layer: 2-D tensors only, the mean elsewhere" if m.per_layer else ""
         flags += " - random: reproducible from --seed" if m.random else ""
+        flags += " - data-aware: runs the model on the tasks' training images" if m.collect is not None else ""
         lines.append(f"{m.name}({opts}){flags} - alpha grid {m.alpha_grid}")
     return "\n\n".join(lines)
 
@@ -36,6 +37,8 @@ Per-layer methods (tsv, iso-c, iso-cts, wudi) act on 2-D tensors only and averag
 authors' code does (option fallback=sum adds them). SVDs and WUDI's optimization run on the GPU when there is one. \
 Each method's paper, reference code and default alpha search (used by `eval addition --merged` and recipes) are \
 in `tvtool merge --list`.
+
+Data-aware methods (regmean, fisher) also need the model (the base the vectors record) and each vector's task's training images (--data-root for real datasets; --tasks when the vectors do not record their task); --seed chooses the images, --device where the model runs (default: cuda when available).
 
 Example: tvtool merge --method ties --option k=20 a.st b.st c.st --alpha 0.4   (writes ties-a+b+c-alpha0.4.st)
 """
@@ -65,6 +68,12 @@ def merge(
     union: bool = typer.Option(False, "--union", help="Allow inputs with different tensor sets; missing tensors "
                                                       "count as 0."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Data-aware methods: each vector's task, comma-"
+                                                               "separated in order (default: the one it records)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Data-aware methods: data root of the real "
+                                                                       "datasets (default $TVTOOL_DATA)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Data-aware methods: cuda or cpu (default: cuda "
+                                                                "when available)."),
     list_: bool = typer.Option(False, "--list", help="Describe every method, its options and its paper, and exit."),
     as_json: bool = typer.Option(False, "--json", help="With --list: print the methods as JSON on stdout."),
 ):
@@ -85,6 +94,20 @@ def merge(
     if not vectors:
         raise TVToolError("no task vectors given; pass the .st files to merge")
     options = merging.parse_option_strings(option or [])
+    if m.collect is not None:
+        from ..data_merge import merge_with_data
+
+        task_list = [t.strip() for t in tasks.split(",")] if tasks else None
+        with destination(output, merge_name(m.name, vectors, alpha)) as target:
+            fp = merge_with_data(m.name, vectors, target.path, options, tasks=task_list, data_root=data_root,
+                                 device=device, alpha=alpha, seed=seed, dtype=dtype, force=force,
+                                 progress=lambda line: typer.echo(line, err=True))
+        wrote(target, fp)
+        return
+    given = [flag for flag, value in (("--tasks", tasks), ("--data-root", data_root), ("--device", device))
+             if value is not None]
+    if given:
+        raise TVToolError(f"{given[0]} is for data-aware methods (regmean, fisher); {m.name} merges the files alone")
     with destination(output, merge_name(m.name, vectors, alpha)) as target:
         fp = merging.merge_files(m.name, vectors, target.path, options, alpha=alpha, seed=seed, dtype=dtype,
                                  force=force, union=union)

@@ -75,6 +75,10 @@ def merge_stream(method: Method | str, sources: Sequence, keys: Sequence[str], o
     """Yield (key, merged fp32 tensor) for each key, reading the sources (mappings with ``get``; task-vector files)
     one key at a time. A source lacking a key contributes zeros."""
     m = get_method(method) if isinstance(method, str) else method
+    if m.collect is not None:
+        from .data import data_refusal
+
+        raise data_refusal(m)
     opts = resolve_options(m, options)
     check_inputs(m, opts, len(sources))
     extra = m.prepass(sources, keys, opts, seed) if m.prepass else {}
@@ -126,6 +130,10 @@ def merge_files(method: str, paths: Sequence[str | os.PathLike], out: str | os.P
     from .. import taskvector as tv  # imported here so the pure-tensor methods work without the file layer
 
     m = get_method(method)
+    if m.collect is not None:  # refused before any file is opened
+        from .data import data_refusal
+
+        raise data_refusal(m)
     opts = resolve_options(m, options)
     if isinstance(dtype, str):
         dtype = tv.parse_dtype(dtype)

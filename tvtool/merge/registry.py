@@ -30,8 +30,10 @@ KINDS = {
     "spectral": "per 2-D layer, from singular value decompositions (GPU when there is one)",
     "optimization": "per 2-D layer, a small optimization problem (GPU when there is one)",
     "layer scaling": "rescales another method's output layer by layer",
-    "data-aware": "needs the model and the tasks' data, so it runs behind the evaluator's data path (its own "
-                  "command, shown as 'run with'), not in the file-only `tvtool merge`",
+    "data-aware": "needs the model and the tasks' data, so it runs behind the evaluator's data path, not from the "
+                  "files alone: weighted by statistics of each fine-tuned model on a few hundred of its task's "
+                  "training images (`tvtool merge` with the tasks' data, tvtool/data_merge.py), or learned by its own "
+                  "command (shown as 'run with'); GPU when there is one",
 }
 
 
@@ -105,7 +107,11 @@ class Method:
     check: Callable | None = None  # (options, n_inputs) -> None, raises TVToolError before any work
     tune: tuple[str, str, str] | None = None  # (option, grid, source) when the paper tunes an option, not alpha
     params: frozenset = field(default_factory=frozenset)
-    command: str | None = None  # a data-aware method: the command that runs it (`tvtool merge` refuses it)
+    command: str | None = None  # a data-aware method run by its own command (`tvtool merge` refuses it)
+    # data-aware methods run by `tvtool merge`: (ctx, *, <its options>) -> (key -> extra keyword arguments of fn),
+    # where ctx is a tvtool.data_merge.StatsContext (the model, each task's fine-tuned weights and training images);
+    # the file-only driver refuses such a method, tvtool.data_merge.merge_with_data runs it
+    collect: Callable | None = None
 
     @property
     def summary(self) -> str:
@@ -129,6 +135,7 @@ class Method:
                 "alpha_grid": self.alpha_grid, "alpha_source": self.alpha_source,
                 "tune": dict(zip(("option", "grid", "source"), self.tune)) if self.tune else None,
                 "per_layer": self.per_layer, "random": self.random, "nested": self.nested, "command": self.command,
+                "data": self.collect is not None,
                 "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help,
                                 "choices": list(o.choices) if o.choices else None} for k, o in self.options.items()}}
 
@@ -139,9 +146,10 @@ REGISTRY: dict[str, Method] = {}
 def register(name: str, *, kind: str, paper: str, url: str, code: str, alpha_grid: str, alpha_source: str,
              options: Mapping[str, Option] | None = None, per_layer: bool = False, random: bool = False,
              prepass: Callable | None = None, nested: str | None = None, check: Callable | None = None,
-             tune: tuple[str, str, str] | None = None, command: str | None = None):
+             tune: tuple[str, str, str] | None = None, command: str | None = None, collect: Callable | None = None):
     """Register a merge method with its structured description (see the module docstring). ``command``: the method
-    needs the model and data, and this command runs it (kind "data-aware"); ``fn`` is then never called."""
+    needs the model and data and this command runs it (kind "data-aware"; ``fn`` is then never called);
+    ``collect``: the method needs per-task statistics of the model on data, gathered by tvtool.data_merge."""
     opts = dict(options or {})
     if kind not in KINDS:
         raise ValueError(f"{name}: unknown kind {kind!r}")
@@ -150,16 +158,18 @@ def register(name: str, *, kind: str, paper: str, url: str, code: str, alpha_gri
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} registered twice")
         sig = inspect.signature(fn).parameters
-        missing = set(opts) - set(sig)
+        # a data-aware method's collection options are parameters of its collector, not of the per-key function
+        collect_sig = inspect.signature(collect).parameters if collect else {}
+        missing = set(opts) - set(sig) - set(collect_sig)
         if missing:
             raise ValueError(f"{name}: options {sorted(missing)} are not parameters of {fn.__name__}")
-        doubled = sorted(k for k in opts if sig[k].default is not inspect.Parameter.empty)
+        doubled = sorted(k for k in opts if (sig.get(k) or collect_sig.get(k)).default is not inspect.Parameter.empty)
         if doubled:  # the Option holds the default; a second one in the signature could disagree (issue 20)
             raise ValueError(f"{name}: parameters {doubled} of {fn.__name__} repeat their option's default")
         if random and "generator" not in sig:
             raise ValueError(f"{name}: a random method takes a 'generator' parameter")
         REGISTRY[name] = Method(name, fn, opts, kind, paper, url, code, alpha_grid, alpha_source, per_layer, random,
-                                prepass, nested, check, tune, frozenset(sig), command)
+                                prepass, nested, check, tune, frozenset(sig), command, collect)
         return fn
 
     return deco
@@ -241,4 +251,7 @@ def describe_method(method: Method | str) -> str:
         lines.append(f"    {m.nested}.<name>: any option of the {m.nested} method, e.g. {m.nested}.k=20")
     if m.random:
         lines.append("    (random: reproducible from --seed, recorded in the output's history)")
+    if m.collect is not None:
+        lines.append("    (data-aware: runs each fine-tuned model on its task's training images, a --seed-chosen "
+                     "subset; --data-root for real datasets, --device)")
     return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""RegMean: per linear layer, the weights that best reproduce every task's outputs on its own inputs."""
+from __future__ import annotations
+
+from ..parts import compute_device, flat, torch
+from ..registry import Option, register
+
+EXAMPLES = Option(int, 256, "training images per task the statistics are computed on, a --seed-chosen subset "
+                  "(FusionBench's CLIP config: 256)", lo=1)
+BATCH = Option(int, 32, "images per forward pass (FusionBench's CLIP config: 32); RegMean's result does not depend "
+               "on it", lo=1)
+
+
+def collect_grams(ctx, *, examples, batch):
+    """Per task t: G_t = X_t^T X_t / rows for every linear map of the image tower, X_t its inputs (all tokens) on
+    task t's training images through the fine-tuned model theta_0 + tau_t."""
+    from ..data import linear_inputs
+
+    wanted = set().union(*(tau.keys() for tau in ctx.taus))
+    grams = []
+    with torch.no_grad():
+        for i, task in enumerate(ctx.tasks):
+            ctx.say(f"regmean: Gram matrices of {task} ({i + 1}/{len(ctx.tasks)}), {examples} images")
+            ctx.use(i)
+            with linear_inputs(ctx.visual, wanted) as rec:
+                for x in ctx.batches(i, examples, batch):
+                    ctx.visual(x)
+            grams.append(rec.means())
+    return lambda key: {"grams": [g[key] for g in grams] if all(key in g for g in grams) else None}
+
+
+@register("regmean", kind="data-aware", collect=collect_grams, options={
+    "ratio": Option(float, 0.95, "off-diagonal entries of each Gram matrix are multiplied by this (the paper's alpha, "
+                    "FusionBench's reduce_non_diagonal_ratio; its CLIP config: 0.95, its generic config: 0.1; "
+                    "1 = plain least squares)", lo=0.0, hi=1.0),
+    "examples": EXAMPLES,
+    "batch": BATCH,
+}, paper='Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023',
+    url="https://arxiv.org/abs/2212.09849",
+    code="bloomberg/dataless-model-merging; FusionBench regmean/regmean.py, clip_regmean.py",
+    alpha_grid="1", alpha_source="RegMean's merged model is used as it is (alpha 1; FusionBench applies none)")
+def regmean(tensors, key, *, grams, ratio):
+    """RegMean (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023).
+
+    For each linear map W (out x in) of the image tower: W = (sum_t G_t~)^-1 sum_t G_t~ W_t (acting on W^T), where
+    G_t = X_t^T X_t / rows is the Gram matrix of the layer's inputs on task t's training images through the
+    fine-tuned model theta_0 + tau_t, and G~ keeps G's diagonal and multiplies the rest by ``ratio``. Merging
+    weights or task vectors gives the same result (theta_0 cancels), so the output is the merged task vector.
+    Every other tensor (biases, norms, class token, conv, the projection) is averaged, as the authors' code does.
+    open_clip's attention keeps q, k and v in one in_proj_weight: it gets the statistics of the attention's input,
+    out_proj those of the attention context (FusionBench's HF CLIP: separate q/k/v layers, the same input).
+    """
+    if grams is None or tensors[0].ndim != 2:
+        return flat(tensors).mean(0).reshape(tensors[0].shape)
+    dev = compute_device()
+    g = torch.stack([gram.to(dev, torch.float32) for gram in grams])  # T x in x in
+    if ratio != 1.0:
+        eye = torch.eye(g.shape[-1], dtype=torch.bool, device=dev)
+        g = torch.where(eye, g, g * ratio)
+    w = torch.stack(tensors).to(dev, torch.float32).transpose(1, 2)  # T x in x out
+    lhs, rhs = g.sum(0), (g @ w).sum(0)
+    try:
+        merged = torch.linalg.solve(lhs, rhs)
+    except RuntimeError:  # singular (inputs that never vary, ratio 1): the least-norm least-squares solution
+        merged = torch.linalg.pinv(lhs) @ rhs
+    return merged.T.contiguous().to(tensors[0].device)
