@@ -371,18 +371,20 @@ def test_broken_torchvision_is_named_once_not_read_as_bad_images(tmp_path):
             f"{metadata.version('torch')} (RuntimeError: operator torchvision::nms does not exist)") in r.stderr
 
 
-def test_decode_names_the_broken_pair_instead_of_skipping_every_image(monkeypatch):
+def test_decode_names_the_broken_pair_instead_of_skipping_every_image(monkeypatch, tmp_path):
     import torch
 
     from tvtool import environment
     from tvtool.datasets.base import Listing
-    from tvtool.datasets.cache import decode
+    from tvtool.datasets.cache import build
     from tvtool.errors import TVToolError
 
     monkeypatch.setattr(environment, "torchvision_problem", lambda: "RuntimeError: operator torchvision::nms")
     listing = Listing(ids=["x.png"], labels=torch.zeros(1, dtype=torch.int64), open=lambda i: None)
+    path = tmp_path / "c.safetensors"
     with pytest.raises(TVToolError, match="torchvision .* cannot be loaded with torch"):
-        decode(listing, [0], 8)
+        build(listing, [0], path, "k", 8, what="x", meta={})
+    assert list(tmp_path.iterdir()) == []  # refused before the cache file is begun
 
 
 def test_run_logs_are_never_wrapped_and_say_run_k_of_n_with_an_eta(tmp_path):

@@ -134,13 +134,13 @@ def build(listing: Listing, rows, path: Path, key: str, image_size: int, *, what
 def _build(listing: Listing, rows, path: Path, key: str, image_size: int, *, what: str, meta: dict) -> None:
     rows = torch.as_tensor(rows, dtype=torch.int64).tolist()
     n = len(rows)
-    b = CacheBuild(path, key, n, image_size, meta)
-    done = b.begin()
-    pending = b.pending()
-    if pending:
+    if n:
         from ..environment import require_torchvision
 
         require_torchvision()  # a broken torch/torchvision pair would otherwise read as n unreadable images
+    b = CacheBuild(path, key, n, image_size, meta)
+    done = b.begin()
+    pending = b.pending()
     workers = min(decode_workers(), len(pending))
     forking = workers > 1 and "fork" in multiprocessing.get_all_start_methods()
     log.info("decoding %d images of %s at %dpx with %d processes%s", n - done, what, image_size, max(workers, 1),
