@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import TVToolError, spell
+from .feed import batches
 from .evaluate import (VISUAL, Evaluator, Progress, _mean, _say, describe_vectors, finetuned_accuracy, load_deltas,
                        vector_task)
 from .merge.registry import get_method, resolve_options
@@ -106,7 +107,7 @@ class AdaMerging:
         ev.reset()  # the tower's own parameters are theta_0 from here on
         taus = [load_deltas([v], ev.device) for v in self.vectors]
         for tau in taus:
-            ev._check_vector(tau)
+            ev.weights.check(tau)
         params = dict(ev.visual.named_parameters())
         # the tower's parameter order: layer-wise groups follow the model, not the files
         self.keys = [VISUAL + n for n in params if any(VISUAL + n in tau for tau in taus)]
@@ -134,7 +135,7 @@ class AdaMerging:
         """Zero-shot logits of the tower with ``params`` (VISUAL-prefixed names; the others its own) on uint8
         ``images``, normalized as the evaluator does."""
         ev = self.ev
-        x = torch.addcmul(ev._shift, images.float(), ev._scale)
+        x = torch.addcmul(ev.data.shift, images.float(), ev.data.scale)
         named = {k[len(VISUAL):]: v for k, v in params.items()}
         with torch.autocast(device_type=ev.device.type, dtype=torch.bfloat16, enabled=ev.device.type == "cuda"):
             feats = torch.func.functional_call(ev.visual, named, (x,))
@@ -222,7 +223,7 @@ class AdaMerging:
         for task in self.tasks:
             total = torch.zeros((), device=self.ev.device)
             n = 0
-            for x in self.ev._batches(task, self.split):
+            for x in batches(self.ev.inputs(task, self.split)[0], self.ev.data.batch_size):
                 total += entropy(self.logits(params, task, x), self.options["eps"]) * x.shape[0]
                 n += x.shape[0]
             out[task] = float(total) / n

@@ -1,6 +1,6 @@
 """Defaults that more than one module needs, each written once here.
 
-Training defaults live with ``TrainConfig`` (tvtool/trainconfig.py) and merge options with their method (tvtool/merge.py);
+Training defaults live with ``TrainConfig`` (tvtool/trainconfig.py) and merge options with their method (tvtool/merge/);
 this module holds the ones shared across layers: the protocol's alpha grids, where caches go, which device computes.
 Nothing here imports torch at module level: every command, even ``--help``, imports this file.
 """

@@ -23,9 +23,16 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import __version__, defaults
-from .errors import TVToolError, spell
+from . import __version__, defaults, tangent
+from .checks import check_alpha, check_finite
 from .checks import parse_grid  # noqa: F401  (the one grid parser; evaluate.parse_grid is its public name here too)
+from .defaults import default_device
+from .errors import TVToolError, spell
+from .evaldata import EvalData
+from .feed import Placement
+from .fileio import atomic_path
+from .taskvector import open_vector
+from .weightstate import WeightState
 
 VISUAL = "visual."
 DEFAULT_THRESHOLD = 0.95
@@ -48,8 +55,6 @@ DEFAULT_DISENTANGLEMENT_GRID = tuple(parse_grid(defaults.DISENTANGLEMENT_GRID)) 
 
 # --------------------------------------------------------------------------------------------------- vectors
 def open_vectors(paths: Sequence[str | os.PathLike]):
-    from .taskvector import open_vector
-
     if not paths:
         raise TVToolError("no task vectors given; pass one or more .st files")
     out = []
@@ -162,6 +167,11 @@ def recorded_base(vectors) -> tuple[str | None, str | None]:
 class Evaluator:
     """Accuracy of theta_0 + sum_i a_i tau_i on tasks, with everything alpha-independent built once.
 
+    Three pieces: the weight state (``weights``: theta_0 and the in-place combination,
+    :class:`~tvtool.weightstate.WeightState`), the data (``data``: heads and inputs on the device,
+    :class:`~tvtool.evaldata.EvalData`), and the tower evaluated on them, the tangent model when ``linearized``
+    (its maths in :mod:`tvtool.tangent`).
+
     ``Evaluator(bundle, tasks, data_root, splits, device, batch_size)`` wires a :class:`~tvtool.models.ClipBundle`
     to the data layer; :meth:`from_parts` takes plain objects (an image tower, heads, input tensors) instead.
     Heads and inputs are built lazily on first use and then kept on the device. ``max_examples`` keeps only the
@@ -172,9 +182,6 @@ class Evaluator:
     def __init__(self, bundle, tasks: Sequence[str], data_root=None, splits: Sequence[str] = ("val", "test"),
                  device: str | None = None, batch_size: int = 256, max_examples: int | None = None,
                  linearized: bool = False, data_on_device: str = "auto"):
-        from .feed import Placement
-        from .models import default_device
-
         device = device or default_device()
         if bundle.device != torch.device(device):
             bundle.model.to(device)
@@ -183,25 +190,14 @@ class Evaluator:
         self.bundle = bundle
         self.data_root = data_root
         self.max_examples = max_examples
-        self._setup(bundle.model.visual, {}, {}, bundle.mean, bundle.std, device, batch_size)
-        self._placement = Placement(self.device, data_on_device, announce_held=False)
+        data = EvalData(device, batch_size, bundle.mean, bundle.std, bundle=bundle, data_root=data_root,
+                        max_examples=max_examples)
+        data.placement = Placement(data.device, data_on_device, announce_held=False)
+        self._setup(bundle.model.visual, data)
         self.tasks = list(tasks)
         self.splits = list(splits)
-        self.linearized = False
         if linearized:
             self._linearize()
-
-    def _linearize(self) -> None:
-        """Evaluate the tangent model f(x; theta_0) + J(x) (theta - theta_0) (Ortiz-Jimenez et al.), the model that
-        linearized fine-tuning trains: theta is updated in place as usual, theta_0 is the tower's own weights."""
-        from .variants import LinearizedVisual
-
-        lin = LinearizedVisual(self.visual).eval()
-        self._theta0 = {VISUAL + n: p.detach() for n, p in self.visual.named_parameters()}  # never modified
-        self._params = {VISUAL + n: t for n, t in zip(lin.names, lin.theta)}
-        self.visual = lin
-        self._dirty = set()
-        self.linearized = True
 
     @classmethod
     def from_parts(cls, visual: torch.nn.Module, heads: Mapping[str, torch.Tensor],
@@ -214,60 +210,43 @@ class Evaluator:
         self.data_root = None
         self.max_examples = None
         visual.to(device)
-        self._setup(visual, heads, inputs, mean, std, device, batch_size)
+        self._setup(visual, EvalData(device, batch_size, mean, std, heads=heads, inputs=inputs))
         self.tasks = sorted({t for t, _ in inputs})
         self.splits = sorted({s for _, s in inputs})
-        self.linearized = False
         return self
 
-    def _setup(self, visual, heads, inputs, mean, std, device, batch_size):
-        if batch_size < 1:
-            raise TVToolError(f"batch size must be >= 1, got {batch_size}")
-        self.device = torch.device(device)
+    def _setup(self, visual: torch.nn.Module, data: EvalData) -> None:
+        self.data = data
+        self.device = data.device
+        self.batch_size = data.batch_size
         self.visual = visual.eval()
-        self.batch_size = int(batch_size)
-        self._heads = {t: h.detach().to(self.device, torch.float32) for t, h in heads.items()}
-        self._inputs = {k: (x.to(self.device), y.to(self.device)) for k, (x, y) in inputs.items()}
-        # (x/255 - mean)/std as one multiply-add with device constants built once
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self._scale = 1.0 / (255.0 * std_t)
-        self._shift = -mean_t / std_t
-        self._params = {VISUAL + n: p for n, p in visual.named_parameters()}
-        self._theta0 = {k: p.detach().clone() for k, p in self._params.items()}
-        self._dirty: set[str] = set()
-        self._zeroshot: dict[tuple[str, str], torch.Tensor] = {}
+        self.weights = WeightState.of(visual, VISUAL)
+        self.linearized = False
+        self._zeroshot: dict[tuple[str, str], torch.Tensor] = {}  # correct counts at theta_0
         self._autocast = self.device.type == "cuda"
+
+    def _linearize(self) -> None:
+        """Evaluate the tangent model f(x; theta_0) + J(x) (theta - theta_0) (Ortiz-Jimenez et al.), the model that
+        linearized fine-tuning trains: theta is updated in place as usual, theta_0 is the tower's own weights."""
+        lin = tangent.linearize(self.visual)
+        self.weights = WeightState({VISUAL + n: t for n, t in zip(lin.names, lin.theta)},
+                                   {VISUAL + n: p.detach() for n, p in self.visual.named_parameters()})
+        self.visual = lin
+        self.linearized = True
+
+    # the weight state's tensors under the names they always had
+    @property
+    def _params(self) -> dict[str, torch.Tensor]:
+        return self.weights.params
+
+    @property
+    def _theta0(self) -> dict[str, torch.Tensor]:
+        return self.weights.theta0
 
     # ---- weights
     def set_combination(self, terms: Iterable[tuple[Mapping[str, torch.Tensor], float]]) -> None:
         """Image tower := theta_0 + sum of coef * tau over ``terms``, in place (only touched tensors move)."""
-        terms = [(tau, float(c)) for tau, c in terms]
-        for tau, _ in terms:  # all checked before any tensor moves: a bad vector leaves the tower as it was
-            self._check_vector(tau)
-        keys = set().union(*(tau.keys() for tau, _ in terms)) if terms else set()
-        with torch.no_grad():
-            for k in self._dirty - keys:  # restore what the previous setting touched
-                self._params[k].copy_(self._theta0[k])
-            for k in keys:
-                p = self._params[k]
-                p.copy_(self._theta0[k])
-                for tau, c in terms:
-                    if k in tau and c != 0.0:
-                        p.add_(tau[k], alpha=c)
-        # theta_0 again when no nonzero coefficient was applied (alpha = 0 grid points reuse zero-shot counts)
-        self._dirty = keys if any(c != 0.0 for _, c in terms) else set()
-
-    def _check_vector(self, tau: Mapping[str, torch.Tensor]) -> None:
-        """Every key of ``tau`` is a parameter of this tower, with its shape."""
-        unknown = sorted(k for k in tau if k not in self._params)
-        if unknown:
-            raise TVToolError(f"task vector key {unknown[0]} is not a parameter of this image tower "
-                              f"({len(unknown)} such keys); was it taken against another architecture?")
-        for k, t in tau.items():
-            if t.shape != self._params[k].shape:
-                raise TVToolError(f"task vector tensor {k} has shape {tuple(t.shape)}, the model "
-                                  f"{tuple(self._params[k].shape)}; was it taken against another architecture?")
+        self.weights.set_combination(terms)
 
     def set_weights(self, vectors_sum: Mapping[str, torch.Tensor], alpha: float) -> None:
         """Image tower := theta_0 + alpha * vectors_sum, in place."""
@@ -278,58 +257,16 @@ class Evaluator:
 
     # ---- heads and inputs (built once)
     def head(self, task: str) -> torch.Tensor:
-        if task not in self._heads:
-            if self.bundle is None:
-                raise TVToolError(f"no head for task {task!r} in this evaluator")
-            from .datasets import get_dataset
-            from .heads import zero_shot_head
-
-            self._heads[task] = zero_shot_head(self.bundle, get_dataset(task)).to(self.device, torch.float32)
-        return self._heads[task]
+        return self.data.head(task)
 
     def inputs(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (task, split)
-        if key not in self._inputs:
-            if self.bundle is None:
-                raise TVToolError(f"no inputs for task {task!r} split {split!r} in this evaluator")
-            from . import datasets
-            from .feed import StreamedImages
-
-            data = datasets.open_split(task, split, self.data_root, self.bundle.image_size)
-            if self.max_examples is not None:
-                data = data.head(self.max_examples)  # only these are ever read
-            if len(data) == 0:
-                raise TVToolError(f"{task}: split {split!r} is empty; check the dataset (`tvtool data check`)")
-            held = self._placement.hold(data.nbytes, f"{task}/{split}", len(data))
-            x = data.to(self.device) if held else StreamedImages(data, self.device)
-            self._inputs[key] = (x, data.labels.to(self.device))
-        return self._inputs[key]
+        return self.data.inputs(task, split)
 
     def head_identity(self, task: str) -> str:
-        """A digest of the task's head (text tower, class names, templates and logit scale all end up in it)."""
-        h = self.head(task)
-        return hashlib.sha256(h.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+        return self.data.head_identity(task)
 
     def inputs_identity(self, task: str, split: str) -> str:
-        """A cheap digest of a split: its shape, all labels and every k-th image (64 of them; the same whether the
-        split is held on the device or streamed), remembered per split. Keys the metrics cache, so a regenerated or
-        re-decoded split is never answered from it."""
-        memo = self.__dict__.setdefault("_inputs_identity", {})
-        if (task, split) not in memo:
-            x, y = self.inputs(task, split)
-            rows = torch.arange(0, len(y), max(1, len(y) // 64))
-            sample = x.index_select(0, rows.to(x.device)) if isinstance(x, torch.Tensor) else x.data.read(rows)
-            h = hashlib.sha256(repr(tuple(x.shape)).encode())
-            h.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-            h.update(sample.to("cpu", torch.uint8).contiguous().numpy().tobytes())
-            memo[(task, split)] = h.hexdigest()[:16]
-        return memo[(task, split)]
-
-    def _batches(self, task: str, split: str):
-        """The split's uint8 images in evaluation batches, on the device (held or streamed)."""
-        from .feed import batches
-
-        return batches(self.inputs(task, split)[0], self.batch_size)
+        return self.data.inputs_identity(task, split)
 
     # ---- inference
     @torch.inference_mode()
@@ -337,8 +274,7 @@ class Evaluator:
         """Predicted class of every example, int64 on the device (no host sync)."""
         head = self.head(task)
         preds = []
-        for x in self._batches(task, split):
-            xb = torch.addcmul(self._shift, x.float(), self._scale)
+        for xb in self.data.normalized_batches(task, split):
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
                 feats = self.visual(xb)
             if isinstance(feats, tuple):
@@ -351,7 +287,7 @@ class Evaluator:
 
         At theta_0 (nothing applied) the count is remembered: every negation and every alpha = 0 grid point asks
         for the same zero-shot figures, on ImageNet-sized control sets."""
-        at_theta0 = not self._dirty
+        at_theta0 = self.weights.at_theta0
         if at_theta0 and (task, split) in self._zeroshot:
             return self._zeroshot[(task, split)]
         _, y = self.inputs(task, split)
@@ -361,13 +297,13 @@ class Evaluator:
         return count
 
     def accuracy(self, task: str, split: str) -> float:
-        n = self.inputs(task, split)[1].numel()
+        n = self.data.size(task, split)
         return self.correct(task, split).item() / n
 
     def accuracies(self, tasks: Sequence[str], split: str) -> dict[str, float]:
         """Accuracy on each task with one host sync for all of them."""
         counts = torch.stack([self.correct(t, split) for t in tasks]).tolist()
-        return {t: c / self.inputs(t, split)[1].numel() for t, c in zip(tasks, counts)}
+        return {t: c / self.data.size(t, split) for t, c in zip(tasks, counts)}
 
     def sweep(self, direction: Mapping[str, torch.Tensor], alphas: Sequence[float], tasks: Sequence[str],
               split: str, on_point: Callable[[int, float, dict[str, float]], None] | None = None
@@ -389,52 +325,34 @@ class Evaluator:
                     on_point(i, a, results[-1])
             self.reset()
             return results
-        tangents = [self._tangents(direction)]
+        tangents = [self.tangents(direction)]
         coefs = [[a] for a in alphas]
         counts = torch.stack([self.tangent_predictions(t, split, tangents, coefs).eq(self.inputs(t, split)[1]).sum(-1)
                               for t in tasks], dim=1)  # [A, T]
-        totals = [self.inputs(t, split)[1].numel() for t in tasks]
+        totals = [self.data.size(t, split) for t in tasks]
         for i, (a, row) in enumerate(zip(alphas, counts.tolist())):  # one host sync for the whole grid
             results.append({t: c / n for t, c, n in zip(tasks, row, totals)})
             if on_point is not None:
                 on_point(i, a, results[-1])
         return results
 
-    def _tangents(self, direction: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def tangents(self, direction: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """``direction`` as a jvp tangent of the linearized tower: one tensor per parameter, zeros where absent."""
-        self._check_vector(direction)
-        tangents = []
-        for name in self.visual.names:
-            p0, d = self._theta0[VISUAL + name], direction.get(VISUAL + name)
-            tangents.append(torch.zeros_like(p0) if d is None else d.to(p0.device, p0.dtype))
-        return tuple(tangents)
+        self.weights.check(direction)
+        return tangent.tangent_vector(self.visual, direction, VISUAL)
+
+    _tangents = tangents  # its earlier name
 
     @torch.inference_mode()
     def tangent_predictions(self, task: str, split: str, tangents: Sequence[tuple[torch.Tensor, ...]],
                             coefs: Sequence[Sequence[float]]) -> torch.Tensor:
         """Predicted classes [P, N] of the tangent model at theta_0 + sum_k coefs[p][k] * v_k for every point p, where
-        ``tangents[k]`` is v_k as :meth:`_tangents` returns it: one jvp per batch and direction serves every point,
+        ``tangents[k]`` is v_k as :meth:`tangents` returns it: one jvp per batch and direction serves every point,
         since the features are f(x; theta_0) + sum_k c_k J(x) v_k."""
         self.reset()
         head = self.head(task)
-        coef = torch.tensor(coefs, dtype=torch.float32, device=self.device).view(len(coefs), len(tangents), 1, 1)
-        preds = []
-        for x in self._batches(task, split):
-            xb = torch.addcmul(self._shift, x.float(), self._scale)
-            jouts = []
-            for tangent in tangents:
-                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-                    out, jout = self.visual.pair(xb, tangent)
-                if isinstance(out, tuple):
-                    out, jout = out[0], jout[0]
-                jouts.append(jout.float())
-            out, jouts = out.float(), torch.stack(jouts)  # [B, D], [K, B, D]
-            batch = []
-            for j in range(0, coef.shape[0], SWEEP_CHUNK):  # [chunk, B, D] at a time: a fine grid stays small
-                feats = out + (coef[j:j + SWEEP_CHUNK] * jouts).sum(1)
-                batch.append((F.normalize(feats, dim=-1) @ head.T).argmax(-1))
-            preds.append(torch.cat(batch))
-        return torch.cat(preds, dim=1)
+        return tangent.predictions(self.visual, self.data.normalized_batches(task, split), head, tangents, coefs,
+                                   autocast=self._autocast, chunk=SWEEP_CHUNK)
 
     def provenance(self) -> dict:
         b = self.bundle
@@ -534,8 +452,6 @@ def finetuned_accuracy(ev: Evaluator, vec, split: str) -> tuple[float, str]:
     acc = ev.accuracy(task, split)
     del tau
     if path is not None:
-        from .taskvector import atomic_path
-
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path, force=True) as tmp:
@@ -549,8 +465,6 @@ def finetuned_accuracy(ev: Evaluator, vec, split: str) -> tuple[float, str]:
 def eval_accuracy(ev: Evaluator, vectors=(), alpha: float = 1.0, tasks: Sequence[str] | None = None,
                   split: str = "test", *, progress: Progress | None = None) -> dict:
     """Accuracy of theta_0 + alpha * sum(vectors) on each task."""
-    from .checks import check_alpha
-
     alpha = check_alpha("--alpha", alpha)
     tasks = list(tasks or ev.tasks)
     if not tasks:
@@ -657,8 +571,6 @@ def negation(ev: Evaluator, vector, control: str | None = None, grid: Sequence[f
              progress: Progress | None = None) -> dict:
     """The protocol's task negation: theta_0 - alpha * tau_t, alpha minimizing target Val accuracy subject to
     control Val accuracy >= threshold x zero-shot control Val accuracy."""
-    from .checks import check_finite
-
     threshold = check_finite("threshold", threshold, low=0, low_open=True)
     target = vector_task(vector)
     check_not_negated(vector)
@@ -716,7 +628,7 @@ def disentanglement(ev: Evaluator, a, b, grid: Sequence[float] = DEFAULT_DISENTA
     n1, n2 = ev.inputs(t1, split)[1].numel(), ev.inputs(t2, split)[1].numel()
     if ev.linearized:  # features affine in (a1, a2): two jvp passes per batch and task serve the whole map
         _say(progress, f"disentanglement: tangent model, {len(g1)} x {len(g2)} points from one pass per vector")
-        both = [ev._tangents(tau1), ev._tangents(tau2)]
+        both = [ev.tangents(tau1), ev.tangents(tau2)]
         points = [(a1, a2) for a1 in g1 for a2 in g2]
         p1 = ev.tangent_predictions(t1, split, both, [(a1, 0.0) for a1 in g1] + points)
         p2 = ev.tangent_predictions(t2, split, both, [(0.0, a2) for a2 in g2] + points)
@@ -753,12 +665,10 @@ def _disentanglement_result(ev, a, b, t1, t2, split, g1, g2, m1, m2, n1, n2) -> 
 
 def plot_disentanglement(result: dict, path: str | os.PathLike, *, force: bool = False) -> None:
     """Heat-map PNG of xi over (alpha1 rows, alpha2 columns), written atomically."""
-    import matplotlib
+    import matplotlib  # an optional dependency, imported only when a plot is asked for
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .taskvector import atomic_path
 
     m = torch.tensor(result["error"], dtype=torch.float64).numpy()
     g1, g2 = result["grid"]["alpha1"], result["grid"]["alpha2"]
@@ -779,7 +689,5 @@ def plot_disentanglement(result: dict, path: str | os.PathLike, *, force: bool =
 
 
 def write_json(result: dict, path: str | os.PathLike, *, force: bool = False) -> None:
-    from .taskvector import atomic_path
-
     with atomic_path(path, force) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")

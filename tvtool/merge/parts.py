@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from typing import Sequence
 
 from .._lazy import lazy_module
+from ..defaults import default_device
 from .registry import Option
 
 # torch is imported when a method first runs, never by `merge --list`; `Tensor` appears only in annotations.
@@ -23,10 +24,11 @@ _PINNED: list = []  # devices pinned by `on_device`, innermost last
 
 
 def compute_device() -> torch.device:
-    """Where the per-layer methods compute: the GPU when there is one, unless `on_device` pins another."""
+    """Where the per-layer methods compute: the default device (the GPU when there is one), unless `on_device` pins
+    another."""
     if _PINNED:
         return torch.device(_PINNED[-1])
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(default_device())
 
 
 @contextmanager
