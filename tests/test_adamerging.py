@@ -6,10 +6,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import subprocess
 import sys
 import types
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,6 @@ from cli_helpers import REPO, run_tvtool
 from tvtool import adamerging as ada
 from tvtool import taskvector as tv
 
-FB_VERSION = "0.2.33"
 MINI_BASE = REPO / "tvtool" / "data" / "tvtool-mini.safetensors"
 
 
@@ -35,19 +32,10 @@ def _load(name: str, path: Path):
 
 
 @pytest.fixture(scope="module")
-def fusionbench(tmp_path_factory):
+def fusionbench(fusionbench_src):
     """FusionBench's entropy_loss and its task-/layer-wise merged-model wrappers, loaded by path from the wheel (the
     few FusionBench modules they import are loaded the same way or stubbed; nothing is installed)."""
-    where = tmp_path_factory.mktemp("fusionbench-ada")
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-                        f"fusion-bench=={FB_VERSION}", "-d", str(where)], capture_output=True, text=True, timeout=300)
-    wheels = list(where.glob("fusion_bench-*.whl"))
-    if r.returncode != 0 or not wheels:
-        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"the package registry did not give fusion-bench=={FB_VERSION} (pip download: {tail})")
-    with zipfile.ZipFile(wheels[0]) as z:
-        z.extractall(where / "src")
-    root = where / "src" / "fusion_bench"
+    root = fusionbench_src / "fusion_bench"
     names = ["fusion_bench", "fusion_bench.utils", "fusion_bench.utils.dict", "fusion_bench.utils.type",
              "fusion_bench.models", "fusion_bench.models.utils"]
     saved = {n: sys.modules.get(n) for n in names}

@@ -13,10 +13,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-import subprocess
 import sys
 import types
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,24 +31,14 @@ from tvtool.data_merge import StatsContext
 from tvtool.merge.data import collect, linear_inputs, linear_keys, merge_stats, task_rows
 from tvtool.merge.methods.fisher import fisher_coefficients
 
-FB_VERSION = "0.2.33"
 TASKS = ("ta", "tb", "tc")
 
 
 # ------------------------------------------------------------------------------------------ FusionBench's code
 @pytest.fixture(scope="module")
-def fusionbench(tmp_path_factory):
+def fusionbench(fusionbench_src):
     """FusionBench's regmean.py and fisher_merging.py, loaded by path with inert stand-ins for their imports."""
-    where = tmp_path_factory.mktemp("fusionbench")
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-                        f"fusion-bench=={FB_VERSION}", "-d", str(where)], capture_output=True, text=True, timeout=300)
-    wheels = list(where.glob("fusion_bench-*.whl"))
-    if r.returncode != 0 or not wheels:
-        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"the package registry did not give fusion-bench=={FB_VERSION} (pip download: {tail})")
-    with zipfile.ZipFile(wheels[0]) as z:
-        z.extractall(where / "src")
-    root = where / "src" / "fusion_bench" / "method"
+    root = fusionbench_src / "fusion_bench" / "method"
 
     class _Base:
         def __init__(self, *args, **kwargs):

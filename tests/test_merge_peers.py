@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import subprocess
 import sys
 import types
-import zipfile
 
 import pytest
 import torch
 
 from tvtool import merge as mg
 
-FB_VERSION = "0.2.33"
 
 
 def _stub_modules() -> dict[str, types.ModuleType]:
@@ -64,18 +61,9 @@ _quiet_tqdm.write = lambda *args, **kwargs: None
 
 
 @pytest.fixture(scope="module")
-def fusionbench(tmp_path_factory):
+def fusionbench(fusionbench_src):
     """FusionBench's merge modules, loaded by path from the wheel: {"iso": ..., "tsvm": ..., "wudi": ..., "ties": ...}."""
-    where = tmp_path_factory.mktemp("fusionbench")
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-                        f"fusion-bench=={FB_VERSION}", "-d", str(where)], capture_output=True, text=True, timeout=300)
-    wheels = list(where.glob("fusion_bench-*.whl"))
-    if r.returncode != 0 or not wheels:
-        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"the package registry did not give fusion-bench=={FB_VERSION} (pip download: {tail})")
-    with zipfile.ZipFile(wheels[0]) as z:
-        z.extractall(where / "src")
-    root = where / "src" / "fusion_bench" / "method"
+    root = fusionbench_src / "fusion_bench" / "method"
     files = {"iso": "isotropic_merging/iso_utils.py", "tsvm": "task_singular_vector/utils/TSVM_utils.py",
              "wudi": "wudi/wudi.py", "ties": "ties_merging/ties_merging_utils.py"}
     stubs = _stub_modules()
