@@ -28,6 +28,20 @@ def run_tvtool(*args, cwd=None, timeout: float = 120, env: dict | None = None) -
                           timeout=timeout)
 
 
+def run_tvtool_patient(*args, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """:func:`run_tvtool` with room for a loaded machine: a command that must fail at once still starts Python and
+    imports its modules first."""
+    return run_tvtool(*args, timeout=timeout, **kw)
+
+
+def assert_one_line(r: subprocess.CompletedProcess, *needles: str) -> None:
+    """A refused command: exit 1, exactly one ``error: `` line on stderr (no traceback), naming ``needles``."""
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)

@@ -17,15 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import run_tvtool as _run_tvtool
+from cli_helpers import assert_one_line, run_tvtool_patient as tvtool
 from tvtool.datasets import get_dataset, load_split
 from tvtool.errors import TVToolError
-
-
-def tvtool(*args, timeout=300):
-    """The installed `tvtool` (cli_helpers.run_tvtool) with room for a loaded machine: a command that must fail at
-    once still starts Python and imports its modules first."""
-    return _run_tvtool(*args, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)
@@ -71,13 +65,6 @@ def one_problem(result, *needles):
         assert n in text, text
     assert "\n" not in text and "Traceback" not in text
     return text
-
-
-def assert_one_line(r, *needles):
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in r.stderr, r.stderr
 
 
 # ---- code from data: CIFAR pickles --------------------------------------------------------------------------------

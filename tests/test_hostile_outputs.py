@@ -11,30 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cli_helpers import run_tvtool as _run_tvtool
+from cli_helpers import assert_one_line, run_tvtool_patient as tvtool
 from tvtool import fileio
 from tvtool import taskvector as tv
 from tvtool.errors import TVToolError
 from tvtool.recipes import load_recipe, parse_recipe
 
 
-def tvtool(*args, timeout=300):
-    """The installed `tvtool` (cli_helpers.run_tvtool) with room for a loaded machine: a command that must fail at
-    once still starts Python and imports its modules first."""
-    return _run_tvtool(*args, timeout=timeout)
-
-
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TVTOOL_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TVTOOL_DATA", raising=False)
-
-
-def assert_one_line(r, *needles):
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in r.stderr, r.stderr
 
 
 def tree(folder):
