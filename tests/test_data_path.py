@@ -279,6 +279,52 @@ def test_evaluator_streams_only_the_examples_it_uses():
     assert isinstance(held.inputs("mini-shapes", "test")[0], torch.Tensor)
 
 
+FRAGMENTING_EVAL = r"""
+import torch
+from tvtool.evaluate import Evaluator
+
+torch.set_num_threads(1)
+
+
+def anon_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon"):
+            return int(line.split()[1]) // 1024
+
+
+class Tower(torch.nn.Module):  # a real tower's activation sizes (MBs each, under glibc's top mmap threshold)
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(48, 16)
+
+    def forward(self, x):
+        acts = [torch.full((x.shape[0], 1 << 18), 0.5) + k for k in range(6)]
+        seen.append(anon_mb())  # at its largest: this batch's activations are all alive
+        return self.proj(x.flatten(1)[:, :48]) + sum(a[:, :16] for a in acts)
+
+
+x = torch.randint(0, 256, (1000, 3, 4, 4), dtype=torch.uint8)
+y = torch.randint(0, 10, (1000,))
+ev = Evaluator.from_parts(Tower(), {"t": torch.randn(10, 16)}, {("t", "test"): (x, y)}, [0.5] * 3, [0.25] * 3,
+                          batch_size=16)
+seen = []
+for _ in range(3):
+    ev.predict("t", "test")
+print(seen[0], max(seen))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc")
+def test_evaluation_host_memory_does_not_grow_with_the_batches():
+    """Predictions are written in place: per-batch result tensors kept to the end of a pass sat between each batch's
+    freed activations and fragmented glibc's heap: ~5 MB more resident memory per batch here, about 1 GB more after 189
+    batches (a 59k-image streamed evaluation reached 6.3 GB, 1.6 GB at 2k); in place, under 0.12 GB."""
+    r = subprocess.run([sys.executable, "-c", FRAGMENTING_EVAL], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    first, peak = map(int, r.stdout.split())
+    assert peak - first < 300, f"host memory grew from {first} to {peak} MB over 189 evaluation batches"
+
+
 def test_auto_holds_what_fits_and_streams_the_rest(monkeypatch):
     from tvtool import feed
 

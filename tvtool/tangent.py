@@ -34,15 +34,17 @@ def tangent_vector(lin: LinearizedVisual, direction: Mapping[str, torch.Tensor],
 
 def predictions(lin: LinearizedVisual, batches: Iterable[torch.Tensor], head: torch.Tensor,
                 tangents: Sequence[tuple[torch.Tensor, ...]], coefs: Sequence[Sequence[float]], *,
-                autocast: bool, chunk: int) -> torch.Tensor:
+                autocast: bool, chunk: int, n: int) -> torch.Tensor:
     """Predicted classes [P, N] of the tangent model at theta_0 + sum_k coefs[p][k] * tangents[k] for every point p,
-    over the normalized image ``batches`` (N images in all) and the zero-shot ``head`` [C, D].
+    over the normalized image ``batches`` (``n`` images in all) and the zero-shot ``head`` [C, D].
 
     Per batch: one jvp per tangent, then the points ``chunk`` at a time ([chunk, B, D] features: a fine grid stays
-    small). Under ``autocast`` (bf16) the jvp runs in bf16 and the sum of its terms in fp32."""
+    small). Under ``autocast`` (bf16) the jvp runs in bf16 and the sum of its terms in fp32. The result is written in
+    place (per-batch tensors kept to the end fragment the host heap: see ``Evaluator.predict``)."""
     device = head.device
     coef = torch.tensor(coefs, dtype=torch.float32, device=device).view(len(coefs), len(tangents), 1, 1)
-    preds = []
+    preds = torch.empty((len(coefs), n), dtype=torch.int64, device=device)
+    done = 0
     for xb in batches:
         jouts = []
         for tangent in tangents:
@@ -52,9 +54,10 @@ def predictions(lin: LinearizedVisual, batches: Iterable[torch.Tensor], head: to
                 out, jout = out[0], jout[0]
             jouts.append(jout.float())
         out, jouts = out.float(), torch.stack(jouts)  # [B, D], [K, B, D]
-        batch = []
         for j in range(0, coef.shape[0], chunk):
             feats = out + (coef[j:j + chunk] * jouts).sum(1)
-            batch.append((F.normalize(feats, dim=-1) @ head.T).argmax(-1))
-        preds.append(torch.cat(batch))
-    return torch.cat(preds, dim=1)
+            torch.argmax(F.normalize(feats, dim=-1) @ head.T, -1, out=preds[j:j + chunk, done:done + len(xb)])
+        done += len(xb)
+    if done != n:
+        raise ValueError(f"{done} images in the batches, {n} expected")
+    return preds
