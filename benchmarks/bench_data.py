@@ -194,9 +194,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="2000,16000,64000")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--ratio-model", default="ViT-B-32")
+    ap.add_argument("--ratio-model", default="ViT-B-32", help="Model of the second throughput ratio ('none': only the "
+                                                              "small ViT's).")
     ap.add_argument("--ratio-batch", type=int, default=32)
-    ap.add_argument("--ratio-steps", type=int, default=8, help="Steps of the --ratio-model arms ('none': no arms).")
+    ap.add_argument("--ratio-steps", type=int, default=8, help="Steps of the --ratio-model arms.")
     ap.add_argument("--repeats", type=int, default=2, help="Runs of each arm of the throughput ratios.")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--workdir", default=None, help="Where images and caches go (default: a temp folder).")
