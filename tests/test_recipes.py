@@ -122,6 +122,17 @@ def test_unknown_merge_method_named(tmp_path):
         parse_recipe(doc, "test")
 
 
+
+def test_adamerging_refused_as_a_merge_step_before_any_fine_tuning(tmp_path):
+    """AdaMerging learns from test images, so it is its own command; a recipe naming it fails at load, not after
+    the fine-tuning."""
+    doc = yaml.safe_load(GOOD.format(out=tmp_path / "runs"))
+    doc["eval"] = {"merge": [{"method": "ties"}, {"method": "adamerging"}]}
+    with pytest.raises(TVToolError, match=r"eval.merge.1.method: adamerging is not a merge step .*tvtool eval "
+                                          r"adamerging"):
+        parse_recipe(doc, "test")
+    assert not (tmp_path / "runs").exists()
+
 # ---- issue 9: hostile or wrong recipes are refused in one line, fast ---------------------------------------------
 
 def test_alias_bomb_refused_fast(tmp_path):

@@ -404,6 +404,9 @@ def parse_recipe(doc: Any, source: str = "<recipe>", lines: dict | None = None, 
             if m["method"] not in REGISTRY:
                 fail(("eval", "merge", i, "method"), f"unknown merge method {m['method']!r}; one of "
                                                       f"{', '.join(REGISTRY)}")
+            if REGISTRY[m["method"]].command is not None:  # refused here, not after the fine-tuning
+                fail(("eval", "merge", i, "method"), f"{m['method']} is not a merge step (it learns from the test "
+                     f"images): after `tvtool run`, run `{REGISTRY[m['method']].command}` on the run's vectors")
     for step in ("addition", "negation"):
         if step in ev and "grid" in ev[step]:
             try:
