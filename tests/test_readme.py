@@ -76,3 +76,23 @@ def test_quickstart_tables_are_what_the_command_printed():
         assert row in readme, row
     for row in markdown_rows(summary, detailed=True):
         assert row in mini_world, row
+
+
+def test_mini_world_merging_table_is_the_recipes_summary():
+    """docs/MINI_WORLD.md's merging table is rendered from docs/mini_merging.json, the `summary.json` of
+    `tvtool run recipes/mini-merging.yaml` (regenerate both with that command, never by hand), and names every
+    merge step of the recipe."""
+    import json
+
+    import yaml
+
+    from tvtool.results import tables
+
+    summary = json.loads((README.parent / "docs" / "mini_merging.json").read_text())
+    mini_world = (README.parent / "docs" / "MINI_WORLD.md").read_text()
+    (merges,) = [t for t in tables(summary) if t["title"].startswith("merge methods")]
+    for row in merges["rows"]:
+        assert "| " + " | ".join(row[1:]) + " |" in mini_world, row
+    recipe = yaml.safe_load((README.parent / "recipes" / "mini-merging.yaml").read_text())
+    steps = {s.get("name") or f"merge-{s['method']}" for s in recipe["eval"]["merge"]}
+    assert steps == set(summary["variants"]["ft"]["merges"])

@@ -129,3 +129,30 @@ def test_unseeded_summary_has_one_row_per_variant_and_the_zero_shot_row():
     assert table["rows"][0][:3] == ["zero-shot", "-", "-"] and "50.00" in table["rows"][0]
     assert table["rows"][2][:3] == ["or", "full, lambda 0.1 squared/visual-linear", "ft"]
     assert table["columns"][-1] == "neg. ok" and table["rows"][2][-1] == "2/2"
+
+
+def test_merge_steps_get_their_own_table_sorted_by_abs_acc():
+    """Every merge step of a recipe appears with its method, Val-chosen alpha, tuned option and test figures, beside
+    the variant's task arithmetic; a step's figures are its own results' (in percent)."""
+    r = _recipe([{"name": "ft", "mode": "full"}], seeds=None)
+    ft = {"mini-shapes": 0.9, "mini-colors": 0.8}
+    tsv = {**_addition({"mini-shapes": 0.8, "mini-colors": 0.7}, ft), "alpha": 1.0, "method": "tsv",
+           "merged": {"path": "merge-tsv.st"}}
+    lines = {**_addition({"mini-shapes": 0.5, "mini-colors": 0.5}, ft), "alpha": 1.0,
+             "merged": {"path": "lines-ties-beta0.4.st"}, "tuned": {"option": "beta", "chosen": 0.4, "tried": []}}
+    results = {"variants": {"ft": {"addition": _addition({"mini-shapes": 0.6, "mini-colors": 0.5}, ft),
+                                   "merge-tsv": tsv, "lines-ties": lines}},
+               "runs": describe_runs(r), "seeds": None}
+    out = summary(results)
+    assert out["variants"]["ft"]["merges"]["merge-tsv"] == {
+        "method": "tsv", "alpha": 1.0, "tuned": None, "abs_acc": pytest.approx(75.0),
+        "norm_acc": pytest.approx(100 * (0.8 / 0.9 + 0.7 / 0.8) / 2)}
+    _, merges = tables(out)
+    assert merges["columns"] == ["variant", "step", "method", "alpha", "tuned", "Abs.Acc", "Norm.Acc (own)"]
+    assert merges["rows"] == [["ft", "merge-tsv", "tsv", "1.00", "-", "75.00", "88.19"],
+                              ["ft", "addition", "sum", "0.10", "-", "55.00", "64.58"],
+                              ["ft", "lines-ties", "lines-ties", "1.00", "beta 0.4", "50.00", "59.03"]]
+    assert "**merge methods: test accuracy (%)" in markdown(out)
+    # a recipe without merge steps prints no merge table
+    del results["variants"]["ft"]["merge-tsv"], results["variants"]["ft"]["lines-ties"]
+    assert len(tables(summary(results))) == 1

@@ -651,6 +651,8 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
         if previous is not None and previous.get("settings_digest") == digests[k]:
             log(f"skip {path} (exists, same settings and vectors)")
             out[k] = previous
+            if k in merges:
+                previous.setdefault("method", merges[k]["method"])  # results written before it was recorded
             continue
         if path.exists():
             log(f"rerun {path}: its settings or input vectors changed")
@@ -691,6 +693,7 @@ def run_evaluations(recipe: Recipe, variant: Variant, *, log: Callable[[str], No
         if name not in todo:
             continue
         res = _merge_step(ev, vectors, paths, folder, name, m, seed=_merge_seed(recipe, variant, m), progress=say)
+        res["method"] = m["method"]  # the summary's merge table names it
         res["settings_digest"] = digests[name]
         evaluate.write_json(res, folder / f"{name}.json", force=True)
         out[name] = res

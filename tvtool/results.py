@@ -96,6 +96,20 @@ def variant_figures(res: dict, baseline: dict | None) -> dict:
             "cosine": (res.get("cosine") or {}).get("mean")}
 
 
+def merge_figures(res: dict) -> dict:
+    """Each merge step of one variant (its results hold a ``merged`` vector), in recipe order: the method, the
+    Val-chosen alpha (and tuned option), test Abs.Acc and Norm.Acc in percent."""
+    out = {}
+    for step, r in res.items():
+        if not isinstance(r, dict) or not r.get("merged") or step in ("addition", "negation"):
+            continue
+        tuned = r.get("tuned")
+        out[step] = {"method": r.get("method") or step.removeprefix("merge-"), "alpha": r.get("alpha"),
+                     "tuned": {"option": tuned["option"], "chosen": tuned["chosen"]} if tuned else None,
+                     "abs_acc": _shown("abs_acc", r.get("abs_acc")), "norm_acc": _shown("norm_acc", r.get("norm_acc"))}
+    return out
+
+
 def _shown(metric: str, value):
     return None if value is None else (100 * value if metric in PERCENT else value)
 
@@ -184,6 +198,9 @@ def summary(results: dict) -> dict:
                                                            "seed", "distinct") if k in run},
                           "baseline": base, **{m: _shown(m, raw[name][m]) for m in METRICS},
                           "negation_qualified": [neg["qualified"], neg["tasks"]] if "qualified" in neg else None}
+        merges = merge_figures(res)
+        if merges:
+            variants[name]["merges"] = merges
     out: dict[str, Any] = {"zeroshot": None if zs is None else {k: 100 * v for k, v in zs.items()},
                            "variants": variants}
     if results.get("seeds"):
@@ -259,6 +276,7 @@ def tables(summary_: dict) -> list[dict]:
     neg = ["neg. ok"] if "tar_acc" in metrics or any(
         v.get("negation_qualified") for v in summary_["variants"].values()) else []
     groups = summary_.get("groups")
+    merges = _merge_table(summary_)
     if not groups:
         columns = ["variant", "settings", "baseline"] + [LABELS[m] for m in metrics] + neg
         rows = []
@@ -269,7 +287,7 @@ def tables(summary_: dict) -> list[dict]:
         for name, v in summary_["variants"].items():
             rows.append([name, settings_label(v["settings"]), v.get("baseline") or "-"]
                         + [_fmt(m, v.get(m)) for m in metrics] + [_qualified(v)] * len(neg))
-        return [{"title": title, "columns": columns, "rows": rows, "caption": " ".join(caption) or None}]
+        return [{"title": title, "columns": columns, "rows": rows, "caption": " ".join(caption) or None}] + merges
     columns = ["variant", "settings", "seeds"] + [LABELS[m] for m in metrics]
     rows = []
     for name, g in groups.items():
@@ -307,7 +325,31 @@ def tables(summary_: dict) -> list[dict]:
                     "caption": "Per seed, the variant's figure minus its baseline's (the lambda-0 variant of its "
                                "mode, same seed); SE = sd / sqrt(pairs), t = mean / SE with pairs - 1 degrees of "
                                "freedom (with 3 seeds |t| > 4.30 is p < 0.05, two-sided)."})
-    return out
+    return out + merges
+
+
+def _merge_table(summary_: dict) -> list[dict]:
+    """The merge steps of every variant beside its task arithmetic, best Abs.Acc first within a variant."""
+    rows = []
+    for name, v in summary_["variants"].items():
+        if not v.get("merges"):
+            continue
+        entries = [("addition", {"method": "sum", "alpha": v.get("alpha"), "tuned": None,
+                                 "abs_acc": v.get("abs_acc"), "norm_acc": v.get("norm_acc")})] if v.get(
+            "abs_acc") is not None else []
+        entries += list(v["merges"].items())
+        entries.sort(key=lambda e: -(e[1]["abs_acc"] if e[1]["abs_acc"] is not None else -1))
+        for step, m in entries:
+            tuned = m.get("tuned")
+            rows.append([name, step, m["method"], _fmt("alpha", m["alpha"]),
+                         "-" if not tuned else f"{tuned['option']} {tuned['chosen']:g}",
+                         _fmt("abs_acc", m["abs_acc"]), _fmt("norm_acc", m["norm_acc"])])
+    if not rows:
+        return []
+    return [{"title": "merge methods: test accuracy (%), alpha (and a tuned option) chosen on Val",
+             "columns": ["variant", "step", "method", "alpha", "tuned", "Abs.Acc", "Norm.Acc (own)"], "rows": rows,
+             "caption": "Each method's alpha grid is its paper's (`tvtool merge --list`); addition is the variant's "
+                        "task arithmetic. Sorted by Abs.Acc within a variant."}]
 
 
 def _qualified(entry: dict) -> str:
