@@ -80,8 +80,15 @@ MINI_TASKS = ["mini-digits", "mini-mnist", "mini-shapes", "mini-textures", "mini
               "mini-orientations", "mini-counts"]
 
 
-def _model_spec(model: str) -> tuple[str, str]:
-    return model, "builtin" if model == "tvtool-mini" else "random"
+def load_model(model: str, device: str = "cpu"):
+    """``model`` with its builtin weights (tvtool-mini) or a random initialisation drawn from seed 0, so that the
+    process writing the vectors and each timed child load the same base."""
+    import torch
+
+    from tvtool.models import load_clip
+
+    torch.manual_seed(0)
+    return load_clip(model, "builtin" if model == "tvtool-mini" else "random", device=device)
 
 
 def write_model_inputs(folder: Path, count: int, model: str) -> list[Path]:
@@ -91,9 +98,8 @@ def write_model_inputs(folder: Path, count: int, model: str) -> list[Path]:
 
     from tvtool import taskvector as tv
     from tvtool.datasets import open_split
-    from tvtool.models import load_clip
 
-    bundle = load_clip(*_model_spec(model), device="cpu")
+    bundle = load_model(model)
     state = {k: v for k, v in bundle.model.state_dict().items() if k.startswith("visual.") and v.is_floating_point()}
     base = {"model": bundle.name, "pretrained": bundle.pretrained, "fingerprint": bundle.fingerprint}
     paths = []
@@ -130,9 +136,7 @@ def child(method: str, out: str, paths: list[str], threads: int, data_model: str
 
     bundle = None
     if data_model and method not in ("idle", "sum"):
-        from tvtool.models import load_clip
-
-        bundle = load_clip(*_model_spec(data_model), device=device)  # loading the model is not the method's time
+        bundle = load_model(data_model, device)  # loading the model is not the method's time
     learner = None
     if bundle is not None and method == "adamerging":  # test-time adaptation: its Adam steps are the time
         from tvtool import evaluate
