@@ -3,6 +3,7 @@ pass as the split grows, and training throughput of the streamed path against th
 
     python benchmarks/bench_data.py                                   # N = 2000,16000,64000 (about 12 GB of disk)
     python benchmarks/bench_data.py --sizes 500,2000 --steps 5        # a quick look
+    python benchmarks/bench_data.py --sizes 2000 --device cuda --ratio-batch 128   # the GPU ratio (issue 22's goal)
 
 Fabricates max(N) 256x256 JPEG files (smooth random colour fields with noise, 10 classes; 2,000 distinct images,
 the other files hard links to them) in a work folder (outside every timing), then for each N registers the first N of them as an ImageFolder dataset and runs, each phase in a
@@ -136,7 +137,7 @@ def phase(args) -> dict:
             marks[r["step"]] = time.perf_counter()
 
         cfg = TrainConfig(task=TASK, model=args.model, pretrained="random", batch_size=args.batch, max_steps=args.steps,
-                          warmup_steps=2, eval=False, log_every=1, device="cpu", data_on_device=args.placement,
+                          warmup_steps=2, eval=False, log_every=1, device=args.device, data_on_device=args.placement,
                           data_root=str(root))
         res = finetune(cfg, Path(args.work) / f"v-{os.getpid()}.st", progress=progress, stop_after=args.steps)
         timed = args.steps - 1
@@ -146,8 +147,8 @@ def phase(args) -> dict:
         from tvtool.evaluate import Evaluator
         from tvtool.models import load_clip
 
-        bundle = load_clip(args.model, "random", device="cpu")
-        ev = Evaluator(bundle, [TASK], str(root), device="cpu", batch_size=256, data_on_device="no")
+        bundle = load_clip(args.model, "random", device=args.device)
+        ev = Evaluator(bundle, [TASK], str(root), device=args.device, batch_size=256, data_on_device="no")
         t1 = time.perf_counter()
         ev.accuracy(TASK, "train")
         n_eval = ev.inputs(TASK, "train")[1].numel()
@@ -176,6 +177,7 @@ def phase(args) -> dict:
 def run_child(args, **kw) -> dict:
     argv = [sys.executable, __file__, "--child", "--root", str(args.root_dir), "--work", str(args.work_dir),
             "--steps", str(kw.pop("steps", args.steps))]
+    kw.setdefault("device", args.device)
     for k, v in kw.items():
         argv += [f"--{k}", str(v)]
     env = {**os.environ, "TVTOOL_CACHE": str(args.cache_dir), "TVTOOL_DECODE_WORKERS": str(args.workers),
@@ -197,6 +199,8 @@ def main() -> None:
     ap.add_argument("--ratio-model", default="ViT-B-32", help="Model of the second throughput ratio ('none': only the "
                                                               "small ViT's).")
     ap.add_argument("--ratio-batch", type=int, default=32)
+    ap.add_argument("--device", default="cpu", help="Where training and evaluation run (cuda: the GPU goal, e.g. "
+                                                    "--sizes 2000 --ratio-batch 128).")
     ap.add_argument("--ratio-steps", type=int, default=8, help="Steps of the --ratio-model arms.")
     ap.add_argument("--repeats", type=int, default=2, help="Runs of each arm of the throughput ratios.")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))

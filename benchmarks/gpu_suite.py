@@ -20,7 +20,8 @@ Arms:
   is slow on 2 cores), with (b) and (c) as multiples of (a) from this one run; MFU of (b) and (c) = achieved FLOP/s
   over the device's dense bf16 peak, with FLOPs per image counted by ``torch.utils.flop_counter.FlopCounterMode``
   over one forward + backward of the image tower and head (the penalty not counted); peak device memory of finetune
-  without and with the exact penalty.
+  without and with the exact penalty; and the images/s of the split streamed from the cache file
+  (``--data-on-device no``) over the same split held on the device (issue 22).
 * **orthoreg** - finetune's step time with the exact penalty, the Hutchinson one (1 probe) and the exact one with
   ``orthoreg_precision="tf32"``, each as a fraction of the eager step without penalty (``step_with / step_without -
   1``); and ``compiled_exact_overhead``: the exact penalty inside the compiled step (with reduce-overhead: inside
@@ -163,6 +164,7 @@ class Suite:
                       "compile": compiled, "compile_exact": {**compiled, "lam": a.lam},
                       "hutchinson": {"lam": a.lam, "orthoreg_estimator": "hutchinson", "orthoreg_probes": 1},
                       "vitl_plain": {"grad_accum": 2}, "vitl_exact": {"grad_accum": 2, "lam": a.lam},
+                      "held": {"data_on_device": "yes"}, "streamed": {"data_on_device": "no"},
                       }[variant] if variant != "plain" else {}
             if variant.startswith("vitl"):  # its own model and step counts, the same JPEGs and global batch
                 a = SimpleNamespace(**{**vars(a), "model": a.vitl_model, "warmup": a.vitl_warmup,
@@ -280,6 +282,10 @@ class Suite:
         tr["peak_memory_gb"] = {"without_penalty": plain["peak_memory_gb"], "with_penalty": exact["peak_memory_gb"]}
         if not self.cuda:
             self.skip("train.peak_memory_gb", "device memory is measured on CUDA only")
+        # issue 22: the split streamed from the cache file by the prefetch thread against the same split held on the
+        # device (goal >= 0.95x on a GPU)
+        tr["streamed_over_held"] = self.guarded("train.streamed_over_held", lambda: (
+            self.finetune_run("streamed")["images_per_s"] / self.finetune_run("held")["images_per_s"]))
 
     def arm_orthoreg(self) -> None:
         from tvtool.train import CUDA_GRAPH_MODES
@@ -825,6 +831,8 @@ def table(res: dict) -> str:
          f"{f(tr.get('mfu'), '{:.1%}')} / {f(tr.get('mfu_compile'), '{:.1%}')}"),
         ("train: peak memory without / with penalty (GB)",
          f"{f(pm.get('without_penalty'))} / {f(pm.get('with_penalty'))}"),
+        ("train: split streamed from the cache / held on the device (images/s ratio; goal >= 0.95)",
+         f(tr.get("streamed_over_held"), "{:.3f}")),
         ("orthoreg: exact penalty, fraction of an eager step", f(o.get("exact_overhead"), "{:+.1%}")),
         ("orthoreg: Hutchinson (1 probe)", f(o.get("hutchinson_overhead"), "{:+.1%}")),
         ("orthoreg: exact with TF32 matmuls", f(o.get("exact_tf32_overhead"), "{:+.1%}")),

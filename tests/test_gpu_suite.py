@@ -20,6 +20,7 @@ REQUIRED = {
     "train.tvtool_compile_images_per_s": NUMBER, "train.mfu": NUMBER, "train.mfu_compile": NUMBER,
     "train.speedup_vs_reference": NUMBER, "train.speedup_compile_vs_reference": NUMBER,
     "train.peak_memory_gb.without_penalty": NUMBER, "train.peak_memory_gb.with_penalty": NUMBER,
+    "train.streamed_over_held": NUMBER,
     "orthoreg.exact_overhead": NUMBER, "orthoreg.hutchinson_overhead": NUMBER, "orthoreg.exact_tf32_overhead": NUMBER,
     "orthoreg.compiled_exact_overhead": NUMBER,
     "vitl.images_per_s": NUMBER, "vitl.step_s": NUMBER, "vitl.exact_overhead": NUMBER, "vitl.mfu": NUMBER,
