@@ -114,6 +114,26 @@ def test_regmean_equals_fusionbench_merging_with_regmean_weights(fusionbench, ra
     assert not torch.allclose(ours["l1.weight"], torch.stack([t["l1.weight"] for t in taus]).mean(0), atol=1e-3)
 
 
+@pytest.mark.parametrize("ratio", [0.95, 1.0])
+def test_regmean_from_folded_normal_equations_equals_the_per_task_grams(ratio):
+    """The collector folds each task's Gram matrix into sum_t G_t~ and sum_t G_t~ tau_t^T as it goes (one pair per
+    layer held, not every task's matrices); solving those equals the merge from the T matrices (both solve in
+    float32)."""
+    from tvtool.merge.methods.regmean import reduced, regmean
+
+    g = torch.Generator().manual_seed(3)
+    taus = [torch.randn(6, 9, generator=g, dtype=torch.float64) * (i + 1) for i in range(4)]
+    grams = [_psd(9, 30, g).double() for _ in taus]
+    lhs = sum(reduced(gr, ratio) for gr in grams)
+    rhs = sum(reduced(gr, ratio) @ t.T for gr, t in zip(grams, taus))
+    folded = regmean(taus, "w", ratio=ratio, normal=(lhs, rhs))
+    per_task = regmean(taus, "w", ratio=ratio, grams=grams)
+    torch.testing.assert_close(folded.double(), per_task.double(), rtol=1e-5, atol=1e-5)
+    # and both solve the normal equations: (sum G~) W^T = sum G~ W_t^T
+    torch.testing.assert_close(lhs @ folded.double().T, rhs, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(folded.double(), sum(taus) / len(taus), atol=1e-2)  # not the mean
+
+
 @pytest.mark.parametrize("normalize,scaling", [(True, None), (False, None), (True, "0.5,0.3,0.2")])
 def test_fisher_equals_fusionbench_merging_with_fisher_weights(fusionbench, normalize, scaling):
     g = torch.Generator().manual_seed(1)
