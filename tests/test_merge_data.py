@@ -134,6 +134,24 @@ def test_regmean_from_folded_normal_equations_equals_the_per_task_grams(ratio):
     assert not torch.allclose(folded.double(), sum(taus) / len(taus), atol=1e-2)  # not the mean
 
 
+def test_fisher_from_folded_sums_equals_the_per_task_fishers():
+    """The collector folds c_t (F_t + eps) tau_t and c_t (F_t + eps) per task with c_t unnormalized (1 / its own
+    norm): the normalization to sum 1 cancels, so the ratio equals the per-task form with normalized coefficients."""
+    from tvtool.merge.methods.fisher import fisher
+
+    g = torch.Generator().manual_seed(4)
+    taus = [torch.randn(5, 3, generator=g) * (i + 1) for i in range(3)]
+    fishers = [torch.rand(5, 3, generator=g) * (i + 1) for i in range(3)]
+    norms, eps = [float(f.norm()) for f in fishers], 1e-6
+    per_task = fisher(taus, "w", eps=eps, fishers=fishers, coefficients=fisher_coefficients(norms, [1 / 3] * 3, True,
+                                                                                            eps))
+    raw = [(1 / 3) / (n + eps) for n in norms]
+    num = sum(c * (f + eps) * t for c, f, t in zip(raw, fishers, taus))
+    den = sum(c * (f + eps) for c, f in zip(raw, fishers))
+    torch.testing.assert_close(fisher(taus, "w", eps=eps, folded=(num, den)), per_task, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(per_task, sum(taus) / 3, atol=1e-2)
+
+
 @pytest.mark.parametrize("normalize,scaling", [(True, None), (False, None), (True, "0.5,0.3,0.2")])
 def test_fisher_equals_fusionbench_merging_with_fisher_weights(fusionbench, normalize, scaling):
     g = torch.Generator().manual_seed(1)
@@ -252,7 +270,11 @@ def test_exact_fisher_is_the_expectation_over_classes_of_squared_score_gradients
     got = {}
     for est in ("exact", "batch"):
         lookup = collect_fishers(ctx, examples=6, batch=4, estimator=est, scaling=None, normalize=False, eps=1e-6)
-        got[est] = {k: lookup(k)["fishers"][0] for k in taus[0]}
+        # one task, c = 1: the folded denominator is F + eps, the numerator (F + eps) tau
+        got[est] = {k: lookup(k)["folded"][1] - 1e-6 for k in taus[0]}
+        for k in taus[0]:
+            num, den = lookup(k)["folded"]
+            torch.testing.assert_close(num, den * taus[0][k].float())
     ev.set_weights(taus[0], 1.0)
     names = [n for n, _ in visual.named_parameters()]
     params = {n: p.detach() for n, p in visual.named_parameters()}

@@ -63,13 +63,17 @@ def _features(visual, x):
 
 
 def collect_fishers(ctx, *, examples, batch, estimator, scaling, normalize, eps):
-    """Per task t: the diagonal Fisher of every image-tower parameter of theta_0 + tau_t on task t's training
-    images, under the model's own predictive distribution (mean over the images); then each task's coefficient."""
+    """Per task t: the diagonal Fisher F_t of every image-tower parameter of theta_0 + tau_t on task t's training
+    images, under the model's own predictive distribution (mean over the images); folded as each task is done into
+    :func:`fisher`'s numerator sum_t c_t (F_t + eps) tau_t and denominator sum_t c_t (F_t + eps), so two tensors per
+    key are held instead of every task's Fisher (2.8 GB for 8 ViT-B-32 tasks). c_t needs only task t's own norm:
+    the coefficients' common normalization (to sum 1) cancels between numerator and denominator."""
     wanted = set().union(*(tau.keys() for tau in ctx.taus))
     named = [(f"visual.{n}", p) for n, p in ctx.visual.named_parameters()]
     params = [p for _, p in named]
     was = [p.requires_grad for p in params]
-    fishers, norms = [], []
+    scales = _scaling(scaling, len(ctx.tasks))
+    folded: dict[str, list] = {}  # key -> [numerator, denominator, tasks folded in]
     try:
         for p in params:
             p.requires_grad_(True)
@@ -85,22 +89,29 @@ def collect_fishers(ctx, *, examples, batch, estimator, scaling, normalize, eps)
                     for acc, s in zip(sums, _sum_scores(ctx.visual, params, x, head, estimator)):
                         acc.add_(s)
                     count += x.shape[0]
-            # the mean over the images used (FusionBench's CLIP class too; its generic loop: batches x batch size)
-            sq = sum(float(s.double().square().sum()) for s in sums) / count**2
-            norms.append(sq ** 0.5)  # the whole model's Fisher, whichever tensors the vectors hold
-            fishers.append({k: (s / count).cpu() for (k, _), s in zip(named, sums) if k in wanted})
+            # the mean over the images used (FusionBench's CLIP class too; its generic loop: batches x batch size);
+            # the norm is the whole model's Fisher, whichever tensors the vectors hold
+            norm = (sum(float(s.double().square().sum()) for s in sums) / count**2) ** 0.5
+            c = scales[i] / (norm + eps) if normalize else scales[i]
+            with torch.no_grad():
+                for (k, _), s in zip(named, sums):
+                    tau = ctx.taus[i].get(k)
+                    if k not in wanted or tau is None:
+                        continue
+                    w = (s / count + eps) * c
+                    wx = w * tau.to(w.device, torch.float32)
+                    if k in folded:
+                        folded[k][0] += wx
+                        folded[k][1] += w
+                        folded[k][2] += 1
+                    else:
+                        folded[k] = [wx, w, 1]
             del sums
     finally:
         for p, w in zip(params, was):
             p.requires_grad_(w)
-    coefs = fisher_coefficients(norms, _scaling(scaling, len(ctx.tasks)), normalize, eps)
-
-    def lookup(key):
-        if not all(key in f for f in fishers):
-            return {"fishers": None, "coefficients": coefs}
-        return {"fishers": [f[key] for f in fishers], "coefficients": coefs}
-
-    return lookup
+    complete = {k: (num, den) for k, (num, den, n) in folded.items() if n == len(ctx.tasks)}
+    return lambda key: {"folded": complete.get(key)}
 
 
 @register("fisher", kind="data-aware", collect=collect_fishers, check=_check, options={
@@ -120,7 +131,7 @@ def collect_fishers(ctx, *, examples, batch, estimator, scaling, normalize, eps)
     url="https://arxiv.org/abs/2111.09832",
     code="mmatena/model_merging; FusionBench fisher_merging/fisher_merging.py, clip_fisher_merging.py",
     alpha_grid="1", alpha_source="Fisher merging uses the merged model as it is (alpha 1; FusionBench applies none)")
-def fisher(tensors, key, *, fishers, coefficients, eps):
+def fisher(tensors, key, *, eps, fishers=None, coefficients=None, folded=None):
     """Fisher merging (Matena & Raffel, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022).
 
     Every entry: theta = sum_t c_t (F_t + eps) theta_t / sum_t c_t (F_t + eps), F_t the diagonal Fisher of the
@@ -129,10 +140,16 @@ def fisher(tensors, key, *, fishers, coefficients, eps):
     per entry, so merging weights or task vectors gives the same result. The Fisher is taken under the model's own
     predictive distribution: estimator=batch is FusionBench's (the square of one gradient per batch), exact the
     paper's expectation per image.
+
+    The statistics come as every task's ``fishers`` with their ``coefficients``, or already ``folded`` into the
+    numerator and denominator, as the collector hands them over.
     """
+    dev = compute_device()
+    if folded is not None:
+        num, den = (t.to(dev, torch.float32) for t in folded)
+        return (num / den).to(tensors[0].device)
     if fishers is None:  # a tensor the model does not have (should be zero anyway): the mean
         return torch.stack(tensors).mean(0)
-    dev = compute_device()
     c = torch.tensor(coefficients, dtype=torch.float32, device=dev).view(-1, *([1] * tensors[0].ndim))
     w = c * (torch.stack([f.to(dev, torch.float32) for f in fishers]) + eps)
     x = torch.stack(tensors).to(dev, torch.float32)
