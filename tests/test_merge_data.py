@@ -28,8 +28,8 @@ from tvtool.errors import TVToolError
 from tvtool.evaluate import Evaluator
 from tvtool.merge import REGISTRY, get_method, merge_files, merge_tensors, resolve_options
 from tvtool.data_merge import StatsContext
-from tvtool.merge.data import collect, linear_inputs, linear_keys, merge_stats, task_rows
-from tvtool.merge.methods.fisher import fisher_coefficients
+from tvtool.merge.data import collect, complete, linear_inputs, linear_keys, merge_stats, task_rows
+from tvtool.merge.methods import fisher as fisher_method, regmean as regmean_method
 
 TASKS = ("ta", "tb", "tc")
 
@@ -103,9 +103,12 @@ def test_regmean_equals_fusionbench_merging_with_regmean_weights(fusionbench, ra
     theirs = fusionbench["regmean"].merging_with_regmean_weights(
         {k: [base[k] + t[k] for t in taus] for k in shapes}, grams, reduce_non_diagonal_ratio=ratio)
     m = get_method("regmean")
-    lookup = lambda key: {"grams": [gr[key[:-7]] for gr in grams] if key[:-7] in grams[0] and  # noqa: E731
-                          key.endswith(".weight") else None}
-    ours = dict(merge_stats(m, ((k, [t[k] for t in taus]) for k in shapes), lookup,
+    sums = {}
+    for gr, tau in zip(grams, taus):  # as the collector folds them, task by task
+        for k in ("l1.weight", "l2.weight"):
+            regmean_method.fold(sums, k, gr[k[:-7]], tau[k], ratio)
+    done = complete(sums, len(taus))
+    ours = dict(merge_stats(m, ((k, [t[k] for t in taus]) for k in shapes), lambda key: {"normal": done.get(key)},
                             resolve_options(m, {"ratio": ratio})))
     for k in shapes:
         _close(base[k] + ours[k], theirs[k])
@@ -115,41 +118,45 @@ def test_regmean_equals_fusionbench_merging_with_regmean_weights(fusionbench, ra
 
 
 @pytest.mark.parametrize("ratio", [0.95, 1.0])
-def test_regmean_from_folded_normal_equations_equals_the_per_task_grams(ratio):
+def test_regmean_from_folded_normal_equations_equals_the_closed_form(ratio):
     """The collector folds each task's Gram matrix into sum_t G_t~ and sum_t G_t~ tau_t^T as it goes (one pair per
-    layer held, not every task's matrices); solving those equals the merge from the T matrices (both solve in
-    float32)."""
-    from tvtool.merge.methods.regmean import reduced, regmean
-
+    layer held, not every task's matrices); the merge from those equals (sum G~)^-1 sum G~ W_t^T computed whole, in
+    float64, from every task's matrix."""
     g = torch.Generator().manual_seed(3)
     taus = [torch.randn(6, 9, generator=g, dtype=torch.float64) * (i + 1) for i in range(4)]
     grams = [_psd(9, 30, g).double() for _ in taus]
-    lhs = sum(reduced(gr, ratio) for gr in grams)
-    rhs = sum(reduced(gr, ratio) @ t.T for gr, t in zip(grams, taus))
-    folded = regmean(taus, "w", ratio=ratio, normal=(lhs, rhs))
-    per_task = regmean(taus, "w", ratio=ratio, grams=grams)
-    torch.testing.assert_close(folded.double(), per_task.double(), rtol=1e-5, atol=1e-5)
-    # and both solve the normal equations: (sum G~) W^T = sum G~ W_t^T
-    torch.testing.assert_close(lhs @ folded.double().T, rhs, rtol=1e-4, atol=1e-4)
+    sums = {}
+    for gram, tau in zip(grams, taus):
+        regmean_method.fold(sums, "w", gram, tau, ratio)
+    folded = regmean_method.regmean(taus, "w", normal=complete(sums, 4)["w"])
+    off = torch.full((9, 9), ratio, dtype=torch.float64).fill_diagonal_(1.0)
+    g_sum = torch.stack([gr * off for gr in grams]).sum(0)
+    expected = (torch.linalg.inv(g_sum) @ torch.stack([(gr * off) @ t.T for gr, t in zip(grams, taus)]).sum(0)).T
+    torch.testing.assert_close(folded.double(), expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(folded.double(), sum(taus) / len(taus), atol=1e-2)  # not the mean
+    # a key only some tasks added to has no statistics: averaged
+    regmean_method.fold(sums, "v", grams[0], taus[0], ratio)
+    assert "v" not in complete(sums, 4)
 
 
-def test_fisher_from_folded_sums_equals_the_per_task_fishers():
+def test_fisher_from_folded_sums_equals_normalized_coefficients():
     """The collector folds c_t (F_t + eps) tau_t and c_t (F_t + eps) per task with c_t unnormalized (1 / its own
-    norm): the normalization to sum 1 cancels, so the ratio equals the per-task form with normalized coefficients."""
-    from tvtool.merge.methods.fisher import fisher
-
+    norm): the normalization to sum 1 (FusionBench's) cancels, so the ratio equals the weighted mean with normalized
+    coefficients, computed whole in float64."""
     g = torch.Generator().manual_seed(4)
     taus = [torch.randn(5, 3, generator=g) * (i + 1) for i in range(3)]
     fishers = [torch.rand(5, 3, generator=g) * (i + 1) for i in range(3)]
     norms, eps = [float(f.norm()) for f in fishers], 1e-6
-    per_task = fisher(taus, "w", eps=eps, fishers=fishers, coefficients=fisher_coefficients(norms, [1 / 3] * 3, True,
-                                                                                            eps))
-    raw = [(1 / 3) / (n + eps) for n in norms]
-    num = sum(c * (f + eps) * t for c, f, t in zip(raw, fishers, taus))
-    den = sum(c * (f + eps) for c, f in zip(raw, fishers))
-    torch.testing.assert_close(fisher(taus, "w", eps=eps, folded=(num, den)), per_task, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(per_task, sum(taus) / 3, atol=1e-2)
+    sums = {}
+    for f, t, n in zip(fishers, taus, norms):
+        fisher_method.fold(sums, "w", f, t, fisher_method.coefficient(n, 1 / 3, True, eps), eps)
+    folded = fisher_method.fisher(taus, "w", folded=complete(sums, 3)["w"])
+    inv = torch.tensor([1 / (n + eps) for n in norms], dtype=torch.float64)
+    c = (inv / inv.sum()).view(-1, 1, 1)
+    w = c * (torch.stack(fishers).double() + eps)
+    expected = (w * torch.stack(taus).double()).sum(0) / w.sum(0)
+    torch.testing.assert_close(folded.double(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(folded, sum(taus) / 3, atol=1e-2)
 
 
 @pytest.mark.parametrize("normalize,scaling", [(True, None), (False, None), (True, "0.5,0.3,0.2")])
@@ -169,9 +176,13 @@ def test_fisher_equals_fusionbench_merging_with_fisher_weights(fusionbench, norm
     norms = [float(torch.cat([f[k].reshape(-1) for k in shapes]).norm()) for f in fishers]
     m = get_method("fisher")
     opts = resolve_options(m, {"normalize": normalize, "scaling": scaling})
-    coefs = fisher_coefficients(norms, [1 / 3] * 3 if scaling is None else coef, normalize, 1e-6)
-    ours = dict(merge_stats(m, ((k, [t[k] for t in taus]) for k in shapes),
-                            lambda key: {"fishers": [f[key] for f in fishers], "coefficients": coefs}, opts))
+    sums = {}
+    for f, tau, n, scale in zip(fishers, taus, norms, coef):  # as the collector folds them, task by task
+        for k in shapes:
+            fisher_method.fold(sums, k, f[k], tau[k], fisher_method.coefficient(n, scale, normalize, 1e-6), 1e-6)
+    done = complete(sums, 3)
+    ours = dict(merge_stats(m, ((k, [t[k] for t in taus]) for k in shapes), lambda key: {"folded": done[key]},
+                            opts))
     for k in shapes:
         _close(base[k] + ours[k], theirs[k])
 

@@ -147,6 +147,22 @@ class linear_inputs:
         return {k: (g / self.rows[k]).cpu() for k, g in self.grams.items()}
 
 
+def accumulate(sums: dict, key: str, terms: tuple) -> None:
+    """Add one task's ``terms`` (tensors) to ``sums[key]`` = [*running sums, tasks added]: a data-aware method folds
+    each task's statistics into its merge's sums as they are collected, instead of holding every task's."""
+    if key not in sums:
+        sums[key] = [*terms, 1]
+        return
+    for acc, term in zip(sums[key], terms):
+        acc += term
+    sums[key][-1] += 1
+
+
+def complete(sums: dict, t_count: int) -> dict:
+    """The sums of the keys every one of ``t_count`` tasks added to (a key some task lacks has no statistics)."""
+    return {k: tuple(v[:-1]) for k, v in sums.items() if v[-1] == t_count}
+
+
 def merge_stats(m: Method, tensors_by_key: Iterator[tuple[str, list]], lookup: Callable[[str], dict],
                 opts: Mapping, alpha: float = 1.0) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, alpha * fn(tensors, key, **options, **lookup(key))) for each key: the per-key step of a data merge."""

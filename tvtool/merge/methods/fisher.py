@@ -24,14 +24,19 @@ def _check(options, n_inputs):
     _scaling(options["scaling"], n_inputs)
 
 
-def fisher_coefficients(norms, scaling, normalize, eps):
-    """Each task's coefficient c_t (FusionBench's merging_with_fisher_weights): scaling_t, times, with ``normalize``,
-    (1 / (||F_t|| + eps)) / sum_s (1 / (||F_s|| + eps)), ||F_t|| the L2 norm of task t's whole Fisher."""
-    c = torch.tensor(scaling, dtype=torch.float64)
-    if normalize:
-        inv = 1.0 / (torch.tensor(norms, dtype=torch.float64) + eps)
-        c = c * inv / inv.sum()
-    return c.tolist()
+def coefficient(norm: float, scale: float, normalize: bool, eps: float) -> float:
+    """Task t's coefficient c_t up to a factor common to every task (which cancels in :func:`fisher`): scaling_t,
+    divided with ``normalize`` by ||F_t|| + eps, the L2 norm of its whole Fisher (FusionBench's
+    merging_with_fisher_weights further divides by the sum over tasks)."""
+    return scale / (norm + eps) if normalize else scale
+
+
+def fold(sums: dict, key: str, fisher_t, tau, c: float, eps: float) -> None:
+    """Add one task's terms to ``key``'s weighted mean (sum c (F + eps) tau, sum c (F + eps))."""
+    from ..data import accumulate
+
+    w = (fisher_t.to(torch.float32) + eps) * c
+    accumulate(sums, key, (w * tau.to(w.device, torch.float32), w))
 
 
 def _sum_scores(visual, params, x, head, estimator):
@@ -68,6 +73,8 @@ def collect_fishers(ctx, *, examples, batch, estimator, scaling, normalize, eps)
     :func:`fisher`'s numerator sum_t c_t (F_t + eps) tau_t and denominator sum_t c_t (F_t + eps), so two tensors per
     key are held instead of every task's Fisher (2.8 GB for 8 ViT-B-32 tasks). c_t needs only task t's own norm:
     the coefficients' common normalization (to sum 1) cancels between numerator and denominator."""
+    from ..data import complete
+
     wanted = set().union(*(tau.keys() for tau in ctx.taus))
     named = [(f"visual.{n}", p) for n, p in ctx.visual.named_parameters()]
     params = [p for _, p in named]
@@ -92,26 +99,18 @@ def collect_fishers(ctx, *, examples, batch, estimator, scaling, normalize, eps)
             # the mean over the images used (FusionBench's CLIP class too; its generic loop: batches x batch size);
             # the norm is the whole model's Fisher, whichever tensors the vectors hold
             norm = (sum(float(s.double().square().sum()) for s in sums) / count**2) ** 0.5
-            c = scales[i] / (norm + eps) if normalize else scales[i]
+            c = coefficient(norm, scales[i], normalize, eps)
             with torch.no_grad():
                 for (k, _), s in zip(named, sums):
                     tau = ctx.taus[i].get(k)
-                    if k not in wanted or tau is None:
-                        continue
-                    w = (s / count + eps) * c
-                    wx = w * tau.to(w.device, torch.float32)
-                    if k in folded:
-                        folded[k][0] += wx
-                        folded[k][1] += w
-                        folded[k][2] += 1
-                    else:
-                        folded[k] = [wx, w, 1]
+                    if k in wanted and tau is not None:
+                        fold(folded, k, s / count, tau, c, eps)
             del sums
     finally:
         for p, w in zip(params, was):
             p.requires_grad_(w)
-    complete = {k: (num, den) for k, (num, den, n) in folded.items() if n == len(ctx.tasks)}
-    return lambda key: {"folded": complete.get(key)}
+    done = complete(folded, len(ctx.tasks))  # a key some task lacks: the mean
+    return lambda key: {"folded": done.get(key)}
 
 
 @register("fisher", kind="data-aware", collect=collect_fishers, check=_check, options={
@@ -131,7 +130,7 @@ def collect_fishers(ctx, *, examples, batch, estimator, scaling, normalize, eps)
     url="https://arxiv.org/abs/2111.09832",
     code="mmatena/model_merging; FusionBench fisher_merging/fisher_merging.py, clip_fisher_merging.py",
     alpha_grid="1", alpha_source="Fisher merging uses the merged model as it is (alpha 1; FusionBench applies none)")
-def fisher(tensors, key, *, eps, fishers=None, coefficients=None, folded=None):
+def fisher(tensors, key, *, folded):
     """Fisher merging (Matena & Raffel, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022).
 
     Every entry: theta = sum_t c_t (F_t + eps) theta_t / sum_t c_t (F_t + eps), F_t the diagonal Fisher of the
@@ -141,16 +140,10 @@ def fisher(tensors, key, *, eps, fishers=None, coefficients=None, folded=None):
     predictive distribution: estimator=batch is FusionBench's (the square of one gradient per batch), exact the
     paper's expectation per image.
 
-    The statistics come as every task's ``fishers`` with their ``coefficients``, or already ``folded`` into the
-    numerator and denominator, as the collector hands them over.
+    ``folded`` is the (numerator, denominator) pair summed task by task (:func:`fold`) as the statistics are
+    collected, or None for a tensor the model does not have (then the mean).
     """
-    dev = compute_device()
-    if folded is not None:
-        num, den = (t.to(dev, torch.float32) for t in folded)
-        return (num / den).to(tensors[0].device)
-    if fishers is None:  # a tensor the model does not have (should be zero anyway): the mean
+    if folded is None:  # a tensor the model does not have (should be zero anyway): the mean
         return torch.stack(tensors).mean(0)
-    c = torch.tensor(coefficients, dtype=torch.float32, device=dev).view(-1, *([1] * tensors[0].ndim))
-    w = c * (torch.stack([f.to(dev, torch.float32) for f in fishers]) + eps)
-    x = torch.stack(tensors).to(dev, torch.float32)
-    return ((w * x).sum(0) / w.sum(0)).to(tensors[0].device)
+    num, den = (t.to(compute_device(), torch.float32) for t in folded)
+    return (num / den).to(tensors[0].device)

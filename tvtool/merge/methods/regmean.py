@@ -15,7 +15,7 @@ def collect_grams(ctx, *, examples, batch, ratio):
     task t's training images through the fine-tuned model theta_0 + tau_t; folded as each task is done into the
     normal equations of :func:`regmean`, sum_t G_t~ and sum_t G_t~ tau_t^T, so one pair per layer is held instead
     of every task's Gram matrices (4.3 GB for 8 ViT-B-32 tasks)."""
-    from ..data import linear_inputs
+    from ..data import complete, linear_inputs
 
     wanted = set().union(*(tau.keys() for tau in ctx.taus))
     sums: dict[str, list] = {}  # key -> [sum_t G_t~, sum_t G_t~ tau_t^T, tasks folded in]
@@ -28,19 +28,18 @@ def collect_grams(ctx, *, examples, batch, ratio):
                     ctx.visual(x)
             for key, gram in rec.means().items():
                 tau = ctx.taus[i].get(key)
-                if tau is None or tau.ndim != 2:
-                    continue
-                g = reduced(gram.to(ctx.device, torch.float32), ratio)
-                rhs = g @ tau.to(ctx.device, torch.float32).T
-                if key in sums:
-                    sums[key][0] += g
-                    sums[key][1] += rhs
-                    sums[key][2] += 1
-                else:
-                    sums[key] = [g, rhs, 1]
-    complete = {k: (lhs, rhs) for k, (lhs, rhs, n) in sums.items() if n == len(ctx.tasks)}
-    # a layer without every task's statistics is averaged, as one without any
-    return lambda key: {"normal": complete.get(key)}
+                if tau is not None and tau.ndim == 2:
+                    fold(sums, key, gram.to(tau.device), tau, ratio)
+    done = complete(sums, len(ctx.tasks))  # a layer without every task's statistics is averaged
+    return lambda key: {"normal": done.get(key)}
+
+
+def fold(sums: dict, key: str, gram, tau, ratio: float) -> None:
+    """Add one task's terms to ``key``'s normal equations (sum G~, sum G~ tau^T)."""
+    from ..data import accumulate
+
+    g = reduced(gram.to(torch.float32), ratio)
+    accumulate(sums, key, (g, g @ tau.to(g.device, torch.float32).T))
 
 
 def reduced(gram, ratio: float):
@@ -61,7 +60,7 @@ def reduced(gram, ratio: float):
     url="https://arxiv.org/abs/2212.09849",
     code="bloomberg/dataless-model-merging; FusionBench regmean/regmean.py, clip_regmean.py",
     alpha_grid="1", alpha_source="RegMean's merged model is used as it is (alpha 1; FusionBench applies none)")
-def regmean(tensors, key, *, ratio, grams=None, normal=None):
+def regmean(tensors, key, *, normal):
     """RegMean (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023).
 
     For each linear map W (out x in) of the image tower: W = (sum_t G_t~)^-1 sum_t G_t~ W_t (acting on W^T), where
@@ -72,18 +71,13 @@ def regmean(tensors, key, *, ratio, grams=None, normal=None):
     open_clip's attention keeps q, k and v in one in_proj_weight: it gets the statistics of the attention's input,
     out_proj those of the attention context (FusionBench's HF CLIP: separate q/k/v layers, the same input).
 
-    The statistics come as every task's ``grams`` or already folded into the ``normal`` equations (sum_t G_t~,
-    sum_t G_t~ W_t^T), as the collector hands them over.
+    ``normal`` is the layer's normal equations (sum_t G_t~, sum_t G_t~ W_t^T), folded task by task (:func:`fold`)
+    as the statistics are collected, or None for a tensor without statistics.
     """
-    if (grams is None and normal is None) or tensors[0].ndim != 2:
+    if normal is None or tensors[0].ndim != 2:
         return flat(tensors).mean(0).reshape(tensors[0].shape)
     dev = compute_device()
-    if normal is None:
-        g = torch.stack([reduced(gram.to(dev, torch.float32), ratio) for gram in grams])  # T x in x in
-        w = torch.stack(tensors).to(dev, torch.float32).transpose(1, 2)  # T x in x out
-        lhs, rhs = g.sum(0), (g @ w).sum(0)
-    else:
-        lhs, rhs = (t.to(dev, torch.float32) for t in normal)
+    lhs, rhs = (t.to(dev, torch.float32) for t in normal)
     try:
         merged = torch.linalg.solve(lhs, rhs)
     except RuntimeError:  # singular (inputs that never vary, ratio 1): the least-norm least-squares solution
