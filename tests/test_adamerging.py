@@ -4,7 +4,6 @@ the one-line refusals."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import sys
 import types
@@ -16,6 +15,7 @@ import torch
 from safetensors.numpy import load_file
 
 from cli_helpers import REPO, run_tvtool
+from peer_helpers import load_by_path, sys_modules_restored
 from tvtool import adamerging as ada
 from tvtool import taskvector as tv
 
@@ -23,14 +23,6 @@ MINI_BASE = REPO / "tvtool" / "data" / "tvtool-mini.safetensors"
 
 
 # --------------------------------------------------------------------------------------------------- FusionBench
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def fusionbench(fusionbench_src):
     """FusionBench's entropy_loss and its task-/layer-wise merged-model wrappers, loaded by path from the wheel (the
@@ -38,26 +30,18 @@ def fusionbench(fusionbench_src):
     root = fusionbench_src / "fusion_bench"
     names = ["fusion_bench", "fusion_bench.utils", "fusion_bench.utils.dict", "fusion_bench.utils.type",
              "fusion_bench.models", "fusion_bench.models.utils"]
-    saved = {n: sys.modules.get(n) for n in names}
-    try:
+    with sys_modules_restored(names):
         for pkg in ("fusion_bench", "fusion_bench.utils", "fusion_bench.models"):
             mod = types.ModuleType(pkg)
             mod.__path__ = []
             sys.modules[pkg] = mod
         sys.modules["fusion_bench.utils.dict"] = types.ModuleType("fusion_bench.utils.dict")
         sys.modules["fusion_bench.utils.dict"].dict_merge = lambda *a, **k: None  # not part of the merge maths
-        _load("fusion_bench.utils.type", root / "utils" / "type.py")
-        _load("fusion_bench.models.utils", root / "models" / "utils.py")
-        out = {"entropy": _load("_fb_entropy", root / "method" / "adamerging" / "entropy_loss.py"),
-               "layer": _load("_fb_layer_wise", root / "models" / "wrappers" / "layer_wise_fusion.py"),
-               "task": _load("_fb_task_wise", root / "models" / "wrappers" / "task_wise_fusion.py")}
-    finally:
-        for n, mod in saved.items():
-            if mod is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = mod
-    return out
+        load_by_path("fusion_bench.utils.type", root / "utils" / "type.py")
+        load_by_path("fusion_bench.models.utils", root / "models" / "utils.py")
+        return {"entropy": load_by_path("_fb_entropy", root / "method" / "adamerging" / "entropy_loss.py"),
+                "layer": load_by_path("_fb_layer_wise", root / "models" / "wrappers" / "layer_wise_fusion.py"),
+                "task": load_by_path("_fb_task_wise", root / "models" / "wrappers" / "task_wise_fusion.py")}
 
 
 def test_entropy_equals_fusionbench_entropy_loss(fusionbench):

@@ -10,9 +10,7 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cli_helpers import REPO, run_tvtool
+from peer_helpers import load_by_path, sys_modules_restored
 from tvtool.errors import TVToolError
 from tvtool.evaluate import Evaluator
 from tvtool.merge import REGISTRY, get_method, merge_files, merge_tensors, resolve_options
@@ -60,24 +59,11 @@ def fusionbench(fusionbench_src):
         # a package over the real folder, so regmean.py's `from .utils import ...` finds FusionBench's utils.py
         _mod("_fb_regmean", root / "regmean"),
     )}
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
-    try:
-        out = {}
-        for short, (name, path) in {"regmean": ("_fb_regmean.regmean", root / "regmean" / "regmean.py"),
-                                    "fisher": ("_fb_fisher", root / "fisher_merging" / "fisher_merging.py")}.items():
-            spec = importlib.util.spec_from_file_location(name, path)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-            out[short] = mod
-    finally:
-        for name, mod in saved.items():
-            if mod is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = mod
-    return out
+    files = {"regmean": ("_fb_regmean.regmean", root / "regmean" / "regmean.py"),
+             "fisher": ("_fb_fisher", root / "fisher_merging" / "fisher_merging.py")}
+    with sys_modules_restored(stubs):
+        sys.modules.update(stubs)
+        return {short: load_by_path(name, path) for short, (name, path) in files.items()}
 
 
 def _close(ours: torch.Tensor, theirs: torch.Tensor, rel: float = 2e-5) -> None:

@@ -7,13 +7,13 @@ random, options matched; agreement is to float32 rounding (about 1e-6 of the val
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import sys
 import types
 
 import pytest
 import torch
 
+from peer_helpers import load_by_path, sys_modules_restored
 from tvtool import merge as mg
 
 
@@ -69,22 +69,10 @@ def fusionbench(fusionbench_src):
     stubs = _stub_modules()
     stubs["tqdm"] = types.ModuleType("tqdm")  # wudi.py imports it; replaced by a silent stand-in below
     stubs["tqdm"].tqdm = _quiet_tqdm
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
-    try:
-        out = {}
-        for short, rel in files.items():
-            spec = importlib.util.spec_from_file_location(f"_fusionbench_{short}", root / rel)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            out[short] = mod
-        out["wudi"].tqdm = _quiet_tqdm  # its progress bars would only fill the test log
-    finally:  # the stubs leave no trace beyond the loaded modules' own globals
-        for name, mod in saved.items():
-            if mod is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = mod
+    with sys_modules_restored(stubs):
+        sys.modules.update(stubs)
+        out = {short: load_by_path(f"_fusionbench_{short}", root / rel, register=False) for short, rel in files.items()}
+    out["wudi"].tqdm = _quiet_tqdm  # its progress bars would only fill the test log
     return out
 
 
